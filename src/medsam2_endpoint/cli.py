@@ -1,0 +1,75 @@
+"""`medsam2-endpoint serve | samples | check-sample`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+def _serve(args: argparse.Namespace) -> int:
+    model_dir = str(Path(args.model_dir).resolve())
+    command = [
+        str(Path(sys.executable).with_name("azmlinfsrv")),
+        "--entry_script", str(REPO_ROOT / "score.py"),
+        "--model_dir", model_dir,
+        "--port", str(args.port),
+    ]
+    os.execv(command[0], command)
+    return 0  # pragma: no cover - execv does not return
+
+
+def _samples(args: argparse.Namespace) -> int:
+    from .samples import write_samples
+
+    for path in write_samples(Path(args.out)):
+        print(path)
+    return 0
+
+
+def _check_sample(args: argparse.Namespace) -> int:
+    """Post a sample file to a running endpoint and print each item's Dice against the phantom's ground truth."""
+    import requests
+
+    from .samples import check_response
+
+    sample = Path(args.sample)
+    expect = json.loads(sample.with_name(sample.name.replace(".json", ".expect.json")).read_text())
+    response = requests.post(args.url, data=sample.read_bytes(), headers={"Content-Type": "application/json"}, timeout=args.timeout)
+    body = response.json()
+    failures, dices = check_response(expect, response.status_code, body)
+    for i, score in enumerate(dices):
+        print(f"{sample.name} item {i}: model {body[i]['metadata']['model']['name']}, Dice {score:.3f}, "
+              f"{body[i]['metadata']['voxel_count']} voxels, {body[i]['metadata']['timing_ms']['total']:.0f} ms")
+    if response.status_code != 200:
+        print(f"{sample.name}: HTTP {response.status_code} {body.get('error')}")
+    for failure in failures:
+        print(f"FAIL {failure}")
+    return 1 if failures else 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="medsam2-endpoint")
+    sub = parser.add_subparsers(dest="command", required=True)
+    serve = sub.add_parser("serve", help="run the local Azure ML inference server (azmlinfsrv) on score.py")
+    serve.add_argument("--model-dir", default=str(REPO_ROOT / "model"))
+    serve.add_argument("--port", type=int, default=5001)
+    serve.set_defaults(func=_serve)
+    samples = sub.add_parser("samples", help="regenerate sample_requests/ from phantoms")
+    samples.add_argument("--out", default=str(REPO_ROOT / "sample_requests"))
+    samples.set_defaults(func=_samples)
+    check = sub.add_parser("check-sample", help="post a sample request and print Dice against its ground truth")
+    check.add_argument("sample")
+    check.add_argument("--url", default="http://127.0.0.1:5001/score")
+    check.add_argument("--timeout", type=float, default=600)
+    check.set_defaults(func=_check_sample)
+    args = parser.parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

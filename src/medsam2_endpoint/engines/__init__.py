@@ -1,0 +1,1 @@
+"""Model adapters. Each engine sees arrays and typed prompts only: never JSON or HTTP."""

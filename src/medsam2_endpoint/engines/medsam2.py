@@ -1,0 +1,241 @@
+"""MedSAM2: SAM 2.1 hiera-tiny at 512 px through sam2's legacy video predictor, fed with preprocessed slices.
+
+Equivalent to bowang-lab/MedSAM2's `medsam2_infer_3D_CT.py` (REFERENCE.md B) with three engineering
+changes that do not alter results: frames are prepared lazily (only visited slices), image features
+are cached per slice across the two propagation passes, and the hole-filling step runs without the
+CUDA extension `sam2._C`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+from collections import OrderedDict
+from collections.abc import Iterator
+from importlib.resources import files
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import sam2.sam2_video_predictor_legacy as legacy
+import torch
+from hydra.utils import instantiate
+from omegaconf import OmegaConf
+from scipy import ndimage
+
+from ..preprocess import sam2_frame
+from .base import ModelInfo
+
+CONFIG_PATH = files("medsam2_endpoint.engines") / "configs" / "sam2.1_hiera_t512.yaml"
+LATEST_CHECKPOINT = "MedSAM2_latest.pt"
+HOLE_FILL_AREA = 8
+
+
+class CheckpointError(Exception):
+    """A checkpoint file cannot be used (pickled code, wrong keys or shapes, unreadable)."""
+
+
+def _silent(iterable, **_kwargs):
+    return iterable
+
+
+# sam2's propagation loop draws a tqdm bar on stderr for every pass; a server's log has no use for it.
+legacy.tqdm = _silent
+
+
+def fill_small_holes(logits: torch.Tensor, max_area: int) -> torch.Tensor:
+    """SAM 2's `fill_holes_in_mask_scores` without `sam2._C`.
+
+    logits: (N, 1, H, W). Background components (logit <= 0, 8-connected) of at most `max_area`
+    pixels get the logit 0.1, exactly as the CUDA kernel path does.
+    """
+    background = (logits <= 0).cpu().numpy()
+    filled = np.zeros(background.shape, dtype=bool)
+    eight = np.ones((3, 3), dtype=bool)
+    for n in range(background.shape[0]):
+        labels, count = ndimage.label(background[n, 0], structure=eight)
+        if count == 0:
+            continue
+        areas = np.bincount(labels.ravel())
+        small = areas <= max_area
+        small[0] = False
+        filled[n, 0] = small[labels]
+    if not filled.any():
+        return logits
+    return torch.where(torch.from_numpy(filled).to(logits.device), torch.tensor(0.1, dtype=logits.dtype), logits)
+
+
+class LazyFrames:
+    """The video predictor's `images`: slice z prepared (resize + normalise) only when first asked for."""
+
+    def __init__(self, volume_u8: np.ndarray, image_size: int) -> None:
+        self.volume = volume_u8
+        self.image_size = image_size
+
+    def __len__(self) -> int:
+        return int(self.volume.shape[0])
+
+    def __getitem__(self, z: int) -> torch.Tensor:
+        return torch.from_numpy(sam2_frame(self.volume[z], self.image_size))
+
+
+class MedSAM2VideoPredictor(legacy.SAM2VideoPredictor):
+    """Legacy SAM 2 video predictor that takes prepared slices and caches per-slice features."""
+
+    def __init__(self, fill_hole_area: int = 0, feature_cache_slices: int = 64, **kwargs: Any) -> None:
+        # The library's own hole filling needs sam2._C and silently does nothing without it.
+        super().__init__(fill_hole_area=0, **kwargs)
+        self.hole_fill_area = fill_hole_area
+        self.feature_cache_slices = feature_cache_slices
+
+    @torch.inference_mode()
+    def init_state_from_frames(self, frames: LazyFrames, height: int, width: int) -> dict:
+        """Upstream `init_state`'s state, built from prepared frames instead of a JPEG folder.
+
+        Unlike upstream, frame 0 is not encoded up front: features are computed when a frame is visited.
+        """
+        device = self.device
+        state: dict[str, Any] = {
+            "images": frames,
+            "num_frames": len(frames),
+            "offload_video_to_cpu": False,
+            "offload_state_to_cpu": False,
+            "video_height": height,
+            "video_width": width,
+            "device": device,
+            "storage_device": device,
+            "point_inputs_per_obj": {},
+            "mask_inputs_per_obj": {},
+            "cached_features": OrderedDict(),
+            "constants": {},
+            "obj_id_to_idx": OrderedDict(),
+            "obj_idx_to_id": OrderedDict(),
+            "obj_ids": [],
+            "output_dict": {"cond_frame_outputs": {}, "non_cond_frame_outputs": {}},
+            "output_dict_per_obj": {},
+            "temp_output_dict_per_obj": {},
+            "consolidated_frame_inds": {"cond_frame_outputs": set(), "non_cond_frame_outputs": set()},
+            "tracking_has_started": False,
+            "frames_already_tracked": {},
+        }
+        return state
+
+    def _get_image_feature(self, inference_state, frame_idx, batch_size):
+        """As upstream, but features stay cached per frame (LRU) instead of only the last one."""
+        cache: OrderedDict = inference_state["cached_features"]
+        if frame_idx in cache:
+            cache.move_to_end(frame_idx)
+            image, backbone_out = cache[frame_idx]
+        else:
+            image = inference_state["images"][frame_idx].to(inference_state["device"]).float().unsqueeze(0)
+            backbone_out = self.forward_image(image)
+            cache[frame_idx] = (image, backbone_out)
+            while len(cache) > self.feature_cache_slices:
+                cache.popitem(last=False)
+        expanded = {
+            "backbone_fpn": [f.expand(batch_size, -1, -1, -1) for f in backbone_out["backbone_fpn"]],
+            "vision_pos_enc": [p.expand(batch_size, -1, -1, -1) for p in backbone_out["vision_pos_enc"]],
+        }
+        return (image.expand(batch_size, -1, -1, -1),) + self._prepare_backbone_features(expanded)
+
+    def _run_single_frame_inference(self, inference_state, *args, **kwargs):
+        compact_out, pred_masks_gpu = super()._run_single_frame_inference(inference_state, *args, **kwargs)
+        if self.hole_fill_area > 0:
+            pred_masks_gpu = fill_small_holes(pred_masks_gpu, self.hole_fill_area)
+            compact_out["pred_masks"] = pred_masks_gpu.to(inference_state["storage_device"], non_blocking=True)
+        return compact_out, pred_masks_gpu
+
+
+def build_predictor(device: str | torch.device = "cpu") -> MedSAM2VideoPredictor:
+    """The MedSAM2 architecture with random weights, configured like upstream `build_sam2_video_predictor`."""
+    cfg = OmegaConf.load(str(CONFIG_PATH))
+    cfg.model._target_ = f"{MedSAM2VideoPredictor.__module__}.{MedSAM2VideoPredictor.__qualname__}"
+    cfg.model.sam_mask_decoder_extra_args = {
+        "dynamic_multimask_via_stability": True,
+        "dynamic_multimask_stability_delta": 0.05,
+        "dynamic_multimask_stability_thresh": 0.98,
+    }
+    cfg.model.binarize_mask_from_pts_for_mem_enc = True
+    cfg.model.fill_hole_area = HOLE_FILL_AREA
+    OmegaConf.resolve(cfg)
+    model = instantiate(cfg.model, _recursive_=True)
+    return model.to(device).eval()
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def load_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    """`{"model": state_dict}` read with weights_only=True (a checkpoint carrying pickled code is refused)."""
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # UnpicklingError for pickled code, RuntimeError/EOFError for corrupt files
+        raise CheckpointError(f"{path.name}: refused, not a plain-tensor checkpoint ({type(exc).__name__})") from None
+    if not isinstance(checkpoint, dict) or not isinstance(checkpoint.get("model"), dict):
+        raise CheckpointError(f"{path.name}: expected a dict with a 'model' state dict, as MedSAM2's released files")
+    return checkpoint["model"]
+
+
+def find_checkpoints(model_dir: Path | None, max_depth: int = 3) -> list[Path]:
+    """Candidate MedSAM2 files under the model folder (Azure mounts it one or two levels down).
+
+    Order: MedSAM2_latest.pt first, then the others by name. Whether a file really fits is decided on loading.
+    """
+    if model_dir is None or not model_dir.is_dir():
+        return []
+    found = [p for p in model_dir.rglob("*.pt") if p.is_file() and len(p.relative_to(model_dir).parts) <= max_depth]
+    return sorted(found, key=lambda p: (p.name != LATEST_CHECKPOINT, p.name, str(p)))
+
+
+class MedSAM2Engine:
+    """VolumeEngine for one MedSAM2 checkpoint."""
+
+    image_size = 512
+
+    def __init__(self, checkpoint: Path, *, device: str = "cpu", name: str | None = None) -> None:
+        self.device = torch.device(device)
+        state_dict = load_state_dict(checkpoint)
+        predictor = build_predictor("cpu")
+        try:
+            predictor.load_state_dict(state_dict, strict=True)
+        except RuntimeError as exc:
+            first_line = str(exc).splitlines()[0] if str(exc) else "keys or shapes differ"
+            raise CheckpointError(f"{checkpoint.name}: does not fit the MedSAM2 architecture ({first_line})") from None
+        self.predictor = predictor.to(self.device).eval()
+        self.info = ModelInfo(
+            name=name or checkpoint.stem, family="medsam2", checkpoint=checkpoint.name, sha256=sha256_file(checkpoint)
+        )
+
+    def _autocast(self) -> contextlib.AbstractContextManager:
+        if self.device.type == "cuda":
+            return torch.autocast("cuda", dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def start(self, volume_u8: np.ndarray) -> dict:
+        frames = LazyFrames(volume_u8, self.image_size)
+        height, width = int(volume_u8.shape[1]), int(volume_u8.shape[2])
+        with self._autocast():
+            return self.predictor.init_state_from_frames(frames, height, width)
+
+    def track(self, state: dict, *, key_index: int, box: np.ndarray, reverse: bool) -> Iterator[tuple[int, np.ndarray]]:
+        """Box on the key slice, then the reference's propagation in one direction; the state is reset afterwards."""
+        predictor = self.predictor
+        try:
+            with self._autocast():
+                predictor.add_new_points_or_box(state, frame_idx=key_index, obj_id=1, box=np.asarray(box, dtype=np.float32))
+            steps = predictor.propagate_in_video(state, reverse=reverse)
+            while True:
+                with self._autocast():
+                    step = next(steps, None)
+                    if step is None:
+                        return
+                    z, _, logits = step
+                    mask = (logits[0, 0] > 0.0).cpu().numpy()
+                yield int(z), mask
+        finally:
+            predictor.reset_state(state)

@@ -1,0 +1,87 @@
+"""Windowing, resizing to the model size, normalisation: the reference pipeline's arithmetic, slice by slice."""
+
+from __future__ import annotations
+
+import numpy as np
+from PIL import Image
+
+from .errors import InvalidRequest
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+_CHUNK_SLICES = 16
+
+
+def window_to_uint8(array: np.ndarray, window: tuple[float, float] | None, *, field: str = "input_data.dicom_window") -> np.ndarray:
+    """Clip to the window, min-max scale by the clipped volume's own min and max, truncate to uint8.
+
+    Same arithmetic (and dtypes) as the reference: np.clip with float bounds, then
+    (v - min) / (max - min) * 255.0, then np.uint8 (truncation). Done in chunks of slices so the
+    float copy never spans the whole volume; the result is identical because every step is
+    element-wise once min and max are known (clip is monotonic, so min(clip(v)) = clip(min(v))).
+    A volume that is constant after windowing cannot be scaled: 400.
+    """
+    lo_hi = (float(window[0]), float(window[1])) if window is not None else None
+    raw_min, raw_max = array.min(), array.max()
+    if lo_hi is not None:
+        vmin, vmax = np.clip(raw_min, *lo_hi), np.clip(raw_max, *lo_hi)
+    else:
+        # Without a window there is no reference to match; float64 avoids integer overflow in v - min.
+        vmin, vmax = np.float64(raw_min), np.float64(raw_max)
+    if vmax == vmin:
+        where = f"inside the window [{lo_hi[0]}, {lo_hi[1]}]" if lo_hi else "(no window given)"
+        raise InvalidRequest(
+            f"{field}: the volume is constant {where} (every voxel is {float(vmin)}), so it cannot be scaled; "
+            "choose a window that covers the tissue's intensities"
+        )
+    out = np.empty(array.shape, dtype=np.uint8)
+    for start in range(0, array.shape[0], _CHUNK_SLICES):
+        chunk = array[start : start + _CHUNK_SLICES]
+        chunk = np.clip(chunk, *lo_hi) if lo_hi is not None else chunk.astype(np.float64)
+        # Same expression as the reference so numpy picks the same dtypes (float32 stays float32).
+        out[start : start + _CHUNK_SLICES] = np.uint8((chunk - vmin) / (vmax - vmin) * 255.0)
+    return out
+
+
+def _normalisation_lut() -> np.ndarray:
+    """(3, 256) float32: the reference's (v / 255 - mean) / std per channel for every uint8 value.
+
+    The reference computes in float64 with float32 mean/std and casts the frame to float32;
+    a table of those exact values gives bit-identical frames without a float64 volume.
+    """
+    values = np.arange(256, dtype=np.float64) / 255.0
+    mean = np.asarray(IMAGENET_MEAN, dtype=np.float32).astype(np.float64)[:, None]
+    std = np.asarray(IMAGENET_STD, dtype=np.float32).astype(np.float64)[:, None]
+    return ((values[None, :] - mean) / std).astype(np.float32)
+
+
+SAM2_LUT = _normalisation_lut()
+
+
+def sam2_frame(slice_u8: np.ndarray, image_size: int) -> np.ndarray:
+    """One uint8 (H, W) slice -> float32 (3, S, S) frame, as the reference: RGB, Pillow's default resize, ImageNet norm.
+
+    The three RGB channels are equal, and Pillow resizes each 8-bit channel independently with the
+    same bicubic kernel, so resizing the grey image once gives the same bytes (checked in tests).
+    """
+    resized = np.asarray(Image.fromarray(slice_u8, mode="L").resize((image_size, image_size), Image.Resampling.BICUBIC))
+    return SAM2_LUT[:, resized]
+
+
+def parse_box(values: list[float], *, width: int, height: int, field: str) -> np.ndarray:
+    """[x_min, y_min, x_max, y_max] floats -> int64 array, truncated as the reference (int(float(v))), checked against the slice."""
+    box = np.array([int(float(v)) for v in values], dtype=np.int64)
+    x_min, y_min, x_max, y_max = (int(v) for v in box)
+    if x_min < 0 or y_min < 0:
+        raise InvalidRequest(f"{field}: box corners must be non-negative pixel indices, got {box.tolist()}")
+    if x_max >= width + 1 or x_min >= width:
+        bad = x_max if x_max >= width + 1 else x_min
+        raise InvalidRequest(f"{field}: x {bad} is outside the slice width {width} (x is the column index, 0..{width - 1})")
+    if y_max >= height + 1 or y_min >= height:
+        bad = y_max if y_max >= height + 1 else y_min
+        raise InvalidRequest(f"{field}: y {bad} is outside the slice height {height} (y is the row index, 0..{height - 1})")
+    if x_min >= x_max or y_min >= y_max:
+        raise InvalidRequest(
+            f"{field}: the box {box.tolist()} is empty; the order is [x_min, y_min, x_max, y_max] with x_min < x_max and y_min < y_max"
+        )
+    return box

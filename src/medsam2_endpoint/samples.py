@@ -1,0 +1,158 @@
+"""Sample request files (from phantoms) and the checks each response must pass.
+
+`write_samples(folder)` writes `<name>.json` (the request body) and `<name>.expect.json` (what the
+response must satisfy); `check_response(expect, status, body)` returns a list of failures (empty = ok).
+Used by `medsam2-endpoint samples`, `medsam2-endpoint check-sample` and the smoke tests.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .encode import rle_counts, rle_decode
+from .phantoms import Phantom, ct_phantom, mri_phantom, oblique_direction
+
+
+def dice(a: np.ndarray, b: np.ndarray) -> float:
+    a, b = a.astype(bool), b.astype(bool)
+    total = int(a.sum()) + int(b.sum())
+    return 1.0 if total == 0 else 2.0 * int(np.logical_and(a, b).sum()) / total
+
+
+def _item(phantom: Phantom, lesion_index: int = 0, *, slice_offset: int = 0) -> dict[str, Any]:
+    lesion = phantom.lesions[lesion_index]
+    return {
+        "nii_image": base64.b64encode(phantom.nifti_bytes(compressed=True)).decode("ascii"),
+        "bbox": [float(v) for v in lesion.bbox],
+        "key_slice_idx": lesion.key_slice + slice_offset,
+        "dicom_window": list(phantom.window) if phantom.window else None,
+        "slice_offset": slice_offset,
+    }
+
+
+def _columns(items: list[dict[str, Any]], **extra: list[Any]) -> dict[str, Any]:
+    cols = {key: [item[key] for item in items] for key in items[0]}
+    if all(v is None for v in cols.get("dicom_window", [])):
+        cols.pop("dicom_window")
+    cols.update(extra)
+    return {"input_data": cols}
+
+
+def _expect_ok(phantoms: list[tuple[Phantom, int]], *, min_dice: float | None, mask_format: str = "list") -> dict[str, Any]:
+    items = []
+    for phantom, lesion_index in phantoms:
+        lesion = phantom.lesions[lesion_index]
+        items.append(
+            {
+                "shape": phantom.image.GetSize() and list(phantom.image.GetSize()),
+                "mask_shape": list(phantom.labels.shape),
+                "spacing": list(phantom.image.GetSpacing()),
+                "origin": list(phantom.image.GetOrigin()),
+                "direction": list(phantom.image.GetDirection()),
+                "ground_truth_rle": rle_counts(phantom.labels == lesion.label),
+                "min_dice": min_dice,
+                "mask_format": mask_format,
+            }
+        )
+    return {"status": 200, "items": items, "min_dice_applies_to": ["lite-medsam"]}
+
+
+def _builders() -> dict[str, Callable[[], tuple[dict[str, Any], dict[str, Any]]]]:
+    def ct_liver_lesion():
+        p = ct_phantom((20, 96, 96), spacing=(0.8, 0.8, 2.5), direction=oblique_direction(12.0), lesions=("ellipsoid",), seed=1, name="ct_liver_lesion")
+        return _columns([_item(p)]), _expect_ok([(p, 0)], min_dice=0.85)
+
+    def ct_two_items_offset():
+        a = ct_phantom((16, 64, 64), lesions=("lobulated",), seed=2, name="a")
+        b = mri_phantom((16, 64, 80), lesions=("ellipsoid",), seed=3, name="b")
+        body = _columns([_item(a, slice_offset=40), _item(b)])
+        return body, _expect_ok([(a, 0), (b, 0)], min_dice=0.7)
+
+    def ct_mask_rle():
+        p = ct_phantom((16, 64, 64), lesions=("ellipsoid",), seed=4, dtype="float32", name="rle")
+        return _columns([_item(p)], mask_format=["rle"], model=["lite-medsam"]), _expect_ok([(p, 0)], min_dice=0.85, mask_format="rle")
+
+    def error_bbox_outside():
+        p = ct_phantom((16, 64, 64), lesions=("ellipsoid",), seed=5, name="bad")
+        body = _columns([_item(p)])
+        body["input_data"]["bbox"] = [[10.0, 10.0, 600.0, 40.0]]
+        return body, {"status": 400, "error_contains": ["input_data.bbox[0]", "600", "width 64"]}
+
+    def error_key_slice_outside():
+        p = ct_phantom((16, 64, 64), lesions=("ellipsoid",), seed=6, name="bad")
+        body = _columns([_item(p)])
+        body["input_data"]["key_slice_idx"] = [40]
+        return body, {"status": 400, "error_contains": ["input_data.key_slice_idx[0]", "40", "16 slices"]}
+
+    return {
+        "3d_ct_liver_lesion": ct_liver_lesion,
+        "3d_two_items_offset": ct_two_items_offset,
+        "3d_mask_rle": ct_mask_rle,
+        "error_bbox_outside": error_bbox_outside,
+        "error_key_slice_outside": error_key_slice_outside,
+    }
+
+
+def write_samples(folder: Path) -> list[Path]:
+    folder.mkdir(parents=True, exist_ok=True)
+    written = []
+    for name, build in _builders().items():
+        body, expect = build()
+        (folder / f"{name}.json").write_text(json.dumps(body))
+        (folder / f"{name}.expect.json").write_text(json.dumps(expect, indent=1))
+        written.append(folder / f"{name}.json")
+    return written
+
+
+def decode_mask(mask: Any, mask_format: str, shape: list[int]) -> np.ndarray:
+    if mask_format == "rle":
+        return rle_decode(mask["counts"], tuple(mask["size"]))
+    if mask_format == "nifti":
+        from .config import Limits
+        from .volume import read_nifti
+
+        return read_nifti(base64.b64decode(mask), field="mask", limits=Limits()).array
+    return np.asarray(mask, dtype=np.uint8).reshape(shape)
+
+
+def check_response(expect: dict[str, Any], status: int, body: Any) -> tuple[list[str], list[float]]:
+    """Failures (empty when the response satisfies the expectation) and the Dice of each item."""
+    failures: list[str] = []
+    dices: list[float] = []
+    if status != expect["status"]:
+        return [f"status {status}, expected {expect['status']}: {str(body)[:300]}"], dices
+    if status != 200:
+        if not isinstance(body, dict) or body.get("status") != status:
+            failures.append(f"error body must carry status {status}: {str(body)[:300]}")
+        text = str(body.get("error", "")) if isinstance(body, dict) else ""
+        failures += [f"error lacks {part!r}: {text}" for part in expect.get("error_contains", []) if part not in text]
+        return failures, dices
+    if not isinstance(body, list) or len(body) != len(expect["items"]):
+        return [f"expected a list of {len(expect['items'])} results"], dices
+    for i, (want, got) in enumerate(zip(expect["items"], body, strict=True)):
+        meta = got["metadata"]
+        for key in ("shape", "mask_shape", "mask_format"):
+            if meta[key] != want[key]:
+                failures.append(f"item {i}: {key} {meta[key]} != {want[key]}")
+        for key in ("spacing", "origin", "direction"):
+            if not np.allclose(meta[key], want[key], atol=1e-6):
+                failures.append(f"item {i}: {key} {meta[key]} != {want[key]}")
+        mask = decode_mask(got["mask"], meta["mask_format"], want["mask_shape"])
+        if list(mask.shape) != want["mask_shape"] or not set(np.unique(mask)) <= {0, 1}:
+            failures.append(f"item {i}: mask must be 0/1 of shape {want['mask_shape']}")
+            continue
+        if int(mask.sum()) != meta["voxel_count"]:
+            failures.append(f"item {i}: voxel_count {meta['voxel_count']} != mask sum {int(mask.sum())}")
+        truth = rle_decode(want["ground_truth_rle"], tuple(want["mask_shape"]))
+        score = dice(mask, truth)
+        dices.append(score)
+        applies = meta["model"]["name"] in expect.get("min_dice_applies_to", [])
+        if want.get("min_dice") is not None and applies and score < want["min_dice"]:
+            failures.append(f"item {i}: Dice {score:.3f} below {want['min_dice']} ({meta['model']['name']})")
+    return failures, dices

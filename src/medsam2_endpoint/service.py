@@ -1,0 +1,193 @@
+"""Orchestration: request in, response out. Owns the model registry; knows nothing of HTTP."""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from .config import Settings
+from .encode import encode_mask
+from .engines.base import VolumeEngine
+from .engines.medsam2 import CheckpointError, MedSAM2Engine, find_checkpoints
+from .errors import InvalidRequest, ModelUnavailable
+from .fetch import fetch_bytes
+from .preprocess import parse_box, window_to_uint8
+from .propagate import PropagationOptions, segment_object
+from .schemas import VolumeItem, parse_request
+from .volume import Volume, decode_base64, read_nifti
+
+log = logging.getLogger("azmlinfsrv.medsam2")
+LITE_NAME = "lite-medsam"
+
+
+@dataclass(frozen=True)
+class PreparedItem:
+    item: VolumeItem
+    volume: Volume
+    engine_name: str
+    key_index: int
+    box: np.ndarray
+    decode_ms: float
+
+
+def choose_device(setting: str) -> str:
+    if setting == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if setting == "cuda" and not torch.cuda.is_available():
+        raise ModelUnavailable("MEDSAM2_DEVICE=cuda but no CUDA device is visible")
+    return setting
+
+
+def configure_threads(requested: int) -> int:
+    """One worker per process: share the cores among WORKER_COUNT workers instead of oversubscribing."""
+    workers = max(1, int(os.environ.get("WORKER_COUNT", "1") or 1))
+    threads = requested or max(1, (os.cpu_count() or 1) // workers)
+    torch.set_num_threads(threads)
+    return threads
+
+
+class Service:
+    """Holds the loaded engines (registry) and runs validated requests through them."""
+
+    def __init__(self, settings: Settings, engines: dict[str, VolumeEngine], default: str) -> None:
+        if default not in engines:
+            raise ValueError(f"default model {default!r} is not among {sorted(engines)}")
+        self.settings = settings
+        self.engines = engines
+        self.default = default
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> Service:
+        device = choose_device(settings.device)
+        threads = configure_threads(settings.num_threads)
+        engines: dict[str, VolumeEngine] = {}
+        for path in find_checkpoints(settings.model_dir):
+            name = path.stem
+            if name in engines:
+                log.warning("model %s: skipped %s, a checkpoint of that name is already loaded", name, path.name)
+                continue
+            try:
+                engines[name] = MedSAM2Engine(path, device=device, name=name)
+            except CheckpointError as exc:
+                log.warning("model file skipped: %s", exc)
+        medsam2_names = list(engines)
+        if settings.enable_lite:
+            from .engines.lite import LiteMedSAMEngine
+
+            engines[LITE_NAME] = LiteMedSAMEngine(device=device)
+        if not engines:
+            raise ModelUnavailable(
+                "no model available: no MedSAM2 checkpoint in the model folder and LiteMedSAM disabled (MEDSAM2_ENABLE_LITE=0)"
+            )
+        default = medsam2_names[0] if medsam2_names else LITE_NAME
+        for name, engine in engines.items():
+            log.info("model %s loaded (%s, sha256 %s)%s", name, engine.info.checkpoint, engine.info.sha256[:12], " [default]" if name == default else "")
+        log.info("device %s, %d threads, model folder %s", device, threads, settings.model_dir)
+        service = cls(settings, engines, default)
+        if settings.warmup:
+            service.warm_up()
+        return service
+
+    def available_models(self) -> list[str]:
+        return list(self.engines)
+
+    def warm_up(self) -> None:
+        """One tiny propagation per engine so the first real request does not pay for lazy initialisation."""
+        rng = np.random.default_rng(0)
+        volume = rng.integers(0, 255, size=(2, 64, 64), dtype=np.uint8)
+        volume[:, 20:44, 20:44] = 220
+        for engine in self.engines.values():
+            state = engine.start(volume)
+            segment_object(engine, state, key_index=0, box=np.array([18, 18, 46, 46]), shape=volume.shape)
+
+    def _engine_name(self, item: VolumeItem) -> str:
+        name = item.model or self.default
+        if name not in self.engines:
+            raise InvalidRequest(f"{item.field('model')}: unknown model {name!r}; available models: {', '.join(self.engines)}")
+        return name
+
+    def _load(self, item: VolumeItem) -> Volume:
+        field = item.field("nii_image")
+        text = item.image.strip()
+        if text[:8].lower() == "https://" or text[:7].lower() == "http://":
+            data = fetch_bytes(text, self.settings.fetch, field=field)
+        else:
+            data = decode_base64(text, field=field, limits=self.settings.limits)
+        return read_nifti(data, field=field, limits=self.settings.limits)
+
+    def _prepare(self, item: VolumeItem) -> PreparedItem:
+        engine_name = self._engine_name(item)
+        started = time.perf_counter()
+        volume = self._load(item)
+        depth, height, width = volume.array.shape
+        key_index = item.key_slice_idx - item.slice_offset
+        if not 0 <= key_index < depth:
+            raise InvalidRequest(
+                f"{item.field('key_slice_idx')}: key slice {item.key_slice_idx} minus slice_offset {item.slice_offset} "
+                f"is {key_index}, outside the volume's {depth} slices (0..{depth - 1})"
+            )
+        box = parse_box(item.bbox, width=width, height=height, field=item.field("bbox"))
+        return PreparedItem(item, volume, engine_name, key_index, box, (time.perf_counter() - started) * 1000)
+
+    def score(self, body: Any) -> list[dict]:
+        """Validate every item (decode, geometry, prompts) before running any; one result per item."""
+        deadline = time.monotonic() + self.settings.request_deadline_s
+        items = parse_request(body, max_items=self.settings.limits.max_items)
+        prepared = [self._prepare(item) for item in items]
+        return [self._run(p, deadline) for p in prepared]
+
+    def _run(self, p: PreparedItem, deadline: float) -> dict:
+        engine = self.engines[p.engine_name]
+        t0 = time.perf_counter()
+        windowed = window_to_uint8(p.volume.array, p.item.dicom_window, field=p.item.field("dicom_window"))
+        t1 = time.perf_counter()
+        state = engine.start(windowed)
+        result = segment_object(
+            engine, state, key_index=p.key_index, box=p.box, shape=windowed.shape, options=PropagationOptions(), deadline=deadline
+        )
+        t2 = time.perf_counter()
+        encoded = encode_mask(result.mask, p.volume, p.item.mask_format)
+        t3 = time.perf_counter()
+        voxels = int(np.count_nonzero(result.mask))
+        timing = {
+            "decode": round(p.decode_ms, 1),
+            "window": round((t1 - t0) * 1000, 1),
+            "inference": round((t2 - t1) * 1000, 1),
+            "encode": round((t3 - t2) * 1000, 1),
+        }
+        timing["total"] = round(sum(timing.values()), 1)
+        volume = p.volume
+        log.info(
+            "route=3d item=%d model=%s size=%s slices_processed=%d voxels=%d ms=%.0f",
+            p.item.index, p.engine_name, "x".join(map(str, volume.itk_size)), result.slices_processed, voxels, timing["total"],
+        )
+        info = engine.info
+        return {
+            "mask": encoded,
+            "metadata": {
+                "shape": volume.itk_size,
+                "mask_shape": list(result.mask.shape),
+                "axis_order": "zyx",
+                "mask_format": p.item.mask_format,
+                "key_slice_index": p.item.key_slice_idx,
+                "adjusted_key_slice_index": p.key_index,
+                "slice_offset": p.item.slice_offset,
+                "bbox": p.item.bbox,
+                "bbox_used": p.box.tolist(),
+                "dicom_window": list(p.item.dicom_window) if p.item.dicom_window else None,
+                "spacing": list(volume.spacing),
+                "origin": list(volume.origin),
+                "direction": list(volume.direction),
+                "model": {"name": info.name, "family": info.family, "checkpoint": info.checkpoint, "sha256": info.sha256},
+                "slices_processed": result.slices_processed,
+                "voxel_count": voxels,
+                "volume_ml": round(voxels * volume.voxel_ml, 4),
+                "timing_ms": timing,
+            },
+        }
