@@ -1,0 +1,43 @@
+import base64
+import json
+
+import numpy as np
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis.extra.numpy import arrays
+
+from medsam2_endpoint.config import Limits
+from medsam2_endpoint.encode import RawJSON, dumps, encode_mask, list_json, rle_counts, rle_decode
+from medsam2_endpoint.volume import Volume, read_nifti
+
+
+@settings(max_examples=60, deadline=None)
+@given(arrays(np.uint8, st.tuples(st.integers(1, 5), st.integers(1, 6), st.integers(1, 7)), elements=st.integers(0, 1)))
+def test_rle_round_trip_and_list_json(mask):
+    counts = rle_counts(mask)
+    assert sum(counts) == mask.size
+    np.testing.assert_array_equal(rle_decode(counts, mask.shape), mask)
+    assert json.loads(list_json(mask)) == mask.tolist()
+
+
+def test_rle_is_column_major_and_starts_with_background():
+    mask = np.zeros((2, 2, 2), np.uint8)
+    mask[1, 0, 0] = 1  # second element in Fortran order
+    assert rle_counts(mask) == [1, 1, 6]
+    assert rle_counts(np.ones((1, 1, 2), np.uint8)) == [0, 2]
+
+
+def test_dumps_splices_raw_fragments():
+    text = dumps([{"mask": RawJSON("[[1,0]]"), "n": np.int64(3), "x": np.float32(0.5)}])
+    assert json.loads(text) == [{"mask": [[1, 0]], "n": 3, "x": 0.5}]
+
+
+def test_nifti_mask_keeps_geometry():
+    volume = Volume(np.zeros((3, 4, 5), np.int16), (0.7, 0.8, 3.0), (1.0, -2.0, 30.0), (0, 1, 0, 1, 0, 0, 0, 0, -1.0))
+    mask = np.zeros((3, 4, 5), np.uint8)
+    mask[1, 2, 3] = 1
+    data = base64.b64decode(encode_mask(mask, volume, "nifti"))
+    back = read_nifti(data, field="mask", limits=Limits())
+    np.testing.assert_array_equal(back.array, mask)
+    assert np.allclose(back.spacing, volume.spacing) and np.allclose(back.origin, volume.origin)
+    assert np.allclose(back.direction, volume.direction)

@@ -1,0 +1,90 @@
+"""The 3D algorithm with a scripted engine (random weights never give empty slices, so stop rules need this)."""
+
+import time
+
+import numpy as np
+import pytest
+
+from medsam2_endpoint.engines.base import ModelInfo
+from medsam2_endpoint.errors import DeadlineExceeded
+from medsam2_endpoint.propagate import PropagationOptions, keep_largest_component, segment_object
+
+
+class ScriptedEngine:
+    """Object present on slices [first, last]; records visited slices and whether each pass was closed."""
+
+    info = ModelInfo("scripted", "test", "none", "0" * 64)
+
+    def __init__(self, first, last, shape, delay=0.0):
+        self.first, self.last, self.shape, self.delay = first, last, shape, delay
+        self.visited = []
+        self.closed = 0
+
+    def start(self, volume):
+        return {}
+
+    def track(self, state, *, key_index, box, reverse):
+        step = -1 if reverse else 1
+        z = key_index
+        try:
+            while 0 <= z < self.shape[0]:
+                self.visited.append(z)
+                time.sleep(self.delay)
+                mask = np.zeros(self.shape[1:], bool)
+                if self.first <= z <= self.last:
+                    mask[box[1] : box[3], box[0] : box[2]] = True
+                yield z, mask
+                z += step
+        finally:
+            self.closed += 1
+
+
+BOX = np.array([2, 3, 6, 7])
+
+
+def run(engine, key=10, **options):
+    return segment_object(engine, None, key_index=key, box=BOX, shape=engine.shape, options=PropagationOptions(**options))
+
+
+def test_without_stop_rules_every_slice_is_visited_once_per_direction():
+    engine = ScriptedEngine(8, 12, (30, 10, 10))
+    result = run(engine)
+    assert result.slices_processed == 31  # 20 up (10..29) + 11 down (10..0)
+    assert sorted(set(engine.visited)) == list(range(30))
+    assert np.flatnonzero(result.mask.any(axis=(1, 2))).tolist() == list(range(8, 13))
+    assert engine.closed == 2
+
+
+def test_stop_after_empty_ends_each_direction_early():
+    engine = ScriptedEngine(8, 12, (30, 10, 10))
+    result = run(engine, stop_after_empty=2)
+    assert engine.visited == [10, 11, 12, 13, 14, 10, 9, 8, 7, 6]
+    assert result.slices_processed == 10
+    assert engine.closed == 2  # generators closed, so engines can reset their state
+    assert np.flatnonzero(result.mask.any(axis=(1, 2))).tolist() == list(range(8, 13))
+
+
+def test_max_slices_and_single_direction():
+    engine = ScriptedEngine(0, 29, (30, 10, 10))
+    result = run(engine, direction="up", max_slices=4)
+    assert engine.visited == [10, 11, 12, 13]
+    assert np.flatnonzero(result.mask.any(axis=(1, 2))).tolist() == [10, 11, 12, 13]
+    engine = ScriptedEngine(0, 29, (30, 10, 10))
+    run(engine, direction="down", max_slices=3)
+    assert engine.visited == [10, 9, 8]
+
+
+def test_deadline_raises_with_progress():
+    engine = ScriptedEngine(0, 29, (30, 10, 10), delay=0.01)
+    with pytest.raises(DeadlineExceeded, match=r"slices_processed=\d+"):
+        segment_object(engine, None, key_index=10, box=BOX, shape=engine.shape, deadline=time.monotonic() + 0.05)
+    assert engine.closed == 1
+
+
+def test_largest_component_uses_26_connectivity():
+    mask = np.zeros((5, 5, 5), np.uint8)
+    mask[0, 0, 0] = mask[1, 1, 1] = mask[2, 2, 2] = 1  # diagonal chain: one component in 26-connectivity
+    mask[4, 4, 0] = mask[4, 4, 1] = 1  # 2 voxels, separate
+    kept = keep_largest_component(mask)
+    assert kept.sum() == 3 and kept[2, 2, 2] == 1 and kept[4, 4, 0] == 0
+    assert keep_largest_component(np.zeros((2, 2, 2), np.uint8)).sum() == 0
