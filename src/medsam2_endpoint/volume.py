@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-import gzip
 import io
 import math
 import re
@@ -163,6 +162,11 @@ def check_header(raw: bytes, *, field: str, limits: Limits) -> tuple[int, ...]:
         raise InvalidRequest(
             f"{field}: the NIfTI file is truncated ({len(raw)} bytes, the header needs {needed}); send the whole file"
         )
+    if dtype.kind == "f":
+        # SimpleITK's NIfTI reader turns NaN into 0 silently, so look at the raw voxels (a view, no copy).
+        voxels_raw = np.frombuffer(raw, dtype=dtype, count=voxels, offset=int(header.get_data_offset()))
+        if not np.isfinite(voxels_raw).all():
+            raise InvalidRequest(f"{field}: the volume contains NaN or infinite values; replace them before sending")
     return spatial
 
 
@@ -185,10 +189,7 @@ def read_nifti(data: bytes, *, field: str, limits: Limits) -> Volume:
         image = sitk.Extract(image, size[:3] + [0], [0, 0, 0, 0])
     if image.GetNumberOfComponentsPerPixel() != 1:
         raise UnsupportedMedia(f"{field}: vector or RGB voxels are not supported; send a scalar volume")
-    volume = Volume.from_sitk(image)
-    if volume.array.dtype.kind == "f" and not np.isfinite(volume.array).all():
-        raise InvalidRequest(f"{field}: the volume contains NaN or infinite values; replace them before sending")
-    return volume
+    return Volume.from_sitk(image)
 
 
 def write_nifti(image: sitk.Image, *, compressed: bool = True) -> bytes:
@@ -197,7 +198,3 @@ def write_nifti(image: sitk.Image, *, compressed: bool = True) -> bytes:
         path = Path(tmp) / ("mask.nii.gz" if compressed else "mask.nii")
         sitk.WriteImage(image, str(path), useCompression=compressed)
         return path.read_bytes()
-
-
-def gzip_bytes(data: bytes) -> bytes:
-    return gzip.compress(data, compresslevel=6)
