@@ -1,0 +1,352 @@
+"""SSRF-safe fetching of user-supplied URLs: the only code that opens them.
+
+Every hop (the URL itself and each redirect target) is checked before any
+connection is made: scheme, no userinfo, the optional host allowlist, and every
+address the host resolves to must be public. The connection then goes to the
+checked IP itself (no second DNS lookup that an attacker could answer
+differently), sending the original Host header and using the original host name
+for TLS SNI and certificate verification. Errors and logs name a URL only as
+scheme://host/path, because query strings carry SAS tokens.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import functools
+import ipaddress
+import logging
+import os
+import re
+import socket
+import time
+import urllib.parse
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+
+import certifi
+import urllib3
+from urllib3.exceptions import ConnectTimeoutError, HTTPError, NewConnectionError, ReadTimeoutError, SSLError
+
+from .errors import FetchRefused, PayloadTooLarge
+
+log = logging.getLogger("azmlinfsrv.medsam2")
+
+Resolver = Callable[[str, int], list[str]]
+
+#: CA bundle for https; None means certifi's (what requests uses). Tests point it at their own CA.
+_CA_CERTS: str | None = None
+_REDIRECTS = frozenset({301, 302, 303, 307, 308})
+_HOST_RE = re.compile(r"^[a-z0-9_-]+(\.[a-z0-9_-]+)*$")
+_SCHEME_RE = re.compile(r"^[a-z][a-z0-9+.-]{0,15}$")
+_CHUNK = 1 << 16
+_URL_SAFE = "!#$%&'()*+,/:;=?@[]~"
+_SPECIAL = {
+    ipaddress.ip_address("169.254.169.254"): "cloud metadata",
+    ipaddress.ip_address("fd00:ec2::254"): "cloud metadata",
+    ipaddress.ip_address("168.63.129.16"): "cloud metadata (Azure WireServer)",
+}
+_SHARED = ipaddress.ip_network("100.64.0.0/10")  # carrier-grade NAT; also Alibaba's metadata address
+_NAT64 = ipaddress.ip_network("64:ff9b::/96")
+_V4COMPAT = ipaddress.ip_network("::/96")
+
+
+@dataclass(frozen=True)
+class FetchPolicy:
+    """What fetch_bytes may open. Defaults: public https hosts only, 1 GiB cap, 5 s connect, 30 s read.
+
+    ``allow_networks`` exempts CIDRs from the non-public refusal: for tests and development only.
+    ``total_timeout_s`` bounds a whole fetch, so a server dripping bytes cannot hold a worker forever.
+    """
+
+    allow_http: bool = False
+    host_allowlist: tuple[str, ...] = ()
+    allow_networks: tuple[str, ...] = ()
+    max_bytes: int = 1 << 30
+    connect_timeout_s: float = 5.0
+    read_timeout_s: float = 30.0
+    max_redirects: int = 3
+    total_timeout_s: float = 300.0
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] = os.environ) -> FetchPolicy:
+        """Build from MEDSAM2_FETCH_* variables; a bad value raises ValueError naming the variable."""
+
+        def items(name: str) -> tuple[str, ...]:
+            return tuple(p.strip() for p in environ.get(name, "").split(",") if p.strip())
+
+        def number(name: str, default: float) -> float:
+            raw = environ.get(name, "").strip()
+            if not raw:
+                return default
+            try:
+                value = float(raw)
+            except ValueError:
+                raise ValueError(f"{name} must be a number (got {raw!r})") from None
+            if not value > 0:
+                raise ValueError(f"{name} must be positive (got {raw!r})")
+            return value
+
+        networks = items("MEDSAM2_FETCH_ALLOW_NETWORKS")
+        try:
+            _networks(networks)  # fail at start-up, not on the first request
+        except ValueError as exc:
+            raise ValueError(f"MEDSAM2_FETCH_ALLOW_NETWORKS: {exc}") from None
+        return cls(
+            allow_http=environ.get("MEDSAM2_FETCH_ALLOW_HTTP", "").strip().lower() in ("1", "true", "yes"),
+            host_allowlist=tuple(p.lower() for p in items("MEDSAM2_FETCH_HOST_ALLOWLIST")),
+            allow_networks=networks,
+            max_bytes=int(number("MEDSAM2_FETCH_MAX_MB", 1024) * (1 << 20)),
+            connect_timeout_s=number("MEDSAM2_FETCH_CONNECT_TIMEOUT_S", 5.0),
+            read_timeout_s=number("MEDSAM2_FETCH_READ_TIMEOUT_S", 30.0),
+            total_timeout_s=number("MEDSAM2_FETCH_TOTAL_TIMEOUT_S", 300.0),
+        )
+
+
+def redact_url(url: str) -> str:
+    """The URL as scheme://host[:port]/path: userinfo, query and fragment (where secrets live) dropped."""
+    try:
+        parts = urllib.parse.urlsplit(str(url).strip())
+    except ValueError:
+        return "<unparseable URL>"
+    hostport = parts.netloc.rpartition("@")[2]
+    path = parts.path if len(parts.path) <= 200 else parts.path[:200] + "..."
+    shown = f"{parts.scheme}://{hostport}{path}" if parts.scheme or hostport else path
+    return re.sub(r"[\x00-\x1f\x7f]", "?", shown)
+
+
+def default_resolver(host: str, port: int) -> list[str]:
+    """All addresses the system resolver gives for host (IPv4 and IPv6), in its order."""
+    infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    return list(dict.fromkeys(str(info[4][0]) for info in infos))
+
+
+def _embedded_v4(addr: ipaddress.IPv6Address) -> tuple[str, ipaddress.IPv4Address] | None:
+    """An IPv4 address carried inside an IPv6 one, with the name of the embedding."""
+    if addr.ipv4_mapped is not None:
+        return "IPv4-mapped", addr.ipv4_mapped
+    if addr in _NAT64:
+        return "NAT64-embedded", ipaddress.IPv4Address(int(addr) & 0xFFFFFFFF)
+    if addr.sixtofour is not None:
+        return "6to4-embedded", addr.sixtofour
+    if addr.teredo is not None:
+        return "Teredo-embedded", addr.teredo[1]
+    if addr in _V4COMPAT and int(addr) > 1:
+        return "IPv4-compatible", ipaddress.IPv4Address(int(addr) & 0xFFFFFFFF)
+    return None
+
+
+def classify_address(ip: str) -> str | None:
+    """None if ip is a public unicast address; otherwise why it is refused ("loopback", "private", ...)."""
+    try:
+        addr = ipaddress.ip_address(str(ip).split("%", 1)[0])  # drop an IPv6 zone (fe80::1%eth0)
+    except ValueError:
+        return "not an IP address"
+    if addr in _SPECIAL:
+        return _SPECIAL[addr]
+    if isinstance(addr, ipaddress.IPv6Address) and (embedded := _embedded_v4(addr)) is not None:
+        kind, inner = embedded
+        reason = classify_address(str(inner))
+        if reason is not None:
+            return f"{kind} {reason}"
+        # Mapped and NAT64 forms really reach the (public) IPv4 host; the tunnel forms are deprecated.
+        return None if kind in ("IPv4-mapped", "NAT64-embedded") else f"{kind} (deprecated tunnel)"
+    for attr in ("unspecified", "loopback", "link_local", "multicast", "site_local", "reserved", "private"):
+        if getattr(addr, f"is_{attr}", False):
+            return attr.replace("_", "-")
+    if addr in _SHARED:
+        return "shared address space (carrier-grade NAT)"
+    if not addr.is_global:
+        return "special-purpose (not global)"
+    return None
+
+
+@functools.lru_cache(maxsize=32)
+def _networks(cidrs: tuple[str, ...]) -> tuple:
+    return tuple(ipaddress.ip_network(c, strict=False) for c in cidrs)
+
+
+def _exempt(ip: str, policy: FetchPolicy) -> bool:
+    """Whether ip falls in the policy's allow_networks (its IPv4-mapped form counts too)."""
+    addr = ipaddress.ip_address(ip.split("%", 1)[0])
+    candidates = [addr]
+    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
+        candidates.append(addr.ipv4_mapped)
+    return any(a.version == n.version and a in n for a in candidates for n in _networks(policy.allow_networks))
+
+
+def check_url(
+    url: str, policy: FetchPolicy, *, resolver: Resolver = default_resolver, field: str = "url", label: str = "URL"
+) -> tuple[urllib.parse.SplitResult, list[str]]:
+    """Validate url (scheme, no userinfo, allowlist), resolve its host and refuse non-public addresses.
+
+    Returns the normalised URL parts and the vetted IPs; opens no connection; raises FetchRefused.
+    ``label`` names the hop in messages ("URL", "redirect target").
+    """
+    schemes = ("https", "http") if policy.allow_http else ("https",)
+    accepted = f"only public {' or '.join(schemes)} URLs are accepted"
+    try:
+        parts = urllib.parse.urlsplit(str(url).strip())
+        explicit_port = parts.port
+    except ValueError:
+        raise FetchRefused(f"{field}: {label} {redact_url(url)} is not a valid URL; {accepted}") from None
+    scheme = parts.scheme.lower()
+    if scheme not in schemes:
+        got = scheme if _SCHEME_RE.match(scheme) else "no scheme"
+        raise FetchRefused(f"{field}: {label} refused: only {' or '.join(schemes)} URLs are accepted (got {got})")
+    if "@" in parts.netloc:
+        raise FetchRefused(
+            f"{field}: {label} refused: URLs with credentials (user:password@host) are not accepted; "
+            "grant access with a SAS token in the query string instead"
+        )
+    host = (parts.hostname or "").rstrip(".")
+    try:
+        literal = ipaddress.ip_address(host)
+    except ValueError:
+        literal = None
+        try:
+            host = host.encode("idna").decode("ascii")
+        except UnicodeError:
+            host = ""
+        if not _HOST_RE.match(host):
+            raise FetchRefused(f"{field}: {label} {redact_url(url)} has no valid host name; {accepted}") from None
+    if policy.host_allowlist and not any(fnmatch.fnmatchcase(host, p.lower()) for p in policy.host_allowlist):
+        raise FetchRefused(
+            f"{field}: {label} host {host} is not allowed; allowed hosts: {', '.join(policy.host_allowlist)}"
+        )
+    port = explicit_port or (443 if scheme == "https" else 80)
+    if literal is not None:
+        ips = [str(literal)]
+    else:
+        try:
+            ips = list(dict.fromkeys(str(ip) for ip in resolver(host, port)))
+        except (OSError, UnicodeError):
+            ips = []
+        if not ips:
+            raise FetchRefused(f"{field}: {label} host {host} could not be resolved; check the host name")
+    for ip in ips:
+        reason = classify_address(ip)
+        if reason is not None and (reason == "not an IP address" or not _exempt(ip, policy)):
+            verb = "is" if literal is not None else "resolves to"
+            raise FetchRefused(f"{field}: {label} host {verb} a non-public address ({ip} is {reason}); {accepted}")
+    netloc = f"[{host}]" if literal is not None and literal.version == 6 else host
+    if explicit_port is not None:
+        netloc += f":{explicit_port}"
+    # Percent-encode what may not travel raw in a request line (as requests does); keeps existing escapes.
+    path, query = (urllib.parse.quote(s, safe=_URL_SAFE) for s in (parts.path, parts.query))
+    return parts._replace(scheme=scheme, netloc=netloc, path=path, query=query, fragment=""), ips
+
+
+def _upstream_error(exc: Exception, field: str, shown: str, host: str, policy: FetchPolicy) -> Exception:
+    """The FetchRefused for a failure while talking to the server. urllib3's own messages may echo
+    the request target (with its query), so only the exception's type is shown."""
+    if isinstance(exc, ReadTimeoutError):
+        return FetchRefused(f"{field}: {shown} sent nothing for {policy.read_timeout_s:g} s; try again later",
+                            status=504)
+    if isinstance(exc, SSLError):
+        return FetchRefused(f"{field}: TLS verification failed for {host}; the server needs a valid certificate",
+                            status=502)
+    if isinstance(exc, (HTTPError, OSError, ValueError)):
+        return FetchRefused(f"{field}: fetching {shown} failed ({type(exc).__name__})", status=502)
+    return exc
+
+
+def _open(parts: urllib.parse.SplitResult, ips: list[str], policy: FetchPolicy, field: str, deadline: float):
+    """Send GET to the first vetted IP that accepts a connection; returns (pool, unread response).
+
+    Pinning: the pool's host is the checked IP (urllib3 connects to it as given, no DNS), while
+    the Host header carries the original host and, for https, server_hostname (SNI) and
+    assert_hostname (certificate check) are the original host name. Proxies are never used.
+    """
+    host, shown = parts.hostname or "", redact_url(urllib.parse.urlunsplit(parts))
+    port = parts.port or (443 if parts.scheme == "https" else 80)
+    target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+    headers = {"Host": parts.netloc, "User-Agent": "medsam2-endpoint", "Accept-Encoding": "identity"}
+    timeout = urllib3.Timeout(connect=policy.connect_timeout_s, read=policy.read_timeout_s)
+    failure, status = "could not connect", 502
+    for ip in ips:
+        if time.monotonic() > deadline:
+            break
+        if parts.scheme == "https":
+            pool = urllib3.HTTPSConnectionPool(
+                ip, port, timeout=timeout, retries=False, maxsize=1, cert_reqs="CERT_REQUIRED",
+                ca_certs=_CA_CERTS or certifi.where(), server_hostname=host, assert_hostname=host,
+            )
+        else:
+            pool = urllib3.HTTPConnectionPool(ip, port, timeout=timeout, retries=False, maxsize=1)
+        try:
+            resp = pool.urlopen("GET", target, headers=headers, retries=False, redirect=False,
+                                preload_content=False, assert_same_host=False)
+            return pool, resp
+        except NewConnectionError:  # refused/unreachable (a ConnectTimeoutError subclass): try the next IP
+            failure, status = "could not connect", 502
+        except ConnectTimeoutError:
+            failure, status = f"connection timed out after {policy.connect_timeout_s:g} s", 504
+        except Exception as exc:
+            pool.close()
+            raise _upstream_error(exc, field, shown, host, policy) from None
+        pool.close()
+    raise FetchRefused(f"{field}: {shown}: {failure} ({host} port {port}); try again later", status=status)
+
+
+def _read_capped(resp, policy: FetchPolicy, field: str, shown: str, deadline: float) -> bytes:
+    """The body, refusing early on a Content-Length over the cap and stopping once the cap is exceeded."""
+    limit = f"the {policy.max_bytes} byte limit (MEDSAM2_FETCH_MAX_MB)"
+    length = (resp.headers.get("Content-Length") or "").strip()
+    if length.isdigit() and int(length) > policy.max_bytes:
+        raise PayloadTooLarge(f"{field}: {shown} is {int(length)} bytes, over {limit}")
+    chunks, total = [], 0
+    try:  # read1 returns whatever has arrived, so the deadline holds even when a server drips bytes
+        while chunk := resp.read1(_CHUNK, decode_content=True):
+            chunks.append(chunk)
+            total += len(chunk)  # counted after decoding: a gzip bomb stops at the cap too
+            if total > policy.max_bytes:
+                raise PayloadTooLarge(f"{field}: {shown} is more than {policy.max_bytes} bytes, over {limit}")
+            if time.monotonic() > deadline:
+                raise _too_slow(field, shown, policy)
+    except (HTTPError, OSError) as exc:
+        raise _upstream_error(exc, field, shown, "", policy) from None
+    return b"".join(chunks)
+
+
+def _too_slow(field: str, shown: str, policy: FetchPolicy) -> FetchRefused:
+    return FetchRefused(f"{field}: fetching {shown} took longer than {policy.total_timeout_s:g} s", status=504)
+
+
+def fetch_bytes(
+    url: str, policy: FetchPolicy, *, field: str = "url", resolver: Resolver = default_resolver
+) -> bytes:
+    """GET url under policy and return the body. Each redirect hop is re-checked before connecting.
+
+    Raises FetchRefused (400 refused, 502 upstream failure, 504 time-out) or PayloadTooLarge (413).
+    """
+    started = time.monotonic()
+    deadline, current = started + policy.total_timeout_s, str(url)
+    for hop in range(policy.max_redirects + 1):
+        label = "URL" if hop == 0 else "redirect target"
+        parts, ips = check_url(current, policy, resolver=resolver, field=field, label=label)
+        shown = redact_url(current)
+        if time.monotonic() > deadline:
+            raise _too_slow(field, shown, policy)
+        pool, resp = _open(parts, ips, policy, field, deadline)
+        try:
+            if resp.status in _REDIRECTS:
+                location = resp.headers.get("Location")
+                if not location:
+                    raise FetchRefused(f"{field}: {shown} redirected without a Location header", status=502)
+                current = urllib.parse.urljoin(urllib.parse.urlunsplit(parts), location.strip())
+                log.debug("fetch %s: redirect %d to %s", shown, hop + 1, redact_url(current))
+                continue
+            if not 200 <= resp.status < 300:
+                raise FetchRefused(
+                    f"{field}: fetching {shown} failed: the server answered HTTP {resp.status}; "
+                    "check that the file exists and that the URL's SAS token is valid and not expired",
+                    status=502,
+                )
+            body = _read_capped(resp, policy, field, shown, deadline)
+            log.debug("fetched %s: %d bytes after %d redirect(s) in %.2f s", shown, len(body), hop,
+                      time.monotonic() - started)
+            return body
+        finally:
+            resp.close()
+            pool.close()
+    raise FetchRefused(f"{field}: too many redirects (more than {policy.max_redirects}); give the final URL directly")
