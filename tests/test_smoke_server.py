@@ -1,0 +1,107 @@
+"""Smoke tests: the real azmlinfsrv on a loopback port, every file in sample_requests/ posted to /score.
+
+Two servers: one with no MedSAM2 weights (the embedded LiteMedSAM default, as on a fresh clone) and one
+with the random-weight MedSAM2 checkpoint (MedSAM2 default, LiteMedSAM selectable).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import requests
+
+from medsam2_endpoint.samples import check_response
+
+REPO = Path(__file__).resolve().parents[1]
+SAMPLES = sorted(p for p in (REPO / "sample_requests").glob("*.json") if not p.name.endswith(".expect.json"))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module", params=["no-weights", "medsam2-checkpoint"])
+def server(request, tmp_path_factory):
+    model_dir = tmp_path_factory.mktemp("model")
+    if request.param == "medsam2-checkpoint":
+        (model_dir / "MedSAM2_latest.pt").symlink_to(request.getfixturevalue("medsam2_checkpoint"))
+    port = free_port()
+    log_path = model_dir.parent / f"server-{request.param}.log"
+    env = {**os.environ, "WORKER_COUNT": "1", "MEDSAM2_NUM_THREADS": "2", "AZUREML_MODEL_DIR": str(model_dir)}
+    azmlinfsrv = str(Path(sys.executable).with_name("azmlinfsrv"))
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(
+            [azmlinfsrv, "--entry_script", str(REPO / "score.py"), "--model_dir", str(model_dir), "--port", str(port)],
+            cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 300
+        while True:
+            if proc.poll() is not None:
+                pytest.fail(f"azmlinfsrv exited early:\n{log_path.read_text()[-3000:]}")
+            try:
+                if requests.get(url + "/", timeout=2).status_code == 200:
+                    break
+            except requests.RequestException:  # refused, or accepted while init() still runs
+                pass
+            if time.monotonic() > deadline:
+                pytest.fail(f"azmlinfsrv not ready after 300 s:\n{log_path.read_text()[-3000:]}")
+            time.sleep(1)
+        yield {"url": url, "kind": request.param, "log": log_path}
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+
+
+def test_there_are_samples():
+    assert len(SAMPLES) >= 5
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sample", SAMPLES, ids=lambda p: p.stem)
+def test_sample_request(server, sample):
+    expect = json.loads(sample.with_name(sample.stem + ".expect.json").read_text())
+    response = requests.post(server["url"] + "/score", data=sample.read_bytes(), headers={"Content-Type": "application/json"}, timeout=900)
+    body = response.json()
+    failures, dices = check_response(expect, response.status_code, body)
+    assert not failures, failures
+    if response.status_code == 200:
+        models = {item["metadata"]["model"]["name"] for item in body}
+        if server["kind"] == "no-weights":
+            assert models == {"lite-medsam"}
+            assert all(d >= item["min_dice"] for d, item in zip(dices, expect["items"], strict=True))
+        elif "model" not in json.loads(sample.read_text())["input_data"]:
+            assert models == {"MedSAM2_latest"}
+
+
+@pytest.mark.slow
+def test_errors_are_json_with_status(server):
+    url = server["url"] + "/score"
+    bad_json = requests.post(url, data=b"{not json", headers={"Content-Type": "application/json"}, timeout=30)
+    assert bad_json.status_code == 400 and bad_json.json() == {"error": bad_json.json()["error"], "status": 400}
+    unknown_model = requests.post(url, json={"input_data": {"nii_image": ["AAAA"], "bbox": [[1, 1, 5, 5]], "key_slice_idx": [0], "model": ["nope"]}}, timeout=30)
+    assert unknown_model.status_code == 400
+    assert "lite-medsam" in unknown_model.json()["error"] and "input_data.model[0]" in unknown_model.json()["error"]
+    assert requests.get(url, timeout=30).status_code == 405
+
+
+@pytest.mark.slow
+def test_log_has_no_image_data(server):
+    text = server["log"].read_text(errors="replace")
+    assert "route=3d" in text
+    sample_b64 = json.loads(SAMPLES[0].read_text())["input_data"]["nii_image"][0]
+    assert sample_b64[:64] not in text
