@@ -16,13 +16,8 @@ from typing import Any
 import numpy as np
 
 from .encode import rle_counts, rle_decode
+from .metrics import dice
 from .phantoms import Phantom, ct_phantom, mri_phantom, oblique_direction
-
-
-def dice(a: np.ndarray, b: np.ndarray) -> float:
-    a, b = a.astype(bool), b.astype(bool)
-    total = int(a.sum()) + int(b.sum())
-    return 1.0 if total == 0 else 2.0 * int(np.logical_and(a, b).sum()) / total
 
 
 def _item(phantom: Phantom, lesion_index: int = 0, *, slice_offset: int = 0) -> dict[str, Any]:

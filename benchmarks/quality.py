@@ -1,0 +1,108 @@
+"""Segmentation quality on phantoms with known ground truth, through the endpoint's Service.
+
+    .venv/bin/python benchmarks/quality.py                      # quality set, every available model
+    .venv/bin/python benchmarks/quality.py --set tiny --lite-modes pad,stretch
+    .venv/bin/python benchmarks/quality.py --model-dir model    # include MedSAM2 checkpoints found there
+
+Prints a Markdown table (Dice, 95th-percentile Hausdorff distance in mm, slices covered, time) and the
+mean Dice per model. Every lesion of every phantom is one request (box on its key slice, phantom window).
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from medsam2_endpoint.config import Settings
+from medsam2_endpoint.encode import dumps
+from medsam2_endpoint.engines.lite import LiteMedSAMEngine
+from medsam2_endpoint.engines.medsam2 import MedSAM2Engine, find_checkpoints
+from medsam2_endpoint.metrics import dice, hd95
+from medsam2_endpoint.phantoms import phantom_set
+from medsam2_endpoint.service import Service, configure_threads
+
+
+def build_service(model_dir: Path | None, lite_modes: list[str]) -> Service:
+    engines = {}
+    for path in find_checkpoints(model_dir):
+        engines[path.stem] = MedSAM2Engine(path)
+    for mode in lite_modes:
+        name = "lite-medsam" if len(lite_modes) == 1 else f"lite-medsam[{mode}]"
+        engines[name] = LiteMedSAMEngine(resize_mode=mode)
+    settings = Settings.from_env({"MEDSAM2_WARMUP": "0", "MEDSAM2_REQUEST_DEADLINE_S": "3600"})
+    return Service(settings, engines, next(iter(engines)))
+
+
+def evaluate(service: Service, set_name: str) -> list[dict]:
+    rows = []
+    for phantom in phantom_set(set_name):
+        data = base64.b64encode(phantom.nifti_bytes()).decode()
+        spacing_zyx = tuple(reversed(phantom.image.GetSpacing()))
+        for lesion in phantom.lesions:
+            for model in service.available_models():
+                cols = {"nii_image": [data], "bbox": [list(lesion.bbox)], "key_slice_idx": [lesion.key_slice], "model": [model], "mask_format": ["rle"]}
+                if phantom.window:
+                    cols["dicom_window"] = [list(phantom.window)]
+                started = time.perf_counter()
+                (result,) = json.loads(dumps(service.score({"input_data": cols})))
+                seconds = time.perf_counter() - started
+                from medsam2_endpoint.encode import rle_decode
+
+                mask = rle_decode(result["mask"]["counts"], tuple(result["mask"]["size"])).astype(bool)
+                truth = phantom.mask(lesion.label)
+                covered = np.flatnonzero(mask.any(axis=(1, 2)))
+                rows.append(
+                    {
+                        "phantom": phantom.name, "lesion": lesion.name, "model": model,
+                        "dice": dice(mask, truth), "hd95_mm": hd95(mask, truth, spacing_zyx),
+                        "slices": f"{covered.min()}-{covered.max()}" if covered.size else "-",
+                        "truth_slices": f"{lesion.z_range[0]}-{lesion.z_range[1]}",
+                        "slices_processed": result["metadata"]["slices_processed"], "seconds": seconds,
+                    }
+                )
+                print(f"  {phantom.name:26s} {lesion.name:15s} {model:22s} Dice {rows[-1]['dice']:.3f}", file=sys.stderr)
+    return rows
+
+
+def markdown(rows: list[dict]) -> str:
+    lines = [
+        "| phantom | lesion | model | Dice | HD95 (mm) | slices (pred / truth) | slices processed | time (s) |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['phantom']} | {r['lesion']} | {r['model']} | {r['dice']:.3f} | {r['hd95_mm']:.1f} | "
+            f"{r['slices']} / {r['truth_slices']} | {r['slices_processed']} | {r['seconds']:.1f} |"
+        )
+    lines.append("")
+    lines.append("| model | mean Dice | min Dice | mean HD95 (mm) | mean time (s) |")
+    lines.append("| --- | --- | --- | --- | --- |")
+    for model in dict.fromkeys(r["model"] for r in rows):
+        sel = [r for r in rows if r["model"] == model]
+        finite = [r["hd95_mm"] for r in sel if np.isfinite(r["hd95_mm"])]
+        lines.append(
+            f"| {model} | {np.mean([r['dice'] for r in sel]):.3f} | {min(r['dice'] for r in sel):.3f} | "
+            f"{np.mean(finite) if finite else float('inf'):.1f} | {np.mean([r['seconds'] for r in sel]):.1f} |"
+        )
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--set", default="quality", help="phantom set: tiny, quality")
+    parser.add_argument("--model-dir", type=Path, default=None, help="folder with MedSAM2 checkpoints (optional)")
+    parser.add_argument("--lite-modes", default="pad", help="LiteMedSAM preprocessing modes to run: pad, stretch or both")
+    args = parser.parse_args()
+    configure_threads(0)
+    service = build_service(args.model_dir, [m for m in args.lite_modes.split(",") if m])
+    print(markdown(evaluate(service, args.set)))
+
+
+if __name__ == "__main__":
+    main()

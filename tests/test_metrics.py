@@ -1,0 +1,22 @@
+import numpy as np
+import pytest
+
+from medsam2_endpoint.metrics import dice, hd95
+
+
+def test_dice_values():
+    a = np.zeros((4, 4, 4), bool)
+    b = a.copy()
+    assert dice(a, b) == 1.0
+    a[0, 0, :2] = True
+    b[0, 0, 1:3] = True
+    assert dice(a, b) == pytest.approx(0.5)
+
+
+def test_hd95_in_mm_uses_spacing():
+    truth = np.zeros((1, 1, 20), bool)
+    truth[0, 0, 5:10] = True
+    shifted = np.roll(truth, 2, axis=2)
+    assert hd95(truth, truth, (1.0, 1.0, 1.0)) == 0.0
+    assert hd95(shifted, truth, (1.0, 1.0, 0.5)) == pytest.approx(1.0)  # 2 voxels of 0.5 mm
+    assert hd95(np.zeros_like(truth), truth, (1.0, 1.0, 1.0)) == float("inf")
