@@ -64,14 +64,14 @@ def _builders() -> dict[str, Callable[[], tuple[dict[str, Any], dict[str, Any]]]
         return _columns([_item(p)]), _expect_ok([(p, 0)], min_dice=0.85)
 
     def ct_two_items_offset():
-        a = ct_phantom((16, 64, 64), lesions=("lobulated",), seed=2, name="a")
-        b = mri_phantom((16, 64, 80), lesions=("ellipsoid",), seed=3, name="b")
+        a = ct_phantom((20, 96, 96), lesions=("lobulated",), seed=2, name="a")
+        b = mri_phantom((20, 96, 112), lesions=("ellipsoid",), seed=3, name="b")
         body = _columns([_item(a, slice_offset=40), _item(b)])
-        return body, _expect_ok([(a, 0), (b, 0)], min_dice=0.7)
+        return body, _expect_ok([(a, 0), (b, 0)], min_dice=0.8)
 
     def ct_mask_rle():
-        p = ct_phantom((16, 64, 64), lesions=("ellipsoid",), seed=4, dtype="float32", name="rle")
-        return _columns([_item(p)], mask_format=["rle"], model=["lite-medsam"]), _expect_ok([(p, 0)], min_dice=0.85, mask_format="rle")
+        p = ct_phantom((20, 96, 96), lesions=("ellipsoid",), seed=4, dtype="float32", name="rle")
+        return _columns([_item(p)], mask_format=["rle"], model=["lite-medsam"]), _expect_ok([(p, 0)], min_dice=0.8, mask_format="rle")
 
     def error_bbox_outside():
         p = ct_phantom((16, 64, 64), lesions=("ellipsoid",), seed=5, name="bad")

@@ -1,0 +1,31 @@
+"""Segmentation quality is a behaviour: LiteMedSAM (real weights) must segment the phantoms' lesions."""
+
+import json
+
+import numpy as np
+import pytest
+
+from conftest import request_for
+from medsam2_endpoint.config import Settings
+from medsam2_endpoint.encode import dumps, rle_decode
+from medsam2_endpoint.metrics import dice
+from medsam2_endpoint.phantoms import phantom_set
+from medsam2_endpoint.service import Service
+
+
+@pytest.fixture(scope="module")
+def lite_service(tmp_path_factory):
+    empty = tmp_path_factory.mktemp("no-weights")
+    return Service.from_settings(Settings.from_env({"MEDSAM2_WARMUP": "0"}, model_dir=str(empty)))
+
+
+@pytest.mark.slow
+def test_lite_mean_dice_on_tiny_set(lite_service):
+    scores = []
+    for phantom in phantom_set("tiny"):
+        for index, lesion in enumerate(phantom.lesions):
+            (result,) = json.loads(dumps(lite_service.score(request_for(phantom, lesion=index, mask_format=["rle"]))))
+            assert result["metadata"]["model"]["name"] == "lite-medsam"
+            mask = rle_decode(result["mask"]["counts"], tuple(result["mask"]["size"]))
+            scores.append(dice(mask, phantom.mask(lesion.label)))
+    assert np.mean(scores) >= 0.85, scores
