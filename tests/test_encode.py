@@ -41,3 +41,14 @@ def test_nifti_mask_keeps_geometry():
     np.testing.assert_array_equal(back.array, mask)
     assert np.allclose(back.spacing, volume.spacing) and np.allclose(back.origin, volume.origin)
     assert np.allclose(back.direction, volume.direction)
+
+
+def test_label_maps_keep_their_values():
+    labels = np.zeros((2, 3, 4), np.uint8)
+    labels[0, 1, 1:3] = 7
+    labels[1, 2, 3] = 200
+    assert json.loads(list_json(labels)) == labels.tolist()
+    from medsam2_endpoint.encode import value_rle
+
+    runs = value_rle(labels)
+    np.testing.assert_array_equal(np.repeat(runs["values"], runs["counts"]).reshape(labels.shape, order="F"), labels)

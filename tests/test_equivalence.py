@@ -49,7 +49,8 @@ def test_medsam2_route_equals_reference(case, service, reference_predictor, tmp_
 
     expected = reference_segment(path, lesion.bbox, lesion.key_slice, window, predictor=reference_predictor)
 
-    body = request_for(phantom, slice_offset=offset, dicom_window=[list(window)], model=["MedSAM2_latest"])
+    # stop rules off (0): the reference walks to both ends of the volume
+    body = request_for(phantom, slice_offset=offset, dicom_window=[list(window)], model=["MedSAM2_latest"], stop_after_empty=[0])
     (result,) = json.loads(dumps(service.score(body)))
     mask = np.asarray(result["mask"], dtype=np.uint8)
     assert result["metadata"]["adjusted_key_slice_index"] == lesion.key_slice

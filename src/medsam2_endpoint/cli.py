@@ -52,9 +52,26 @@ def _check_sample(args: argparse.Namespace) -> int:
     return 1 if failures else 0
 
 
+def _serve_samapi(args: argparse.Namespace) -> int:
+    from .samapi import serve
+
+    return serve(host=args.host, port=args.port, model_dir=args.model_dir)
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["predict"]:
+        from .client import predict_main  # the client has its own argument parser
+
+        return predict_main(argv[1:])
     parser = argparse.ArgumentParser(prog="medsam2-endpoint")
     sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("predict", help="segment a local volume through a running endpoint (see predict --help)")
+    samapi = sub.add_parser("serve-samapi", help="run the samapi-compatible server for the QuPath SAM extension")
+    samapi.add_argument("--host", default="127.0.0.1")
+    samapi.add_argument("--port", type=int, default=8000)
+    samapi.add_argument("--model-dir", default=os.environ.get("MEDSAM2_MODEL_DIR", str(REPO_ROOT / "model")))
+    samapi.set_defaults(func=_serve_samapi)
     serve = sub.add_parser("serve", help="run the local Azure ML inference server (azmlinfsrv) on score.py")
     serve.add_argument("--model-dir", default=str(REPO_ROOT / "model"))
     serve.add_argument("--port", type=int, default=5001)

@@ -34,21 +34,40 @@ def rle_decode(counts: list[int], shape: tuple[int, ...]) -> np.ndarray:
     return np.repeat(values, counts).reshape(shape, order="F")
 
 
+def value_rle(labels: np.ndarray) -> dict:
+    """Runs of equal values over the array in column-major order: {"values": [...], "counts": [...]}.
+
+    For label maps (several objects); decode with `np.repeat(values, counts).reshape(size, order="F")`.
+    """
+    flat = np.asarray(labels).ravel(order="F")
+    if flat.size == 0:
+        return {"values": [], "counts": []}
+    starts = np.concatenate(([0], np.flatnonzero(flat[1:] != flat[:-1]) + 1))
+    counts = np.diff(np.concatenate((starts, [flat.size])))
+    return {"values": flat[starts].tolist(), "counts": counts.tolist()}
+
+
 def list_json(mask: np.ndarray) -> str:
     """The nested-list form as a JSON fragment, built without creating millions of Python ints."""
     z, y, _ = mask.shape
-    digits = np.where(mask.reshape(z * y, -1) > 0, "1", "0")
+    flat = mask.reshape(z * y, -1)
+    digits = np.where(flat > 0, "1", "0") if flat.max(initial=0) <= 1 else flat.astype(str)
     rows = ["[" + ",".join(row) + "]" for row in digits]
     slices = ["[" + ",".join(rows[k * y : (k + 1) * y]) + "]" for k in range(z)]
     return "[" + ",".join(slices) + "]"
 
 
-def encode_mask(mask: np.ndarray, volume: Volume, mask_format: str) -> object:
-    """The `mask` field's value; for "list" a `RawJSON` placeholder that the response writer splices in."""
+def encode_mask(mask: np.ndarray, volume: Volume, mask_format: str, *, label_map: bool = False) -> object:
+    """The `mask` field's value; for "list" a `RawJSON` placeholder that the response writer splices in.
+
+    label_map: the mask holds object ids (several objects); "rle" then uses value runs (`value_rle`).
+    """
     if mask_format == "rle":
+        if label_map:
+            return {**value_rle(mask), "size": list(mask.shape), "order": "F"}
         return {"counts": rle_counts(mask), "size": list(mask.shape), "order": "F"}
     if mask_format == "nifti":
-        data = write_nifti(volume.image_like(mask.astype(np.uint8)), compressed=True)
+        data = write_nifti(volume.image_like(mask if label_map else mask.astype(np.uint8)), compressed=True)
         return base64.b64encode(data).decode("ascii")
     return RawJSON(list_json(mask))
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import numpy as np
@@ -36,17 +36,35 @@ class PropagationOptions:
 class ObjectResult:
     mask: np.ndarray  # uint8 (Z, Y, X), 1 = object
     slices_processed: int  # engine steps, both directions (the key slice counts once per direction)
+    logits: dict[int, np.ndarray] = field(default_factory=dict)  # z -> float32 (Y, X) max logit, slices with foreground
 
 
-def _walk(steps: Iterator[tuple[int, np.ndarray]], mask: np.ndarray, options: PropagationOptions, check_deadline: Callable[[int], None], done: int) -> int:
-    """Consume one direction's steps into `mask` (OR), honouring the stop rules; returns the number of steps."""
+def _as_logits(step: np.ndarray) -> np.ndarray:
+    """Engines yield logits (mask = logits > 0); a bool mask is accepted as logits of +-1."""
+    return np.where(step, np.float32(1.0), np.float32(-1.0)) if step.dtype == bool else step
+
+
+def _walk(
+    steps: Iterator[tuple[int, np.ndarray]],
+    mask: np.ndarray,
+    logits: dict[int, np.ndarray],
+    options: PropagationOptions,
+    check_deadline: Callable[[int], None],
+    done: int,
+) -> int:
+    """Consume one direction's steps into `mask` (OR) and `logits` (max), honouring the stop rules."""
     count = 0
     empty_run = 0
     try:
-        for z, slice_mask in steps:
-            mask[z] |= slice_mask
+        for z, step in steps:
+            slice_logits = _as_logits(step)
+            foreground = slice_logits > 0
+            mask[z] |= foreground
             count += 1
-            empty_run = 0 if slice_mask.any() else empty_run + 1
+            has_object = bool(foreground.any())
+            if has_object:
+                logits[z] = np.maximum(logits[z], slice_logits) if z in logits else slice_logits
+            empty_run = 0 if has_object else empty_run + 1
             if options.stop_after_empty is not None and empty_run >= options.stop_after_empty:
                 break
             if options.max_slices is not None and count >= options.max_slices:
@@ -93,10 +111,28 @@ def segment_object(
             )
 
     bool_view = mask.view(bool)
-    if options.direction in ("both", "up"):
-        processed += _walk(engine.track(state, key_index=key_index, box=box, reverse=False), bool_view, options, check_deadline, processed)
-    if options.direction in ("both", "down"):
-        processed += _walk(engine.track(state, key_index=key_index, box=box, reverse=True), bool_view, options, check_deadline, processed)
+    logits: dict[int, np.ndarray] = {}
+    for direction, reverse in (("up", False), ("down", True)):
+        if options.direction in ("both", direction):
+            steps = engine.track(state, key_index=key_index, box=box, reverse=reverse)
+            processed += _walk(steps, bool_view, logits, options, check_deadline, processed)
     if options.largest_component:
         mask = keep_largest_component(mask)
-    return ObjectResult(mask=mask, slices_processed=processed)
+    return ObjectResult(mask=mask, slices_processed=processed, logits=logits)
+
+
+def merge_objects(results: list[tuple[int, ObjectResult]], shape: tuple[int, int, int]) -> np.ndarray:
+    """Label map (value = object id; uint8, or uint16 for ids above 255); overlaps go to the highest logit."""
+    dtype = np.uint8 if max(obj_id for obj_id, _ in results) <= 255 else np.uint16
+    labels = np.zeros(shape, dtype=dtype)
+    for z in range(shape[0]):
+        present = [(obj_id, r) for obj_id, r in results if r.mask[z].any()]
+        if not present:
+            continue
+        best = np.full(shape[1:], -np.inf, dtype=np.float32)
+        for obj_id, result in present:
+            score = np.where(result.mask[z] > 0, result.logits.get(z, np.float32(1.0)), -np.inf)
+            wins = score > best
+            labels[z][wins] = obj_id
+            best = np.maximum(best, score)
+    return labels

@@ -106,6 +106,8 @@ def write_samples(folder: Path) -> list[Path]:
 
 
 def decode_mask(mask: Any, mask_format: str, shape: list[int]) -> np.ndarray:
+    if mask_format == "rle" and "values" in mask:
+        return np.repeat(np.asarray(mask["values"]), mask["counts"]).reshape(tuple(mask["size"]), order="F")
     if mask_format == "rle":
         return rle_decode(mask["counts"], tuple(mask["size"]))
     if mask_format == "nifti":

