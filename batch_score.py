@@ -4,6 +4,10 @@ For `<name>.nii.gz` the prompt is `<name>.prompt.json` beside it, holding the 3D
 {"bbox": [...], "key_slice_idx": 5, "dicom_window": [-160, 240], "slice_offset": 0, "model": "..."}.
 Writes `<name>_mask.nii.gz` (source geometry) to the output folder and returns one summary row per file;
 a failing file becomes a row with its error, never a lost mini-batch.
+
+Every item of the mini-batch gets a row, prompt files included (status "skipped"): the batch driver
+counts the rows run() returns as the items that succeeded, so a missing row would count as a failed
+file against the deployment's error_threshold.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ log = logging.getLogger("azmlinfsrv.medsam2")
 service: Service | None = None
 output_dir: Path = Path(".")
 NIFTI_SUFFIXES = (".nii.gz", ".nii")
+PROMPT_SUFFIX = ".prompt.json"
 
 
 def _stem(path: Path) -> str:
@@ -47,13 +52,17 @@ def score_one(path: Path) -> dict:
     started = time.perf_counter()
     row = {"file": path.name, "status": "ok", "voxels": None, "volume_ml": None, "model": None, "mask_file": None, "error": None}
     try:
-        prompt_path = path.with_name(_stem(path) + ".prompt.json")
+        prompt_path = path.with_name(_stem(path) + PROMPT_SUFFIX)
         if not prompt_path.is_file():
             raise ServiceError(f"{path.name}: no prompt file {prompt_path.name} beside it", status=400)
         try:
             prompt = json.loads(prompt_path.read_text())
         except ValueError:
             raise ServiceError(f"{prompt_path.name}: not valid JSON", status=400) from None
+        if not isinstance(prompt, dict):
+            raise ServiceError(
+                f'{prompt_path.name}: expected a JSON object such as {{"bbox": [x0, y0, x1, y1], "key_slice_idx": 5}}', status=400
+            )
         mask, volume, metadata = service.score_file(path, prompt)
         out = output_dir / f"{_stem(path)}_mask.nii.gz"
         out.write_bytes(write_nifti(volume.image_like(mask)))
@@ -68,11 +77,14 @@ def score_one(path: Path) -> dict:
 
 
 def run(mini_batch: list[str]) -> list[str]:
-    """One JSON row per NIfTI file (prompt files in the mini-batch are skipped: they travel with their volume)."""
+    """One JSON row per item: a result for each volume, "skipped" for prompt files (read with their volume)."""
     rows = []
     for item in mini_batch:
         path = Path(item)
-        if path.name.endswith(".prompt.json"):
-            continue
-        rows.append(json.dumps(score_one(path)))
+        if path.name.endswith(PROMPT_SUFFIX):
+            row = {"file": path.name, "status": "skipped", "voxels": None, "volume_ml": None, "model": None, "mask_file": None,
+                   "error": None, "time_s": 0.0}
+        else:
+            row = score_one(path)
+        rows.append(json.dumps(row))
     return rows

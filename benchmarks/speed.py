@@ -1,0 +1,175 @@
+"""Speed and memory, project vs the reference pipeline, on the same volume, checkpoint and machine.
+
+    .venv/bin/python benchmarks/speed.py --sizes 40 --models medsam2,lite
+    .venv/bin/python benchmarks/speed.py --sizes 40,120,300 --models lite
+
+Each measurement runs in its own process (peak RSS = that process's ru_maxrss, model loading included).
+MedSAM2 uses a random-weight checkpoint (random weights never give empty slices, so stop rules cannot
+shorten its propagation: its "stop on" rows show the cost of the checks, not their savings). Volumes:
+the phantoms' "speed" set (512 x 512 x Z CT, int16, one lesion spanning ~15 slices).
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import json
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tests"))  # the reference pipeline lives beside the equivalence test
+
+
+def _peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _phantom(depth: int):
+    from medsam2_endpoint.phantoms import phantom_set
+
+    return next(p for p in phantom_set("speed") if p.labels.shape[0] == depth)
+
+
+def _service(model: str, checkpoint: Path):
+    from medsam2_endpoint.config import Settings
+    from medsam2_endpoint.service import Service, configure_threads
+
+    configure_threads(0)
+    env = {"MEDSAM2_WARMUP": "0", "MEDSAM2_REQUEST_DEADLINE_S": "100000", "MEDSAM2_MAX_BASE64_MB": "2048", "MEDSAM2_FEATURE_CACHE_MB": "2048"}
+    folder = checkpoint.parent if model == "medsam2" else Path(tempfile.mkdtemp())
+    if model != "medsam2":
+        env["MEDSAM2_ENABLE_LITE"] = "1"
+    return Service.from_settings(Settings.from_env(env, model_dir=str(folder)))
+
+
+def _body(phantom, boxes, **columns):
+    cols = {"nii_image": [base64.b64encode(phantom.nifti_bytes()).decode()], "dicom_window": [list(phantom.window)]}
+    if len(boxes) == 1:
+        cols.update(bbox=[list(boxes[0][0])], key_slice_idx=[boxes[0][1]])
+    else:
+        cols["objects"] = [[{"id": i + 1, "bbox": list(b), "key_slice_idx": k} for i, (b, k) in enumerate(boxes)]]
+    cols.update({k: [v] for k, v in columns.items()})
+    return {"input_data": cols}
+
+
+def _shifted(lesion, dz: int, dx: int):
+    x0, y0, x1, y1 = lesion.bbox
+    return (x0 + dx, y0, x1 + dx, y1), lesion.key_slice + dz
+
+
+def run_one(config: dict) -> dict:
+    """One measurement in this process; returns timings (s) and peak RSS (MB)."""
+    import numpy as np
+
+    phantom = _phantom(config["depth"])
+    lesion = phantom.lesions[0]
+    checkpoint = Path(config["checkpoint"])
+    out: dict = {"input_mb": phantom.array().nbytes / 2**20, "model_mb": checkpoint.stat().st_size / 2**20 if config["model"] == "medsam2" else 37.5}
+    if config["kind"] == "reference":
+        from reference_pipeline import build_reference_predictor, reference_segment
+
+        path = Path(tempfile.mkdtemp()) / "v.nii.gz"
+        path.write_bytes(phantom.nifti_bytes())
+        predictor = build_reference_predictor(checkpoint)
+        started = time.perf_counter()
+        mask = reference_segment(path, lesion.bbox, lesion.key_slice, phantom.window, predictor=predictor)
+        out.update(seconds=time.perf_counter() - started, voxels=int(mask.sum()), slices=int(phantom.labels.shape[0]))
+        np.save(Path(config["mask_out"]), mask) if config.get("mask_out") else None
+    else:
+        from medsam2_endpoint.encode import dumps
+
+        service = _service(config["model"], checkpoint)
+        stop = config.get("stop_after_empty", 2)
+        boxes = [(lesion.bbox, lesion.key_slice)]
+        started = time.perf_counter()
+        (result,) = service.score(_body(phantom, boxes, stop_after_empty=stop, mask_format="rle"))
+        out.update(seconds=time.perf_counter() - started, slices=result["metadata"]["slices_processed"], voxels=result["metadata"]["voxel_count"])
+        if config.get("mask_out"):
+            from medsam2_endpoint.encode import rle_decode
+
+            np.save(Path(config["mask_out"]), rle_decode(result["mask"]["counts"], tuple(result["mask"]["size"])))
+        if config.get("second"):
+            started = time.perf_counter()
+            service.score(_body(phantom, [_shifted(lesion, 1, 2)], stop_after_empty=stop, mask_format="rle"))
+            out["second_seconds"] = time.perf_counter() - started
+        if config.get("objects"):
+            fresh = _service(config["model"], checkpoint)
+            three = [(lesion.bbox, lesion.key_slice), _shifted(lesion, 1, 3), _shifted(lesion, -1, -3)]
+            started = time.perf_counter()
+            fresh.score(_body(phantom, three, stop_after_empty=stop, mask_format="rle"))
+            out["three_objects_seconds"] = time.perf_counter() - started
+        if config.get("formats"):
+            for fmt in ("list", "rle", "nifti"):
+                body = _body(phantom, boxes, stop_after_empty=stop, mask_format=fmt)
+                (res,) = service.score(body)
+                started = time.perf_counter()
+                text = dumps([res])
+                out[f"{fmt}_bytes"] = len(text)
+                out[f"{fmt}_encode_seconds"] = res["metadata"]["timing_ms"]["encode"] / 1000 + time.perf_counter() - started
+    out["peak_rss_mb"] = _peak_rss_mb()
+    return out
+
+
+def measure(config: dict) -> dict:
+    proc = subprocess.run([sys.executable, __file__, "--one", json.dumps(config)], capture_output=True, text=True, check=False)
+    if proc.returncode != 0:
+        raise RuntimeError(proc.stderr[-3000:])
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sizes", default="40")
+    parser.add_argument("--models", default="medsam2,lite")
+    parser.add_argument("--one", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.one:
+        print(json.dumps(run_one(json.loads(args.one))))
+        return
+    work = ROOT / "benchmarks" / "out"
+    work.mkdir(parents=True, exist_ok=True)
+    checkpoint = work / "MedSAM2_latest.pt"
+    if not checkpoint.exists():
+        from reference_pipeline import make_random_checkpoint
+
+        make_random_checkpoint(checkpoint, seed=0)
+    import numpy as np
+
+    rows = []
+    for depth in [int(s) for s in args.sizes.split(",")]:
+        base = {"depth": depth, "checkpoint": str(checkpoint)}
+        for model in args.models.split(","):
+            if model == "medsam2":
+                ref = measure({**base, "model": model, "kind": "reference", "mask_out": str(work / "ref.npy")})
+                off = measure({**base, "model": model, "kind": "project", "stop_after_empty": 0, "mask_out": str(work / "off.npy")})
+                identical = bool(np.array_equal(np.load(work / "ref.npy"), np.load(work / "off.npy")))
+                rows.append((depth, model, "reference", ref, None))
+                rows.append((depth, model, f"project, stop rules off (mask identical: {identical})", off, ref["seconds"]))
+            on = measure({**base, "model": model, "kind": "project", "stop_after_empty": 2, "second": True, "objects": True, "formats": True})
+            rows.append((depth, model, "project, stop rules on (default)", on, None))
+    print("| Z | model | run | time (s) | ratio to reference | slices processed | peak RSS (MB) | RSS limit 1.5x(input+model+1GB) (MB) | extras |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    for depth, model, run, r, ref_seconds in rows:
+        limit = 1.5 * (r["input_mb"] + r["model_mb"] + 1024)
+        extras = []
+        if "second_seconds" in r:
+            extras.append(f"second request {r['second_seconds']:.1f} s ({r['seconds'] / r['second_seconds']:.1f}x faster)")
+        if "three_objects_seconds" in r:
+            extras.append(f"3 objects {r['three_objects_seconds']:.1f} s ({r['three_objects_seconds'] / r['seconds']:.2f}x of 1 object)")
+        if "list_bytes" in r:
+            extras.append(
+                "bytes list/rle/nifti " + "/".join(str(r[f"{f}_bytes"]) for f in ("list", "rle", "nifti"))
+                + f" (rle {100 * r['rle_bytes'] / r['list_bytes']:.3f}%, nifti {100 * r['nifti_bytes'] / r['list_bytes']:.3f}% of list);"
+                + " encode s list/rle/nifti " + "/".join(f"{r[f'{f}_encode_seconds']:.2f}" for f in ("list", "rle", "nifti"))
+            )
+        ratio = f"{r['seconds'] / ref_seconds:.2f}" if ref_seconds else ""
+        print(f"| {depth} | {model} | {run} | {r['seconds']:.1f} | {ratio} | {r['slices']} | {r['peak_rss_mb']:.0f} | {limit:.0f} | {'; '.join(extras)} |")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,336 @@
+"""Client for a running endpoint: `medsam2-endpoint predict` and the `segment()` Python API.
+
+Reads a volume (NIfTI/NRRD/MHA file, or a DICOM series folder converted with SimpleITK), sends it as
+base64 gzip NIfTI with a box on a key slice (or several objects), waits with a progress bar, retries
+on 429/503, and returns the mask as a SimpleITK label map with the source image's exact geometry.
+
+Conventions (as the service): a box is [x_min, y_min, x_max, y_max] in pixel indices of the key slice,
+x the column; the key slice is the z index of the volume as read (for DICOM: GDCM's sorted order).
+The endpoint key comes from MEDSAM2_ENDPOINT_KEY (or `key=`) and is sent as `Authorization: Bearer`;
+it is never printed, logged or put in an error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import json
+import logging
+import os
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import SimpleITK as sitk
+
+from .config import Limits
+from .encode import rle_decode
+from .transport import KEY_ENV, ClientError, EndpointError, post_request
+from .volume import read_nifti, write_nifti
+
+__all__ = ["PRESETS", "ClientError", "EndpointError", "ObjectPrompt", "SegmentationResult", "predict_main", "segment"]
+DEFAULT_ENDPOINT = "http://127.0.0.1:5001/score"
+#: CT windows [lower, upper] in HU, from the usual radiology (width, level) pairs.
+PRESETS: dict[str, tuple[float, float]] = {
+    "ct-soft-tissue": (-160.0, 240.0),  # W 400, L 40 (MedSAM2's abdominal default)
+    "ct-lung": (-1350.0, 150.0),  # W 1500, L -600
+    "ct-bone": (-500.0, 1300.0),  # W 1800, L 400
+}
+MRI_PERCENTILES = (0.5, 99.5)  # "mri": of the nonzero voxels, as MedSAM2's MRI script
+
+
+@dataclass(frozen=True)
+class ObjectPrompt:
+    """One object: a box on a key slice; `object_id` is its value in the label map (1..65535)."""
+
+    bbox: tuple[float, float, float, float]
+    key_slice: int
+    object_id: int = 1
+
+
+@dataclass(frozen=True)
+class SegmentationResult:
+    """The label map (uint8, or uint16 for ids above 255) with the source geometry, and per-object metadata."""
+
+    mask: sitk.Image
+    metadata: list[dict[str, Any]]
+    objects: list[ObjectPrompt]
+    image: sitk.Image
+    window: tuple[float, float] | None
+
+    def array(self) -> np.ndarray:
+        """The label map as a (z, y, x) array."""
+        return sitk.GetArrayFromImage(self.mask)
+
+    def save(self, path: str | Path) -> Path:
+        """Write the label map (NIfTI when the name ends in .nii/.nii.gz; any SimpleITK format otherwise)."""
+        path = Path(path)
+        sitk.WriteImage(self.mask, str(path), useCompression=True)
+        return path
+
+    def preview(self, path: str | Path, *, panels: int = 5) -> Path:
+        """PNG of the first object's key slice and its neighbours with the mask outlined (see preview.py)."""
+        from .preview import render_preview  # matplotlib loads only when a preview is asked for
+
+        model = self.metadata[0].get("model", {}).get("name", "?") if self.metadata else "?"
+        voxels = int(np.count_nonzero(sitk.GetArrayViewFromImage(self.mask)))
+        ml = voxels * float(np.prod(self.mask.GetSpacing())) / 1000.0
+        title = f"{model}: {len(self.objects)} object{'s' if len(self.objects) > 1 else ''}, {voxels} voxels, {ml:.2f} ml"
+        boxes = [(o.key_slice, o.bbox) for o in self.objects]
+        return render_preview(self.image, self.mask, self.objects[0].key_slice, path, window=self.window, boxes=boxes,
+                              panels=panels, title=title)
+
+
+# ----------------------------------------------------------------------------------------- inputs
+
+
+def read_volume(path: str | Path, *, series_uid: str | None = None) -> sitk.Image:
+    """A volume file (anything SimpleITK reads: .nii[.gz], .nrrd, .mha, ...) or a DICOM series folder."""
+    path = Path(path)
+    if path.is_dir():
+        return read_dicom_series(path, series_uid=series_uid)
+    if not path.is_file():
+        raise ClientError(f"{path}: no such file or folder")
+    try:
+        return sitk.ReadImage(str(path))
+    except RuntimeError:
+        raise ClientError(f"{path}: SimpleITK cannot read it; give a NIfTI, NRRD or MHA file or a DICOM folder") from None
+
+
+def read_dicom_series(folder: Path, *, series_uid: str | None = None) -> sitk.Image:
+    """One DICOM series of `folder`, slices sorted by GDCM along the slice normal, rescale applied."""
+    uids = sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder))
+    if not uids:
+        raise ClientError(f"{folder}: no DICOM series found in this folder")
+    if series_uid is None and len(uids) > 1:
+        listed = ", ".join(f"{uid} ({len(sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), uid))} files)" for uid in uids)
+        raise ClientError(f"{folder}: {len(uids)} DICOM series; choose one with --series: {listed}")
+    uid = series_uid or uids[0]
+    if uid not in uids:
+        raise ClientError(f"{folder}: no series {uid}; found {', '.join(uids)}")
+    reader = sitk.ImageSeriesReader()
+    reader.SetFileNames(sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), uid))
+    try:
+        return reader.Execute()
+    except RuntimeError as exc:
+        raise ClientError(f"{folder}: cannot read DICOM series {uid}: {str(exc).strip().splitlines()[-1]}") from None
+
+
+def resolve_window(image: sitk.Image, window: Sequence[float] | None, preset: str | None) -> tuple[float, float] | None:
+    """The [lower, upper] window to send: explicit, a CT preset, or the "mri" percentiles of nonzero voxels."""
+    if window is not None and preset is not None:
+        raise ClientError("give either a window or a preset, not both")
+    if preset is not None:
+        if preset == "mri":
+            values = sitk.GetArrayViewFromImage(image)
+            values = values[values != 0]
+            if values.size == 0:
+                raise ClientError("preset mri: the volume has no nonzero voxels")
+            lo, hi = (float(v) for v in np.percentile(values, MRI_PERCENTILES))
+            window = (lo, hi)
+        elif preset in PRESETS:
+            window = PRESETS[preset]
+        else:
+            raise ClientError(f"unknown preset {preset!r}; choose from {', '.join([*PRESETS, 'mri'])}")
+    if window is None:
+        return None
+    lo, hi = (float(v) for v in window)
+    if not lo < hi:
+        raise ClientError(f"window lower bound {lo} must be below upper bound {hi}")
+    return lo, hi
+
+
+def load_objects(path: str | Path) -> list[ObjectPrompt]:
+    """Objects file: `[{"id": 1, "bbox": [x0, y0, x1, y1], "key_slice": 12}, ...]` or `{"objects": [...]}`.
+
+    `id` defaults to the object's position (1, 2, ...); ids must be unique, 1..65535.
+    """
+    try:
+        data = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as exc:
+        raise ClientError(f"{path}: cannot read the objects file as JSON ({exc})") from None
+    entries = data.get("objects") if isinstance(data, dict) else data
+    if not isinstance(entries, list) or not entries:
+        raise ClientError(f'{path}: expected a non-empty list of objects, or {{"objects": [...]}}')
+    objects = []
+    for i, entry in enumerate(entries):
+        try:
+            key = entry["key_slice"] if "key_slice" in entry else entry["key_slice_idx"]
+            bbox = tuple(float(v) for v in entry["bbox"])
+            obj = ObjectPrompt(bbox, int(key), int(entry.get("id", i + 1)))  # type: ignore[arg-type]
+        except (KeyError, TypeError, ValueError):
+            raise ClientError(f'{path}: object {i} needs "bbox" [x0, y0, x1, y1] and "key_slice" (and optionally "id")') from None
+        objects.append(obj)
+    check_objects(objects)
+    return objects
+
+
+def check_objects(objects: Sequence[ObjectPrompt]) -> None:
+    ids = [o.object_id for o in objects]
+    if len(set(ids)) != len(ids) or not all(1 <= i <= 65535 for i in ids):
+        raise ClientError(f"object ids must be unique and within 1..65535, got {ids}")
+    for o in objects:
+        if len(o.bbox) != 4:
+            raise ClientError(f"object {o.object_id}: bbox needs 4 numbers [x_min, y_min, x_max, y_max]")
+
+
+# ----------------------------------------------------------------------------------------- segment
+
+
+def _decode_mask(entry: dict[str, Any], shape: tuple[int, ...]) -> np.ndarray:
+    mask, fmt = entry.get("mask"), entry.get("metadata", {}).get("mask_format", "list")
+    if fmt == "rle":
+        array = rle_decode(mask["counts"], tuple(mask["size"]))
+    elif fmt == "nifti":
+        array = read_nifti(base64.b64decode(mask), field="mask", limits=Limits()).array
+    else:
+        array = np.asarray(mask, dtype=np.uint8)
+    if array.shape != shape:
+        raise EndpointError(200, f"the mask has shape {array.shape}, the volume {shape}", http_status=200)
+    return array > 0
+
+
+def segment(
+    volume: str | Path | sitk.Image, *, bbox: Sequence[float] | None = None, key_slice: int | None = None,
+    objects: Sequence[ObjectPrompt] | None = None, window: Sequence[float] | None = None, preset: str | None = None,
+    model: str | None = None, endpoint: str = DEFAULT_ENDPOINT, key: str | None = None, deployment: str | None = None,
+    mask_format: str = "nifti", series_uid: str | None = None, timeout: float = 600.0, retries: int = 4,
+    backoff_s: float = 2.0, progress: bool = False,
+) -> SegmentationResult:
+    """Segment one object (`bbox` + `key_slice`) or several (`objects`) in a volume through the endpoint.
+
+    `volume`: a file path, a DICOM folder, or a SimpleITK image. `window` [lower, upper] or `preset`
+    (see PRESETS, or "mri"). `key`: defaults to $MEDSAM2_ENDPOINT_KEY. `mask_format`: "nifti" or "rle".
+    Several objects go as several items of one request (the same image in each), so a request holds
+    at most the endpoint's MEDSAM2_MAX_ITEMS objects.
+    """
+    if objects is None:
+        if bbox is None or key_slice is None:
+            raise ClientError("give bbox and key_slice, or objects")
+        objects = [ObjectPrompt(tuple(float(v) for v in bbox), int(key_slice), 1)]  # type: ignore[arg-type]
+    elif bbox is not None or key_slice is not None:
+        raise ClientError("give either bbox and key_slice, or objects, not both")
+    objects = list(objects)
+    check_objects(objects)
+    if mask_format not in ("nifti", "rle"):
+        raise ClientError(f"mask_format must be nifti or rle, got {mask_format!r}")
+    image = volume if isinstance(volume, sitk.Image) else read_volume(volume, series_uid=series_uid)
+    if image.GetDimension() != 3 or image.GetNumberOfComponentsPerPixel() != 1:
+        raise ClientError(f"expected a 3D scalar volume, got {image.GetDimension()}D with {image.GetNumberOfComponentsPerPixel()} components")
+    width, height, depth = image.GetSize()
+    for o in objects:  # cheap checks before uploading a large volume; the server checks everything again
+        if not 0 <= o.key_slice < depth:
+            raise ClientError(f"object {o.object_id}: key slice {o.key_slice} is outside the volume's {depth} slices (0..{depth - 1})")
+        x0, y0, x1, y1 = o.bbox
+        if not (0 <= x0 < x1 < width and 0 <= y0 < y1 < height):
+            raise ClientError(f"object {o.object_id}: box {list(o.bbox)} must satisfy 0 <= x_min < x_max < {width}, 0 <= y_min < y_max < {height}")
+    win = resolve_window(image, window, preset)
+    encoded = base64.b64encode(write_nifti(image, compressed=True)).decode("ascii")
+    n = len(objects)
+    columns: dict[str, list[Any]] = {
+        "nii_image": [encoded] * n,
+        "bbox": [list(o.bbox) for o in objects],
+        "key_slice_idx": [o.key_slice for o in objects],
+        "mask_format": [mask_format] * n,
+    }
+    if win is not None:
+        columns["dicom_window"] = [list(win)] * n
+    if model:
+        columns["model"] = [model] * n
+    answer = post_request(endpoint, {"input_data": columns}, key=key if key is not None else os.environ.get(KEY_ENV),
+                          deployment=deployment, timeout=timeout, retries=retries, backoff_s=backoff_s, progress=progress)
+    if not isinstance(answer, list) or len(answer) != n:
+        raise EndpointError(200, f"expected a list of {n} results, got {type(answer).__name__}", http_status=200)
+    shape = (depth, height, width)
+    labels = np.zeros(shape, np.uint8 if max(o.object_id for o in objects) <= 255 else np.uint16)
+    for o, entry in zip(objects, answer, strict=True):
+        labels[_decode_mask(entry, shape)] = o.object_id  # later objects win where masks overlap
+    mask = sitk.GetImageFromArray(labels)
+    mask.CopyInformation(image)  # exact source geometry, not the NIfTI round trip's float32 copy
+    return SegmentationResult(mask, [entry.get("metadata", {}) for entry in answer], objects, image, win)
+
+
+# ----------------------------------------------------------------------------------------- CLI
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="medsam2-endpoint predict", description=__doc__.split("\n\n")[0],
+        epilog=f"Presets: {', '.join(f'{k} {list(v)}' for k, v in PRESETS.items())}, mri = {MRI_PERCENTILES[0]}-"
+        f"{MRI_PERCENTILES[1]} percentiles of nonzero voxels. The key is read from ${KEY_ENV}.",
+    )
+    p.add_argument("volume", help="NIfTI/NRRD/MHA file or DICOM series folder")
+    p.add_argument("--bbox", nargs=4, type=float, metavar=("X0", "Y0", "X1", "Y1"), help="box on the key slice (x = column)")
+    p.add_argument("--key-slice", type=int, help="z index of the key slice")
+    p.add_argument("--objects", help='JSON file: [{"id": 1, "bbox": [...], "key_slice": 12}, ...] (instead of --bbox/--key-slice)')
+    win = p.add_mutually_exclusive_group()
+    win.add_argument("--window", nargs=2, type=float, metavar=("LO", "HI"), help="intensity window [lower, upper]")
+    win.add_argument("--preset", choices=[*PRESETS, "mri"], help="a named window (see below)")
+    p.add_argument("--model", help="model name (default: the endpoint's default)")
+    p.add_argument("--endpoint", default=DEFAULT_ENDPOINT, help=f"scoring URL (default {DEFAULT_ENDPOINT})")
+    p.add_argument("--deployment", help="Azure deployment to target (azureml-model-deployment header)")
+    p.add_argument("-o", "--output", help="mask file (default: <volume name>_mask.nii.gz)")
+    p.add_argument("--preview", help="PNG of the key slice and its neighbours with the mask outline")
+    p.add_argument("--panels", type=int, default=5, help="slices in the preview (default 5)")
+    p.add_argument("--metadata", help="write the endpoint's metadata (JSON list, one per object) here")
+    p.add_argument("--mask-format", choices=["nifti", "rle"], default="nifti", help="mask encoding of the answer")
+    p.add_argument("--series", help="DICOM SeriesInstanceUID when the folder holds several series")
+    p.add_argument("--timeout", type=float, default=600.0, help="seconds to wait for the answer (default 600)")
+    p.add_argument("--retries", type=int, default=4, help="retries on 429/503 (default 4)")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    return p
+
+
+def _default_output(volume: str) -> Path:
+    name = Path(volume.rstrip("/\\")).name
+    for suffix in (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd"):
+        if name.endswith(suffix):
+            name = name[: -len(suffix)]
+            break
+    return Path(f"{name}_mask.nii.gz")
+
+
+def predict_main(argv: list[str]) -> int:
+    """`medsam2-endpoint predict ...`: 0 on success, 1 when the endpoint answered an error, 2 for bad inputs."""
+    args = _parser().parse_args(argv)
+    logging.basicConfig(level=logging.ERROR if args.quiet else logging.INFO, format="%(message)s", stream=sys.stderr)
+    try:
+        if args.objects:
+            if args.bbox or args.key_slice is not None:
+                raise ClientError("give --objects or --bbox/--key-slice, not both")
+            objects = load_objects(args.objects)
+        elif args.bbox is None or args.key_slice is None:
+            raise ClientError("give --bbox X0 Y0 X1 Y1 and --key-slice K, or --objects FILE")
+        else:
+            objects = [ObjectPrompt(tuple(args.bbox), args.key_slice, 1)]
+        result = segment(
+            args.volume, objects=objects, window=args.window, preset=args.preset, model=args.model,
+            endpoint=args.endpoint, deployment=args.deployment, mask_format=args.mask_format, series_uid=args.series,
+            timeout=args.timeout, retries=args.retries, progress=not args.quiet and sys.stderr.isatty(),
+        )
+    except EndpointError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        if exc.body is not None:  # the endpoint's own JSON error, as it came
+            print(json.dumps(exc.body) if isinstance(exc.body, dict) else str(exc.body), file=sys.stderr)
+        return 1
+    except ClientError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    try:
+        out = result.save(args.output or _default_output(args.volume))
+    except RuntimeError:
+        print(f"error: cannot write the mask to {args.output or _default_output(args.volume)}", file=sys.stderr)
+        return 2
+    for obj, meta in zip(result.objects, result.metadata, strict=True):
+        model = meta.get("model", {}).get("name", "?")
+        print(f"object {obj.object_id}: {meta.get('voxel_count')} voxels, {meta.get('volume_ml')} ml, model {model}, "
+              f"{meta.get('timing_ms', {}).get('total', 0) / 1000:.1f} s")
+    print(f"mask: {out}")
+    if args.metadata:
+        Path(args.metadata).write_text(json.dumps(result.metadata, indent=1))
+    if args.preview:
+        print(f"preview: {result.preview(args.preview, panels=args.panels)}")
+    return 0

@@ -1,0 +1,102 @@
+"""batch_score.py as the Azure batch driver calls it: init() once, then run(mini_batch) over a folder.
+
+The folder holds two phantoms with sidecar prompts, a truncated .nii.gz (with a prompt), a volume
+without a prompt and one whose prompt is not a JSON object. LiteMedSAM serves (empty model folder).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import shutil
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import torch
+
+from medsam2_endpoint.metrics import dice
+from medsam2_endpoint.phantoms import ct_phantom, mri_phantom, oblique_direction
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def batch(tmp_path_factory):
+    """The batch_score module after init(): output folder from --output_dir, LiteMedSAM only, no warm-up."""
+    models = tmp_path_factory.mktemp("batch-model")
+    output = tmp_path_factory.mktemp("batch-out")
+    threads = torch.get_num_threads()
+    with pytest.MonkeyPatch.context() as mp:
+        mp.delenv("MEDSAM2_MODEL_DIR", raising=False)
+        mp.delenv("AZUREML_BI_OUTPUT_PATH", raising=False)
+        mp.setenv("AZUREML_MODEL_DIR", str(models))
+        mp.setenv("MEDSAM2_WARMUP", "0")
+        mp.setenv("MEDSAM2_NUM_THREADS", "1")  # under CPU contention one thread wastes least
+        mp.setattr(sys, "argv", ["batch_score.py", "--output_dir", str(output)])
+        spec = importlib.util.spec_from_file_location("batch_score_under_test", REPO / "batch_score.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        module.init()
+    assert module.service.available_models() == ["lite-medsam"]
+    yield module, output
+    torch.set_num_threads(threads)  # init() set the process-wide count; later tests get theirs back
+
+
+@pytest.fixture(scope="module")
+def cohort(tmp_path_factory):
+    """Files of one input folder, and the good cases' phantoms by file name."""
+    folder = tmp_path_factory.mktemp("cohort")
+    ct = ct_phantom((16, 64, 64), direction=oblique_direction(10.0), lesions=("ellipsoid",), seed=1, name="ct")
+    mr = mri_phantom((16, 64, 64), spacing=(1.1, 1.1, 4.0), origin=(5.0, -3.0, 20.0), lesions=("ellipsoid",), seed=2, name="mr")
+    good = {}
+    for name, phantom, suffix in (("case_ct", ct, ".nii.gz"), ("case_mr", mr, ".nii")):
+        sitk.WriteImage(phantom.image, str(folder / f"{name}{suffix}"), useCompression=suffix == ".nii.gz")
+        lesion = phantom.lesions[0]
+        prompt = {"bbox": list(lesion.bbox), "key_slice_idx": lesion.key_slice, "dicom_window": phantom.window, "slice_offset": 0}
+        (folder / f"{name}.prompt.json").write_text(json.dumps(prompt))
+        good[f"{name}{suffix}"] = phantom
+    data = (folder / "case_ct.nii.gz").read_bytes()
+    (folder / "broken.nii.gz").write_bytes(data[: len(data) // 2])
+    shutil.copy(folder / "case_ct.prompt.json", folder / "broken.prompt.json")
+    shutil.copy(folder / "case_ct.nii.gz", folder / "no_prompt.nii.gz")
+    shutil.copy(folder / "case_ct.nii.gz", folder / "list_prompt.nii.gz")
+    (folder / "list_prompt.prompt.json").write_text("[10, 10, 30, 30]")
+    return sorted(folder.iterdir()), good
+
+
+@pytest.mark.slow
+def test_batch_writes_good_masks_and_reports_bad_files(batch, cohort):
+    module, output = batch
+    files, good = cohort
+    rows = [json.loads(row) for row in module.run([str(p) for p in files])]
+
+    # One row per mini-batch item (the driver counts returned rows as succeeded items); prompts are "skipped".
+    assert len(rows) == len(files)
+    by_file = {row["file"]: row for row in rows}
+    prompts = [p.name for p in files if p.name.endswith(".prompt.json")]
+    volumes = [p.name for p in files if p.name.endswith((".nii", ".nii.gz"))]
+    assert all(by_file[name]["status"] == "skipped" for name in prompts)
+    assert sorted(name for name, row in by_file.items() if row["status"] != "skipped") == sorted(volumes)
+
+    for name, phantom in good.items():
+        row = by_file[name]
+        assert row["status"] == "ok" and row["error"] is None, row
+        assert row["model"] == "lite-medsam" and row["voxels"] > 0 and row["volume_ml"] > 0 and row["time_s"] >= 0
+        mask = sitk.ReadImage(str(output / row["mask_file"]))
+        source = sitk.ReadImage(str(Path(files[0]).parent / name))
+        assert mask.GetSize() == source.GetSize()
+        for getter in ("GetSpacing", "GetOrigin", "GetDirection"):
+            assert np.allclose(getattr(mask, getter)(), getattr(source, getter)(), atol=1e-5), (name, getter)
+        labels = sitk.GetArrayFromImage(mask)
+        assert int(labels.sum()) == row["voxels"]
+        assert dice(labels, phantom.mask(phantom.lesions[0].label)) >= 0.8, name
+
+    errors = {name: by_file[name]["error"] for name in ("broken.nii.gz", "no_prompt.nii.gz", "list_prompt.nii.gz")}
+    assert all(by_file[name]["status"] == "error" and by_file[name]["mask_file"] is None for name in errors)
+    assert "truncated" in errors["broken.nii.gz"] and "broken.nii.gz" in errors["broken.nii.gz"]
+    assert "no prompt file no_prompt.prompt.json" in errors["no_prompt.nii.gz"]
+    assert "expected a JSON object" in errors["list_prompt.nii.gz"]
+    assert sorted(p.name for p in output.iterdir()) == ["case_ct_mask.nii.gz", "case_mr_mask.nii.gz"]
