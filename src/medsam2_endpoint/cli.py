@@ -42,9 +42,11 @@ def _check_sample(args: argparse.Namespace) -> int:
     response = requests.post(args.url, data=sample.read_bytes(), headers={"Content-Type": "application/json"}, timeout=args.timeout)
     body = response.json()
     failures, dices = check_response(expect, response.status_code, body)
-    for i, score in enumerate(dices):
-        print(f"{sample.name} item {i}: model {body[i]['metadata']['model']['name']}, Dice {score:.3f}, "
-              f"{body[i]['metadata']['voxel_count']} voxels, {body[i]['metadata']['timing_ms']['total']:.0f} ms")
+    if response.status_code == 200:
+        for i, result in enumerate(body):
+            meta = result["metadata"]
+            print(f"{sample.name} item {i}: model {meta['model']['name']}, {meta['voxel_count']} voxels, {meta['timing_ms']['total']:.0f} ms")
+        print(f"{sample.name} Dice against ground truth (per item, per object): {', '.join(f'{d:.3f}' for d in dices)}")
     if response.status_code != 200:
         print(f"{sample.name}: HTTP {response.status_code} {body.get('error')}")
     for failure in failures:

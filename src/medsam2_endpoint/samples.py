@@ -73,6 +73,20 @@ def _builders() -> dict[str, Callable[[], tuple[dict[str, Any], dict[str, Any]]]
         p = ct_phantom((20, 96, 96), lesions=("ellipsoid",), seed=4, dtype="float32", name="rle")
         return _columns([_item(p)], mask_format=["rle"], model=["lite-medsam"]), _expect_ok([(p, 0)], min_dice=0.8, mask_format="rle")
 
+    def ct_objects_pair():
+        p = ct_phantom((20, 96, 96), lesions=("pair",), seed=8, name="objects")
+        body = _columns([_item(p)], mask_format=["rle"])
+        cols = body["input_data"]
+        cols["objects"] = [[{"id": 10 * (i + 1), "bbox": [float(v) for v in les.bbox], "key_slice_idx": les.key_slice} for i, les in enumerate(p.lesions)]]
+        del cols["bbox"], cols["key_slice_idx"]
+        expect = _expect_ok([(p, 0)], min_dice=0.7, mask_format="rle")
+        expect["items"][0]["objects"] = {str(10 * (i + 1)): rle_counts(p.labels == les.label) for i, les in enumerate(p.lesions)}
+        return body, expect
+
+    def ct_mask_nifti():
+        p = ct_phantom((20, 96, 96), lesions=("low_contrast",), seed=9, name="nifti")
+        return _columns([_item(p)], mask_format=["nifti"]), _expect_ok([(p, 0)], min_dice=0.8, mask_format="nifti")
+
     def error_bbox_outside():
         p = ct_phantom((16, 64, 64), lesions=("ellipsoid",), seed=5, name="bad")
         body = _columns([_item(p)])
@@ -89,6 +103,8 @@ def _builders() -> dict[str, Callable[[], tuple[dict[str, Any], dict[str, Any]]]
         "3d_ct_liver_lesion": ct_liver_lesion,
         "3d_two_items_offset": ct_two_items_offset,
         "3d_mask_rle": ct_mask_rle,
+        "3d_mask_nifti": ct_mask_nifti,
+        "3d_objects_pair": ct_objects_pair,
         "error_bbox_outside": error_bbox_outside,
         "error_key_slice_outside": error_key_slice_outside,
     }
@@ -141,15 +157,17 @@ def check_response(expect: dict[str, Any], status: int, body: Any) -> tuple[list
             if not np.allclose(meta[key], want[key], atol=1e-6):
                 failures.append(f"item {i}: {key} {meta[key]} != {want[key]}")
         mask = decode_mask(got["mask"], meta["mask_format"], want["mask_shape"])
-        if list(mask.shape) != want["mask_shape"] or not set(np.unique(mask)) <= {0, 1}:
-            failures.append(f"item {i}: mask must be 0/1 of shape {want['mask_shape']}")
+        labels = {int(k): v for k, v in want.get("objects", {"1": want["ground_truth_rle"]}).items()}
+        if list(mask.shape) != want["mask_shape"] or not set(np.unique(mask).tolist()) <= {0, *labels}:
+            failures.append(f"item {i}: mask must hold 0 and {sorted(labels)} in shape {want['mask_shape']}")
             continue
-        if int(mask.sum()) != meta["voxel_count"]:
-            failures.append(f"item {i}: voxel_count {meta['voxel_count']} != mask sum {int(mask.sum())}")
-        truth = rle_decode(want["ground_truth_rle"], tuple(want["mask_shape"]))
-        score = dice(mask, truth)
-        dices.append(score)
+        if int(np.count_nonzero(mask)) != meta["voxel_count"]:
+            failures.append(f"item {i}: voxel_count {meta['voxel_count']} != mask count {int(np.count_nonzero(mask))}")
         applies = meta["model"]["name"] in expect.get("min_dice_applies_to", [])
-        if want.get("min_dice") is not None and applies and score < want["min_dice"]:
-            failures.append(f"item {i}: Dice {score:.3f} below {want['min_dice']} ({meta['model']['name']})")
+        for label, truth_rle in labels.items():
+            truth = rle_decode(truth_rle, tuple(want["mask_shape"]))
+            score = dice(mask == label, truth)
+            dices.append(score)
+            if want.get("min_dice") is not None and applies and score < want["min_dice"]:
+                failures.append(f"item {i} label {label}: Dice {score:.3f} below {want['min_dice']} ({meta['model']['name']})")
     return failures, dices
