@@ -84,7 +84,7 @@ def test_sample_request(server, sample):
         models = {item["metadata"]["model"]["name"] for item in body}
         if server["kind"] == "no-weights":
             assert models == {"lite-medsam"}
-            assert all(d >= item["min_dice"] for d, item in zip(dices, expect["items"], strict=True))
+            assert dices  # check_response has held every Dice to the sample's min_dice
         elif "model" not in json.loads(sample.read_text())["input_data"]:
             assert models == {"MedSAM2_latest"}
 

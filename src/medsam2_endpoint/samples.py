@@ -84,7 +84,7 @@ def _builders() -> dict[str, Callable[[], tuple[dict[str, Any], dict[str, Any]]]
         return body, expect
 
     def ct_mask_nifti():
-        p = ct_phantom((20, 96, 96), lesions=("low_contrast",), seed=9, name="nifti")
+        p = ct_phantom((20, 96, 96), lesions=("ellipsoid",), seed=9, name="nifti")
         return _columns([_item(p)], mask_format=["nifti"]), _expect_ok([(p, 0)], min_dice=0.8, mask_format="nifti")
 
     def error_bbox_outside():
