@@ -30,7 +30,7 @@ class BoxEngine:
         self.z_range = z_range
         self.starts = 0
 
-    def start(self, volume):
+    def start(self, volume, volume_key=None):
         self.starts += 1
         return volume.shape
 
@@ -57,7 +57,7 @@ def phantom():
 def test_response_metadata_and_geometry(phantom):
     lesion = phantom.lesions[0]
     service = make_service({"box": BoxEngine(z_range=lesion.z_range)})
-    (result,) = json.loads(dumps(service.score(request_for(phantom, slice_offset=30))))
+    (result,) = json.loads(dumps(service.score(request_for(phantom, slice_offset=30, stop_after_empty=[0]))))
     meta = result["metadata"]
     assert meta["shape"] == [64, 48, 16] and meta["mask_shape"] == [16, 48, 64] and meta["axis_order"] == "zyx"
     assert meta["key_slice_index"] == lesion.key_slice + 30 and meta["adjusted_key_slice_index"] == lesion.key_slice
@@ -71,7 +71,12 @@ def test_response_metadata_and_geometry(phantom):
     assert meta["voxel_count"] == int(mask.sum()) == per_slice * depth
     assert meta["volume_ml"] == pytest.approx(per_slice * depth * 0.8 * 0.9 * 2.5 / 1000, rel=1e-3)
     assert meta["model"] == {"name": "box", "family": "test", "checkpoint": "none.pt", "sha256": "ab" * 32}
-    assert meta["slices_processed"] == 16 + 1  # both directions to the volume's ends, key slice twice
+    assert meta["slices_processed"] == 16 + 1  # stop rules off: both directions to the volume's ends, key slice twice
+    (stopped,) = service.score(request_for(phantom, slice_offset=30))  # default: stop after 2 empty slices
+    low, high = lesion.z_range
+    expected = min(high + 2, 15) - lesion.key_slice + 1 + lesion.key_slice - max(low - 2, 0) + 1
+    assert stopped["metadata"]["slices_processed"] == expected
+    assert stopped["metadata"]["voxel_count"] == meta["voxel_count"]
     assert set(meta["timing_ms"]) == {"decode", "window", "inference", "encode", "total"}
 
 

@@ -20,6 +20,7 @@ from .engines.medsam2 import CheckpointError, MedSAM2Engine, find_checkpoints
 from .errors import InvalidRequest, ModelUnavailable
 from .fetch import fetch_bytes
 from .preprocess import parse_box, window_to_uint8
+from .prompt2d import Prompter
 from .propagate import PropagationOptions, merge_objects, segment_object
 from .schemas import VolumeItem, parse_request
 from .volume import Volume, decode_base64, read_nifti
@@ -69,6 +70,8 @@ class Service:
         self.settings = settings
         self.engines = engines
         self.default = default
+        # 2D prompting (the /score 2D route and the samapi server): adapters and one embedding cache.
+        self.image2d = Prompter.from_env(engines)
 
     @classmethod
     def from_settings(cls, settings: Settings) -> Service:

@@ -1,0 +1,113 @@
+"""Several objects tracked through a stack of 2D frames (a z-stack or a time series) with the 3D engines.
+
+The frames become one uint8 (Z, H, W) volume (RGB frames as luma, ITU-R 601). Every prompt (an
+object on one frame) is propagated forward and backward from its frame by `propagate.segment_object`,
+the 3D route's algorithm (largest 3D connected component kept); an object prompted on several frames
+gets the union of those propagations. A box drives the propagation directly; points (MedSAM2 only)
+are first turned into a mask on their frame by the 2D route, whose bounding box then drives it.
+
+No HTTP here: the samapi adapter builds the prompts and turns the masks into GeoJSON features.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from .errors import InvalidRequest
+from .images2d import to_grey_u8
+from .prompt2d import Prompt2D, Prompter, check_prompt
+from .propagate import PropagationOptions, segment_object
+
+log = logging.getLogger("azmlinfsrv.medsam2")
+
+
+@dataclass(frozen=True)
+class ObjectPrompt:
+    """One object on one frame: box float (4,) and/or points float (N, 2) with labels (N,); `where` names its fields."""
+
+    obj_id: int
+    frame: int
+    box: np.ndarray | None
+    points: np.ndarray | None
+    labels: np.ndarray | None
+    where: str
+
+
+def frames_to_volume(frames: list[np.ndarray], *, field: str) -> np.ndarray:
+    """uint8 RGB frames (H, W, 3), all of one size -> uint8 grey volume (Z, H, W)."""
+    if not frames:
+        raise InvalidRequest(f"{field}: no frames; upload the frames first or send b64imgs")
+    shape = frames[0].shape
+    for k, frame in enumerate(frames):
+        if frame.shape != shape:
+            raise InvalidRequest(
+                f"{field}[{k}]: frame of {frame.shape[1]} x {frame.shape[0]} pixels differs from frame 0 "
+                f"({shape[1]} x {shape[0]}); all frames must have one size"
+            )
+    return np.stack([to_grey_u8(f) for f in frames])
+
+
+def _key_box(prompter: Prompter, model: str, volume: np.ndarray, prompt: ObjectPrompt) -> np.ndarray:
+    """The box that starts the propagation: the prompt's own box, or the 2D mask's box when points are given."""
+    if prompt.points is None:
+        return prompt.box
+    rgb = np.repeat(volume[prompt.frame][:, :, None], 3, axis=2)
+    result = prompter.segment(model, rgb, Prompt2D(prompt.points, prompt.labels, prompt.box, None, "single"))
+    bbox = result.masks[0].bbox() if result.masks else None
+    if bbox is None:
+        raise InvalidRequest(f"{prompt.where}: the points give an empty mask on frame {prompt.frame}; add a bbox for this object")
+    return np.asarray(bbox, dtype=np.float64)
+
+
+def track_objects(
+    prompter: Prompter,
+    model: str,
+    volume: np.ndarray,
+    prompts: list[ObjectPrompt],
+    *,
+    max_frames_per_direction: int | None = None,
+    deadline: float | None = None,
+) -> dict[int, np.ndarray]:
+    """obj_id -> bool (Z, H, W) mask. Prompts are checked (frame range, geometry, model) before anything runs.
+
+    max_frames_per_direction: at most this many frames after (and before) each prompted frame.
+    """
+    depth, height, width = volume.shape
+    engine2d = prompter.image_engine(model)
+    for p in prompts:
+        if not 0 <= p.frame < depth:
+            raise InvalidRequest(f"{p.where}: frame {p.frame} is outside the {depth} frames (0..{depth - 1})")
+        check_prompt(
+            Prompt2D(p.points, p.labels, p.box), width=width, height=height, engine=engine2d,
+            where=lambda column, p=p: f"{p.where}.{column}", models_with_points=prompter.models_with_points(),
+        )
+    engine = prompter.engines[model]
+    started = time.perf_counter()
+    state = engine.start(volume)
+    options = PropagationOptions(max_slices=None if max_frames_per_direction is None else max_frames_per_direction + 1)
+    masks: dict[int, np.ndarray] = {}
+    steps = 0
+    for p in prompts:
+        box = _key_box(prompter, model, volume, p)
+        # The 3D route's box convention: truncated to whole pixels, as MedSAM2's reference does.
+        box = np.array([int(float(v)) for v in box], dtype=np.int64)
+        result = segment_object(engine, state, key_index=p.frame, box=box, shape=volume.shape, options=options, deadline=deadline)
+        steps += result.slices_processed
+        masks[p.obj_id] = masks.get(p.obj_id, np.zeros(volume.shape, dtype=bool)) | result.mask.astype(bool)
+    log.info(
+        "route=video model=%s frames=%d size=%dx%d objects=%d prompts=%d slices_processed=%d ms=%.0f",
+        model, depth, width, height, len(masks), len(prompts), steps, (time.perf_counter() - started) * 1000,
+    )
+    return masks
+
+
+def plane_of(axes: str, frame: int, plane_position: int) -> dict[str, Any]:
+    """samapi's geometry.plane for a frame: XYZ frames are z positions, XYT frames are time points."""
+    if axes == "XYZ":
+        return {"c": -1, "z": frame, "t": plane_position}
+    return {"c": -1, "z": plane_position, "t": frame}
