@@ -87,6 +87,55 @@ def _builders() -> dict[str, Callable[[], tuple[dict[str, Any], dict[str, Any]]]
         p = ct_phantom((20, 96, 96), lesions=("ellipsoid",), seed=9, name="nifti")
         return _columns([_item(p)], mask_format=["nifti"]), _expect_ok([(p, 0)], min_dice=0.8, mask_format="nifti")
 
+    def slice_png(p: Phantom, z: int) -> str:
+        """The phantom's slice z, windowed as the 3D route does, as a base64 grey PNG."""
+        import io
+
+        from PIL import Image
+
+        from .preprocess import window_to_uint8
+
+        buffer = io.BytesIO()
+        Image.fromarray(window_to_uint8(p.array()[z : z + 1], p.window)[0]).save(buffer, format="PNG")
+        return base64.b64encode(buffer.getvalue()).decode("ascii")
+
+    def image_case(**columns: Any) -> tuple[dict[str, Any], Phantom, int]:
+        p = ct_phantom((12, 96, 112), lesions=("ellipsoid",), seed=10, name="slice")
+        lesion = p.lesions[0]
+        cols = {"image": [slice_png(p, lesion.key_slice)], **{k: [v] for k, v in columns.items()}}
+        return {"input_data": cols}, p, lesion.key_slice
+
+    def expect_2d(p: Phantom, z: int, *, min_dice: float | None, mask_format: str, requires_model: str | None = None) -> dict[str, Any]:
+        truth = p.labels[z] == p.lesions[0].label
+        return {"status": 200, "route": "2d", "mask_format": mask_format, "ground_truth_rle": rle_counts(truth),
+                "mask_shape": list(truth.shape), "min_dice": min_dice, "requires_model": requires_model,
+                "min_dice_applies_to": ["lite-medsam"]}
+
+    def box_2d_rle():
+        p0 = ct_phantom((12, 96, 112), lesions=("ellipsoid",), seed=10)
+        body, p, z = image_case(bbox=[float(v) for v in p0.lesions[0].bbox], model="lite-medsam", mask_format="rle")
+        return body, expect_2d(p, z, min_dice=0.8, mask_format="rle")
+
+    def box_2d_polygons():
+        p0 = ct_phantom((12, 96, 112), lesions=("ellipsoid",), seed=10)
+        body, p, z = image_case(bbox=[float(v) for v in p0.lesions[0].bbox], model="lite-medsam", mask_format="polygons")
+        return body, expect_2d(p, z, min_dice=None, mask_format="polygons")
+
+    def points_2d_medsam2():
+        p0 = ct_phantom((12, 96, 112), lesions=("ellipsoid",), seed=10)
+        x0, y0, x1, y1 = p0.lesions[0].bbox
+        # background point first, as the QuPath extension sends them
+        body, p, z = image_case(point_coords=[[2, 2], [(x0 + x1) // 2, (y0 + y1) // 2]], point_labels=[0, 1],
+                                output_type="best_quality", model="MedSAM2_latest", mask_format="rle")
+        return body, expect_2d(p, z, min_dice=None, mask_format="rle", requires_model="MedSAM2_latest")
+
+    def automask_2d():
+        body, p, z = image_case(task="automask", model="lite-medsam", mask_format="rle",
+                                automask={"points_per_side": 4, "stability_score_thresh": 0.7, "pred_iou_thresh": 0.5})
+        expect = expect_2d(p, z, min_dice=None, mask_format="rle")
+        expect["min_masks"] = 0
+        return body, expect
+
     def error_bbox_outside():
         p = ct_phantom((16, 64, 64), lesions=("ellipsoid",), seed=5, name="bad")
         body = _columns([_item(p)])
@@ -105,6 +154,10 @@ def _builders() -> dict[str, Callable[[], tuple[dict[str, Any], dict[str, Any]]]
         "3d_mask_rle": ct_mask_rle,
         "3d_mask_nifti": ct_mask_nifti,
         "3d_objects_pair": ct_objects_pair,
+        "2d_box_rle": box_2d_rle,
+        "2d_box_polygons": box_2d_polygons,
+        "2d_points_medsam2": points_2d_medsam2,
+        "2d_automask": automask_2d,
         "error_bbox_outside": error_bbox_outside,
         "error_key_slice_outside": error_key_slice_outside,
     }
@@ -134,10 +187,54 @@ def decode_mask(mask: Any, mask_format: str, shape: list[int]) -> np.ndarray:
     return np.asarray(mask, dtype=np.uint8).reshape(shape)
 
 
-def check_response(expect: dict[str, Any], status: int, body: Any) -> tuple[list[str], list[float]]:
-    """Failures (empty when the response satisfies the expectation) and the Dice of each item."""
+def _ring_area(ring: list[list[float]]) -> float:
+    x, y = np.asarray(ring, dtype=float).T
+    return 0.5 * float(np.dot(x, np.roll(y, -1)) - np.dot(y, np.roll(x, -1)))
+
+
+def polygon_area(geometry: dict[str, Any]) -> float:
+    """Area of a GeoJSON Polygon/MultiPolygon (exteriors minus holes), in pixels."""
+    polygons = [geometry["coordinates"]] if geometry["type"] == "Polygon" else geometry["coordinates"]
+    return sum(abs(_ring_area(rings[0])) - sum(abs(_ring_area(h)) for h in rings[1:]) for rings in polygons)
+
+
+def _check_2d(expect: dict[str, Any], body: list[Any]) -> tuple[list[str], list[float]]:
     failures: list[str] = []
     dices: list[float] = []
+    for i, result in enumerate(body):
+        masks, meta = result["masks"], result["metadata"]
+        if meta["mask_format"] != expect["mask_format"] or meta["mask_shape"] != expect["mask_shape"]:
+            failures.append(f"item {i}: mask_format/mask_shape {meta['mask_format']} {meta['mask_shape']}")
+        if len(masks) < expect.get("min_masks", 1):
+            failures.append(f"item {i}: {len(masks)} masks")
+        for m in masks:
+            if not 0.0 <= m["quality"] <= 1.5:
+                failures.append(f"item {i}: quality {m['quality']} out of range")
+            if expect["mask_format"] == "polygons" and abs(polygon_area(m["mask"]) - m["area"]) > 1e-6:
+                failures.append(f"item {i}: polygon area {polygon_area(m['mask'])} != mask area {m['area']}")
+            if expect["mask_format"] == "rle":
+                decoded = rle_decode(m["mask"]["counts"], tuple(m["mask"]["size"]))
+                if int(decoded.sum()) != m["area"]:
+                    failures.append(f"item {i}: area {m['area']} != decoded {int(decoded.sum())}")
+                if expect.get("min_dice") is not None and masks:
+                    score = dice(decoded, rle_decode(expect["ground_truth_rle"], tuple(expect["mask_shape"])))
+                    dices.append(score)
+                    if meta["model"]["name"] in expect["min_dice_applies_to"] and score < expect["min_dice"]:
+                        failures.append(f"item {i}: Dice {score:.3f} below {expect['min_dice']}")
+    return failures, dices
+
+
+def check_response(expect: dict[str, Any], status: int, body: Any, *, models: list[str] | None = None) -> tuple[list[str], list[float]]:
+    """Failures (empty when the response satisfies the expectation) and the Dice of each item.
+
+    models: the server's available models, when known; a sample that names an absent model must then be
+    refused with a 400 that lists the available ones.
+    """
+    failures: list[str] = []
+    dices: list[float] = []
+    required = expect.get("requires_model")
+    if required and models is not None and required not in models:
+        expect = {"status": 400, "error_contains": ["unknown model", *models]}
     if status != expect["status"]:
         return [f"status {status}, expected {expect['status']}: {str(body)[:300]}"], dices
     if status != 200:
@@ -146,6 +243,8 @@ def check_response(expect: dict[str, Any], status: int, body: Any) -> tuple[list
         text = str(body.get("error", "")) if isinstance(body, dict) else ""
         failures += [f"error lacks {part!r}: {text}" for part in expect.get("error_contains", []) if part not in text]
         return failures, dices
+    if expect.get("route") == "2d":
+        return _check_2d(expect, body)
     if not isinstance(body, list) or len(body) != len(expect["items"]):
         return [f"expected a list of {len(expect['items'])} results"], dices
     for i, (want, got) in enumerate(zip(expect["items"], body, strict=True)):
