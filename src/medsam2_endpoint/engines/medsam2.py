@@ -9,7 +9,6 @@ CUDA extension `sam2._C`.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 from collections import OrderedDict
 from collections.abc import Iterator
 from importlib.resources import files
@@ -25,7 +24,7 @@ from scipy import ndimage
 
 from ..lru import ByteLRU
 from ..preprocess import sam2_frame
-from .base import ModelInfo
+from .base import ModelInfo, sha256_file
 
 CONFIG_PATH = files("medsam2_endpoint.engines") / "configs" / "sam2.1_hiera_t512.yaml"
 LATEST_CHECKPOINT = "MedSAM2_latest.pt"
@@ -168,14 +167,6 @@ def build_predictor(device: str | torch.device = "cpu") -> MedSAM2VideoPredictor
     OmegaConf.resolve(cfg)
     model = instantiate(cfg.model, _recursive_=True)
     return model.to(device).eval()
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def load_state_dict(path: Path) -> dict[str, torch.Tensor]:
