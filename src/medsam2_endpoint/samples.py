@@ -136,6 +136,15 @@ def _builders() -> dict[str, Callable[[], tuple[dict[str, Any], dict[str, Any]]]
         expect["min_masks"] = 0
         return body, expect
 
+    def url_form_refused():
+        # The URL form of nii_image. A static sample cannot point at a server that exists wherever it is
+        # posted, so it shows the form with a private address, which the SSRF guard refuses before any
+        # connection; tests/test_service.py fetches a real volume over a loopback URL.
+        p = ct_phantom((16, 64, 64), lesions=("ellipsoid",), seed=5, name="url")
+        body = _columns([_item(p)])
+        body["input_data"]["nii_image"] = ["https://10.1.2.3/volumes/ct.nii.gz?sv=2024&sig=SECRETSIGNATURE"]
+        return body, {"status": 400, "error_contains": ["input_data.nii_image[0]", "private"], "error_excludes": ["SECRETSIGNATURE"]}
+
     def error_bbox_outside():
         p = ct_phantom((16, 64, 64), lesions=("ellipsoid",), seed=5, name="bad")
         body = _columns([_item(p)])
@@ -158,6 +167,7 @@ def _builders() -> dict[str, Callable[[], tuple[dict[str, Any], dict[str, Any]]]
         "2d_box_polygons": box_2d_polygons,
         "2d_points_medsam2": points_2d_medsam2,
         "2d_automask": automask_2d,
+        "3d_url_form_private_refused": url_form_refused,
         "error_bbox_outside": error_bbox_outside,
         "error_key_slice_outside": error_key_slice_outside,
     }
@@ -242,6 +252,7 @@ def check_response(expect: dict[str, Any], status: int, body: Any, *, models: li
             failures.append(f"error body must carry status {status}: {str(body)[:300]}")
         text = str(body.get("error", "")) if isinstance(body, dict) else ""
         failures += [f"error lacks {part!r}: {text}" for part in expect.get("error_contains", []) if part not in text]
+        failures += [f"error must not echo {part!r}" for part in expect.get("error_excludes", []) if part in text]
         return failures, dices
     if expect.get("route") == "2d":
         return _check_2d(expect, body)
