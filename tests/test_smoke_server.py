@@ -105,5 +105,6 @@ def test_errors_are_json_with_status(server):
 def test_log_has_no_image_data(server):
     text = server["log"].read_text(errors="replace")
     assert "route=3d" in text
-    sample_b64 = json.loads(SAMPLES[0].read_text())["input_data"]["nii_image"][0]
+    first_3d = next(p for p in SAMPLES if p.name.startswith("3d_"))
+    sample_b64 = json.loads(first_3d.read_text())["input_data"]["nii_image"][0]
     assert sample_b64[:64] not in text

@@ -21,6 +21,8 @@ from .errors import InvalidRequest
 from .prompt2d import OUTPUT_TYPES, AutomaskParams, Prompt2D
 
 Number = float
+MAX_MASK_LOGIT = 1e4  # SAM's logits live within a few tens; anything far beyond is a mistake (and overflows float32)
+MAX_SIMPLIFY_TOLERANCE = 1e4  # pixels; OpenCV refuses absurd epsilons
 Point = Annotated[list[Number], Field(min_length=2, max_length=2)]
 Box = Annotated[list[Number], Field(min_length=4, max_length=4)]
 Window = Annotated[list[Number], Field(min_length=2, max_length=2)]
@@ -59,13 +61,13 @@ class ImageColumns(BaseModel):
     image: list[StrictStr] = Field(min_length=1, description="base64 of a PNG/JPEG/TIFF/2D NIfTI file, or an https URL")
     task: list[Literal["prompt", "automask"] | None] | None = None
     point_coords: list[list[Point] | None] | None = None
-    point_labels: list[list[int] | None] | None = None
+    point_labels: list[list[Literal[0, 1]] | None] | None = None
     bbox: list[Box | None] | None = None
     mask_input: list[list[list[Number]] | None] | None = None
     multimask_output: list[bool | None] | None = None
     output_type: list[OutputType | None] | None = None
     mask_format: list[MaskFormat2D | None] | None = None
-    simplify_tolerance: list[Annotated[float, Field(ge=0.0)] | None] | None = None
+    simplify_tolerance: list[Annotated[float, Field(ge=0.0, le=MAX_SIMPLIFY_TOLERANCE)] | None] | None = None
     return_low_res: list[bool | None] | None = None
     dicom_window: list[Window | None] | None = None
     model: list[StrictStr | None] | None = None
@@ -184,9 +186,15 @@ def parse_image_request(body: Any, *, max_items: int) -> list[ImageItem]:
             raise InvalidRequest(f'input_data.automask[{i}]: automask options need task "automask"')
         mask_array = None
         if mask:
-            mask_array = np.asarray(mask, dtype=np.float32)
-            if mask_array.ndim != 2 or any(len(row) != len(mask[0]) for row in mask):
-                raise InvalidRequest(f"input_data.mask_input[{i}]: expected a square 2D array of low-resolution logits")
+            if any(len(row) != len(mask[0]) for row in mask):
+                raise InvalidRequest(f"input_data.mask_input[{i}]: rows have different lengths; expected a square 2D array of low-resolution logits")
+            mask_array = np.asarray(mask, dtype=np.float64)
+            if mask_array.ndim != 2 or not np.isfinite(mask_array).all() or np.abs(mask_array).max() > MAX_MASK_LOGIT:
+                raise InvalidRequest(
+                    f"input_data.mask_input[{i}]: expected a square 2D array of finite low-resolution logits within +-{MAX_MASK_LOGIT:g} "
+                    "(send back an earlier answer's low_res_logits)"
+                )
+            mask_array = mask_array.astype(np.float32)
         prompt = Prompt2D(
             points=np.asarray(points, dtype=np.float64) if points else None,
             labels=np.asarray(labels, dtype=np.int64) if labels else None,

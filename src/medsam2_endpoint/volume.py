@@ -157,6 +157,9 @@ def check_header(raw: bytes, *, field: str, limits: Limits) -> tuple[int, ...]:
         raise UnsupportedMedia(
             f"{field}: voxel type {dtype} is not supported; send a scalar volume (int8-int32, uint8-uint32, float32 or float64)"
         )
+    offset = float(header["vox_offset"])
+    if not math.isfinite(offset) or offset < 0:
+        raise InvalidRequest(f"{field}: the NIfTI header's vox_offset {offset} is not a valid byte offset")
     needed = int(header.get_data_offset()) + voxels * dtype.itemsize
     if len(raw) < needed:
         raise InvalidRequest(
@@ -189,6 +192,12 @@ def read_nifti(data: bytes, *, field: str, limits: Limits) -> Volume:
         image = sitk.Extract(image, size[:3] + [0], [0, 0, 0, 0])
     if image.GetNumberOfComponentsPerPixel() != 1:
         raise UnsupportedMedia(f"{field}: vector or RGB voxels are not supported; send a scalar volume")
+    geometry = (*image.GetSpacing(), *image.GetOrigin(), *image.GetDirection())
+    if not all(math.isfinite(v) for v in geometry):
+        raise InvalidRequest(
+            f"{field}: the NIfTI geometry (spacing, origin or direction from pixdim/qform/sform) has NaN or "
+            "infinite values; fix the header"
+        )
     return Volume.from_sitk(image)
 
 

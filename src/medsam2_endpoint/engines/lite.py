@@ -154,7 +154,8 @@ class LiteMedSAMEngine:
     def _resized_size(self, h: int, w: int) -> tuple[int, int]:
         """(new_h, new_w) of the unpadded image in "pad" mode (the authors' resize_longest_side)."""
         scale = IMAGE_SIZE / max(h, w)
-        return int(h * scale + 0.5), int(w * scale + 0.5)
+        # at least one pixel: slices thinner than 512:1 would otherwise round to an empty side
+        return max(1, int(h * scale + 0.5)), max(1, int(w * scale + 0.5))
 
     def _image_tensor(self, slice_u8: np.ndarray) -> torch.Tensor:
         """(1, 3, 256, 256) float32 encoder input for one uint8 (Y, X) slice."""
