@@ -181,8 +181,11 @@ def check_objects(objects: Sequence[ObjectPrompt]) -> None:
 
 
 def _decode_mask(entry: dict[str, Any], shape: tuple[int, ...]) -> np.ndarray:
+    """The mask as the server sent it: 0/1, or object ids for several objects."""
     mask, fmt = entry.get("mask"), entry.get("metadata", {}).get("mask_format", "list")
-    if fmt == "rle":
+    if fmt == "rle" and "values" in mask:  # label map: runs of values
+        array = np.repeat(np.asarray(mask["values"]), mask["counts"]).reshape(tuple(mask["size"]), order="F")
+    elif fmt == "rle":
         array = rle_decode(mask["counts"], tuple(mask["size"]))
     elif fmt == "nifti":
         array = read_nifti(base64.b64decode(mask), field="mask", limits=Limits()).array
@@ -190,7 +193,7 @@ def _decode_mask(entry: dict[str, Any], shape: tuple[int, ...]) -> np.ndarray:
         array = np.asarray(mask, dtype=np.uint8)
     if array.shape != shape:
         raise EndpointError(200, f"the mask has shape {array.shape}, the volume {shape}", http_status=200)
-    return array > 0
+    return array
 
 
 def segment(
@@ -204,8 +207,8 @@ def segment(
 
     `volume`: a file path, a DICOM folder, or a SimpleITK image. `window` [lower, upper] or `preset`
     (see PRESETS, or "mri"). `key`: defaults to $MEDSAM2_ENDPOINT_KEY. `mask_format`: "nifti" or "rle".
-    Several objects go as several items of one request (the same image in each), so a request holds
-    at most the endpoint's MEDSAM2_MAX_ITEMS objects.
+    Several objects go as one item with the `objects` column: the volume is uploaded once, every slice
+    is encoded once for all objects, and the server returns a label map (overlaps to the highest logit).
     """
     if objects is None:
         if bbox is None or key_slice is None:
@@ -229,28 +232,27 @@ def segment(
             raise ClientError(f"object {o.object_id}: box {list(o.bbox)} must satisfy 0 <= x_min < x_max < {width}, 0 <= y_min < y_max < {height}")
     win = resolve_window(image, window, preset)
     encoded = base64.b64encode(write_nifti(image, compressed=True)).decode("ascii")
-    n = len(objects)
-    columns: dict[str, list[Any]] = {
-        "nii_image": [encoded] * n,
-        "bbox": [list(o.bbox) for o in objects],
-        "key_slice_idx": [o.key_slice for o in objects],
-        "mask_format": [mask_format] * n,
-    }
+    columns: dict[str, list[Any]] = {"nii_image": [encoded], "mask_format": [mask_format]}
+    single = len(objects) == 1 and objects[0].object_id == 1
+    if single:
+        columns.update(bbox=[list(objects[0].bbox)], key_slice_idx=[objects[0].key_slice])
+    else:
+        columns["objects"] = [[{"id": o.object_id, "bbox": list(o.bbox), "key_slice_idx": o.key_slice} for o in objects]]
     if win is not None:
-        columns["dicom_window"] = [list(win)] * n
+        columns["dicom_window"] = [list(win)]
     if model:
-        columns["model"] = [model] * n
+        columns["model"] = [model]
     answer = post_request(endpoint, {"input_data": columns}, key=key if key is not None else os.environ.get(KEY_ENV),
                           deployment=deployment, timeout=timeout, retries=retries, backoff_s=backoff_s, progress=progress)
-    if not isinstance(answer, list) or len(answer) != n:
-        raise EndpointError(200, f"expected a list of {n} results, got {type(answer).__name__}", http_status=200)
-    shape = (depth, height, width)
-    labels = np.zeros(shape, np.uint8 if max(o.object_id for o in objects) <= 255 else np.uint16)
-    for o, entry in zip(objects, answer, strict=True):
-        labels[_decode_mask(entry, shape)] = o.object_id  # later objects win where masks overlap
+    if not isinstance(answer, list) or len(answer) != 1:
+        raise EndpointError(200, f"expected a list of 1 result, got {type(answer).__name__}", http_status=200)
+    (entry,) = answer
+    labels = _decode_mask(entry, (depth, height, width))
+    labels = labels.astype(np.uint8 if max(o.object_id for o in objects) <= 255 else np.uint16)
     mask = sitk.GetImageFromArray(labels)
     mask.CopyInformation(image)  # exact source geometry, not the NIfTI round trip's float32 copy
-    return SegmentationResult(mask, [entry.get("metadata", {}) for entry in answer], objects, image, win)
+    metadata = entry.get("metadata", {})
+    return SegmentationResult(mask, metadata.get("objects") or [metadata], objects, image, win)
 
 
 # ----------------------------------------------------------------------------------------- CLI
