@@ -61,7 +61,7 @@ class ImageColumns(BaseModel):
     image: list[StrictStr] = Field(min_length=1, description="base64 of a PNG/JPEG/TIFF/2D NIfTI file, or an https URL")
     task: list[Literal["prompt", "automask"] | None] | None = None
     point_coords: list[list[Point] | None] | None = None
-    point_labels: list[list[Literal[0, 1]] | None] | None = None
+    point_labels: list[list[Annotated[int, Field(ge=-(2**31), le=2**31)]] | None] | None = None  # bounded: np.int64 later
     bbox: list[Box | None] | None = None
     mask_input: list[list[list[Number]] | None] | None = None
     multimask_output: list[bool | None] | None = None
@@ -227,7 +227,7 @@ class SamPromptBody(SamapiBody):
     type: SamType | None = None  # samapi's default vit_h is never served here; None means the server's default model
     bbox: Box | None = None
     point_coords: list[Point] | None = None
-    point_labels: list[int] | None = None
+    point_labels: list[Annotated[int, Field(ge=-(2**31), le=2**31)]] | None = None
     b64img: StrictStr
     b64mask: StrictStr | None = None
     multimask_output: bool = False
@@ -258,7 +258,7 @@ class SamAutomaskBody(SamapiBody):
 class SamVideoObject(SamapiBody):
     obj_id: int
     point_coords: list[Point] | None = None
-    point_labels: list[int] | None = None
+    point_labels: list[Annotated[int, Field(ge=-(2**31), le=2**31)]] | None = None
     bbox: Box | None = None
 
 
