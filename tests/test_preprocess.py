@@ -78,3 +78,9 @@ def test_box_truncates_like_reference():
 def test_box_errors_name_the_field_and_numbers(box, message):
     with pytest.raises(InvalidRequest, match=message):
         parse_box(box, width=64, height=64, field="f")
+
+
+def test_intensity_range_too_wide_is_a_400():
+    volume = np.array([[[-1.7e308, 0.0, 1.7e308]]], dtype=np.float64)
+    with pytest.raises(InvalidRequest, match="too wide to scale; give a dicom_window"):
+        window_to_uint8(volume, None, field="input_data.dicom_window[0]")

@@ -34,6 +34,12 @@ def window_to_uint8(array: np.ndarray, window: tuple[float, float] | None, *, fi
             f"{field}: the volume is constant {where} (every voxel is {float(vmin)}), so it cannot be scaled; "
             "choose a window that covers the tissue's intensities"
         )
+    with np.errstate(over="ignore"):
+        span = np.float64(vmax) - np.float64(vmin)
+    if not np.isfinite(span):
+        raise InvalidRequest(
+            f"{field}: the intensity range [{float(vmin):g}, {float(vmax):g}] is too wide to scale; give a dicom_window"
+        )
     out = np.empty(array.shape, dtype=np.uint8)
     for start in range(0, array.shape[0], _CHUNK_SLICES):
         chunk = array[start : start + _CHUNK_SLICES]
