@@ -88,3 +88,11 @@ def test_largest_component_uses_26_connectivity():
     kept = keep_largest_component(mask)
     assert kept.sum() == 3 and kept[2, 2, 2] == 1 and kept[4, 4, 0] == 0
     assert keep_largest_component(np.zeros((2, 2, 2), np.uint8)).sum() == 0
+
+
+def test_largest_component_inside_a_large_volume_keeps_coordinates():
+    mask = np.zeros((30, 40, 50), np.uint8)
+    mask[10:13, 5:9, 20:25] = 1  # 60 voxels
+    mask[20, 30, 40] = 1  # a stray voxel far away
+    kept = keep_largest_component(mask)
+    assert kept.dtype == np.uint8 and kept.sum() == 60 and kept[10:13, 5:9, 20:25].all() and kept[20, 30, 40] == 0

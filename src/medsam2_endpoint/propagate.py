@@ -78,15 +78,21 @@ def _walk(
 
 
 def keep_largest_component(mask: np.ndarray) -> np.ndarray:
-    """Largest 26-connected component (uint8); an empty mask stays empty."""
+    """Largest 26-connected component (uint8); an empty mask stays empty.
+
+    Labelled inside the mask's bounding box only: a small lesion in a whole CT costs a small crop.
+    """
     if not mask.any():
         return mask
-    labels, count = ndimage.label(mask, structure=FULL_CONNECTIVITY)
+    crop = tuple(slice(int(idx[0]), int(idx[-1]) + 1) for idx in (np.flatnonzero(mask.any(axis=axes)) for axes in ((1, 2), (0, 2), (0, 1))))
+    labels, count = ndimage.label(mask[crop], structure=FULL_CONNECTIVITY)
     if count <= 1:
         return mask
     sizes = np.bincount(labels.ravel())
     sizes[0] = 0
-    return (labels == int(sizes.argmax())).astype(np.uint8)
+    kept = np.zeros_like(mask)
+    kept[crop] = labels == int(sizes.argmax())
+    return kept
 
 
 def segment_object(

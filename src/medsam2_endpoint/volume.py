@@ -14,6 +14,7 @@ import tempfile
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 import nibabel as nib
 import numpy as np
@@ -86,33 +87,40 @@ def decode_base64(text: str, *, field: str, limits: Limits) -> bytes:
         ) from None
 
 
-def gunzip_capped(data: bytes, *, field: str, limit: int) -> bytes:
-    """Decompress gzip while streaming, refusing as soon as the output passes `limit` (gzip bombs)."""
+def gunzip_capped(data: bytes, *, field: str, limit: int, out: BinaryIO | None = None) -> bytes | None:
+    """Decompress gzip while streaming, refusing as soon as the output passes `limit` (gzip bombs).
+
+    Returns the bytes, or writes them to `out` (a file: no second in-memory copy of a large volume).
+    """
     decompressor = zlib.decompressobj(wbits=16 + zlib.MAX_WBITS)
-    out = io.BytesIO()
+    sink = out if out is not None else io.BytesIO()
+    written = 0
     chunk = 1 << 20
     try:
         view = memoryview(data)
         for start in range(0, len(data), chunk):
-            out.write(decompressor.decompress(view[start : start + chunk], limit + 1 - out.tell()))
-            while decompressor.unconsumed_tail and out.tell() <= limit:
-                out.write(decompressor.decompress(decompressor.unconsumed_tail, limit + 1 - out.tell()))
-            if out.tell() > limit:
-                break
-            if decompressor.eof:
+            piece = decompressor.decompress(view[start : start + chunk], limit + 1 - written)
+            while True:
+                sink.write(piece)
+                written += len(piece)
+                if not decompressor.unconsumed_tail or written > limit:
+                    break
+                piece = decompressor.decompress(decompressor.unconsumed_tail, limit + 1 - written)
+            if written > limit or decompressor.eof:
                 break
     except zlib.error:
         raise InvalidRequest(f"{field}: the gzip stream is corrupt; send an intact .nii.gz file") from None
-    if out.tell() > limit:
+    if written > limit:
         raise PayloadTooLarge(
             f"{field}: the decompressed file exceeds the limit of {limit} bytes (MEDSAM2_MAX_FILE_MB)"
         )
     if not decompressor.eof:
         raise InvalidRequest(f"{field}: the gzip stream is truncated; send the whole .nii.gz file")
-    return out.getvalue()
+    return sink.getvalue() if out is None else None
 
 
-def _header(raw: bytes, *, field: str) -> nib.Nifti1Header:
+def _header(raw: bytes | np.ndarray, *, field: str) -> nib.Nifti1Header:
+    raw = bytes(raw[:540])  # the header region only (raw may be a memory map of the whole file)
     if len(raw) >= 348 and raw[344:348] in (b"n+1\x00",):
         header_class = nib.Nifti1Header
     elif len(raw) >= 540 and raw[4:8] == b"n+2\x00":
@@ -174,15 +182,27 @@ def check_header(raw: bytes, *, field: str, limits: Limits) -> tuple[int, ...]:
 
 
 def read_nifti(data: bytes, *, field: str, limits: Limits) -> Volume:
-    """Decode a .nii or .nii.gz (detected by content) into a Volume, checking limits before allocating."""
+    """Decode a .nii or .nii.gz (detected by content) into a Volume, checking limits before allocating.
+
+    A .nii.gz is decompressed straight into a temporary file, checked through a read-only memory map and
+    read by SimpleITK from there, so only the voxel array itself is held in memory.
+    """
     if len(data) > limits.max_file_bytes:
         raise PayloadTooLarge(f"{field}: the file of {len(data)} bytes exceeds the limit of {limits.max_file_bytes} bytes")
-    raw = gunzip_capped(data, field=field, limit=limits.max_file_bytes) if data[:2] == GZIP_MAGIC else data
-    check_header(raw, field=field, limits=limits)
     with tempfile.TemporaryDirectory(prefix="medsam2-") as tmp:
         path = Path(tmp) / "volume.nii"
-        path.write_bytes(raw)
-        del raw
+        with open(path, "wb") as handle:
+            if data[:2] == GZIP_MAGIC:
+                gunzip_capped(data, field=field, limit=limits.max_file_bytes, out=handle)
+            else:
+                handle.write(data)
+        if path.stat().st_size == 0:
+            raise UnsupportedMedia(f"{field}: the file is empty; send a .nii or .nii.gz volume")
+        raw = np.memmap(path, dtype=np.uint8, mode="r")
+        try:
+            check_header(raw, field=field, limits=limits)
+        finally:
+            del raw
         try:
             image = sitk.ReadImage(str(path))
         except RuntimeError:
@@ -192,12 +212,6 @@ def read_nifti(data: bytes, *, field: str, limits: Limits) -> Volume:
         image = sitk.Extract(image, size[:3] + [0], [0, 0, 0, 0])
     if image.GetNumberOfComponentsPerPixel() != 1:
         raise UnsupportedMedia(f"{field}: vector or RGB voxels are not supported; send a scalar volume")
-    geometry = (*image.GetSpacing(), *image.GetOrigin(), *image.GetDirection())
-    if not all(math.isfinite(v) for v in geometry):
-        raise InvalidRequest(
-            f"{field}: the NIfTI geometry (spacing, origin or direction from pixdim/qform/sform) has NaN or "
-            "infinite values; fix the header"
-        )
     return Volume.from_sitk(image)
 
 
