@@ -197,7 +197,7 @@ def read_nifti(data: bytes, *, field: str, limits: Limits) -> Volume:
             else:
                 handle.write(data)
         if path.stat().st_size == 0:
-            raise UnsupportedMedia(f"{field}: the file is empty; send a .nii or .nii.gz volume")
+            raise UnsupportedMedia(f"{field}: not a NIfTI file (it is empty); send a .nii or .nii.gz volume")
         raw = np.memmap(path, dtype=np.uint8, mode="r")
         try:
             check_header(raw, field=field, limits=limits)
@@ -212,6 +212,12 @@ def read_nifti(data: bytes, *, field: str, limits: Limits) -> Volume:
         image = sitk.Extract(image, size[:3] + [0], [0, 0, 0, 0])
     if image.GetNumberOfComponentsPerPixel() != 1:
         raise UnsupportedMedia(f"{field}: vector or RGB voxels are not supported; send a scalar volume")
+    geometry = (*image.GetSpacing(), *image.GetOrigin(), *image.GetDirection())
+    if not all(math.isfinite(v) for v in geometry):
+        raise InvalidRequest(
+            f"{field}: the NIfTI geometry (spacing, origin or direction from pixdim/qform/sform) has NaN or "
+            "infinite values; fix the header"
+        )
     return Volume.from_sitk(image)
 
 
