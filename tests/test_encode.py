@@ -7,7 +7,7 @@ from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
 from medsam2_endpoint.config import Limits
-from medsam2_endpoint.encode import RawJSON, dumps, encode_mask, list_json, rle_counts, rle_decode
+from medsam2_endpoint.encode import RawJSON, dumps, encode_mask, list_json, rle_counts, rle_decode, value_rle
 from medsam2_endpoint.volume import Volume, read_nifti
 
 
@@ -18,6 +18,27 @@ def test_rle_round_trip_and_list_json(mask):
     assert sum(counts) == mask.size
     np.testing.assert_array_equal(rle_decode(counts, mask.shape), mask)
     assert json.loads(list_json(mask)) == mask.tolist()
+
+
+def dense_runs(array):
+    """Runs of equal values over the Fortran-order flattening, the obvious way (independent of encode.py)."""
+    values, counts = [], []
+    for v in array.ravel(order="F").tolist():
+        if values and values[-1] == v:
+            counts[-1] += 1
+        else:
+            values.append(v)
+            counts.append(1)
+    return values, counts
+
+
+@settings(max_examples=150, deadline=None)
+@given(arrays(np.uint8, st.tuples(st.integers(1, 4), st.integers(1, 5), st.integers(1, 6)), elements=st.integers(0, 3)))
+def test_runs_equal_the_dense_definition(labels):
+    values, counts = dense_runs(labels)
+    assert value_rle(labels) == {"values": values, "counts": counts}
+    fg_values, fg_counts = dense_runs((labels > 0).astype(np.uint8))
+    assert rle_counts(labels > 0) == ([0] if fg_values[0] == 1 else []) + fg_counts
 
 
 def test_rle_is_column_major_and_starts_with_background():
@@ -48,7 +69,5 @@ def test_label_maps_keep_their_values():
     labels[0, 1, 1:3] = 7
     labels[1, 2, 3] = 200
     assert json.loads(list_json(labels)) == labels.tolist()
-    from medsam2_endpoint.encode import value_rle
-
     runs = value_rle(labels)
     np.testing.assert_array_equal(np.repeat(runs["values"], runs["counts"]).reshape(labels.shape, order="F"), labels)

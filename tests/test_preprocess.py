@@ -25,6 +25,18 @@ def test_window_matches_reference_arithmetic(dtype):
     np.testing.assert_array_equal(window_to_uint8(volume, window), reference_window(volume, window))
 
 
+@pytest.mark.parametrize("dtype", ["int8", "uint8", "int16", "uint16"])
+@pytest.mark.parametrize("window", [(-160.0, 240.0), (0.5, 3.25), None])
+def test_window_table_path_matches_reference_over_the_whole_value_range(dtype, window):
+    """8/16-bit volumes go through a table of every value: identical to the reference, extremes included."""
+    info = np.iinfo(dtype)
+    rng = np.random.default_rng(2)
+    volume = rng.integers(info.min, info.max, size=(5, 13, 11), endpoint=True).astype(dtype)
+    volume[0, 0, :2] = (info.min, info.max)
+    expected = reference_window(volume, window) if window else np.uint8((volume - volume.min().astype(np.float64)) / (float(volume.max()) - float(volume.min())) * 255.0)
+    np.testing.assert_array_equal(window_to_uint8(volume, window), expected)
+
+
 def test_window_uses_clipped_min_max_not_window_bounds():
     volume = np.array([[[0, 50], [100, 100]]], dtype=np.int16)
     # window wider than the data: scaled by the data's own min/max (0..100), not by -1000..1000

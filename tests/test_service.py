@@ -89,6 +89,12 @@ def test_every_item_is_validated_before_any_runs(phantom):
     with pytest.raises(InvalidRequest, match=r"input_data.key_slice_idx\[1\]: key slice 99 minus slice_offset 0 is 99, outside the volume's 16 slices"):
         service.score(body)
     assert engine.starts == 0
+    # a window that leaves the second volume constant is also refused before the first item runs
+    body["input_data"]["key_slice_idx"] = good["key_slice_idx"] * 2
+    body["input_data"]["dicom_window"] = [good["dicom_window"][0], [5000.0, 6000.0]]
+    with pytest.raises(InvalidRequest, match=r"input_data.dicom_window\[1\]: the volume is constant inside the window"):
+        service.score(body)
+    assert engine.starts == 0
 
 
 def test_unknown_model_lists_available(phantom):

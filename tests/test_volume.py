@@ -1,6 +1,7 @@
 import base64
 import gzip
 import io
+import math
 
 import nibabel as nib
 import numpy as np
@@ -117,3 +118,100 @@ def test_image_like_refuses_other_shapes():
     volume = Volume(np.zeros((2, 3, 4)), (1.0, 1.0, 1.0), (0.0, 0.0, 0.0), (1, 0, 0, 0, 1, 0, 0, 0, 1))
     with pytest.raises(ValueError):
         volume.image_like(np.zeros((2, 3, 5)))
+
+
+def _sitk_read(data: bytes, tmp_path) -> sitk.Image:
+    path = tmp_path / ("v.nii.gz" if data[:2] == b"\x1f\x8b" else "v.nii")
+    path.write_bytes(data)
+    return sitk.ReadImage(str(path))
+
+
+def _affine(flip_z: bool) -> np.ndarray:
+    """Oblique, anisotropic, off-origin; flip_z gives a negative determinant (NIfTI qfac = -1)."""
+    a = math.radians(17)
+    rotation = np.array([[math.cos(a), -math.sin(a), 0], [math.sin(a), math.cos(a), 0], [0, 0, -1.0 if flip_z else 1.0]])
+    affine = np.eye(4)
+    affine[:3, :3] = rotation * np.array([0.8, 0.6, 3.0])
+    affine[:3, 3] = [-120.5, 40.25, 310.0]
+    return affine
+
+
+def _nifti(array, affine, *, dtype=None, slope=None, big_endian=False, compressed=False) -> bytes:
+    header = nib.Nifti1Header(endianness=">" if big_endian else "<")
+    image = nib.Nifti1Image(array, affine, header=header, dtype=dtype)
+    if slope is not None:
+        image.header.set_slope_inter(*slope)
+    raw = image.to_bytes()
+    return gzip.compress(raw) if compressed else raw
+
+
+@pytest.mark.parametrize(
+    "case",
+    [
+        {"dtype": np.int16}, {"dtype": np.uint8}, {"dtype": np.int8}, {"dtype": np.uint16}, {"dtype": np.int32},
+        {"dtype": np.uint32}, {"dtype": np.float32}, {"dtype": np.float64},
+        {"dtype": np.int16, "flip_z": True}, {"dtype": np.int16, "compressed": True},
+        {"dtype": np.int16, "big_endian": True}, {"dtype": np.int16, "slope": (2.0, -5.0)},
+        {"dtype": np.int16, "t1": True},
+    ],
+    ids=lambda c: "-".join(f"{k}={getattr(v, '__name__', v)}" for k, v in c.items()),
+)
+def test_reader_agrees_with_simpleitk(case, tmp_path):
+    """read_nifti reads plain volumes itself (one copy) and the rest through SimpleITK: same voxels and geometry as SimpleITK."""
+    rng = np.random.default_rng(3)
+    array = rng.integers(0, 120, size=(11, 9, 7)).astype(case["dtype"])  # (x, y, z) in NIfTI order
+    if case.get("t1"):
+        array = array[..., None]
+    data = _nifti(
+        array, _affine(case.get("flip_z", False)), slope=case.get("slope"), big_endian=case.get("big_endian", False),
+        compressed=case.get("compressed", False),
+    )
+    volume = read_nifti(data, field="f", limits=LIMITS)
+    expected = _sitk_read(data, tmp_path)
+    if expected.GetDimension() == 4:
+        expected = sitk.Extract(expected, [*expected.GetSize()[:3], 0], [0, 0, 0, 0])
+    np.testing.assert_array_equal(volume.array, sitk.GetArrayFromImage(expected))
+    assert volume.array.dtype == sitk.GetArrayViewFromImage(expected).dtype
+    assert volume.spacing == pytest.approx(expected.GetSpacing())
+    assert volume.origin == pytest.approx(expected.GetOrigin())
+    assert volume.direction == pytest.approx(expected.GetDirection(), abs=1e-9)
+    through_simpleitk = any(case.get(k) for k in ("big_endian", "slope", "t1"))
+    assert (volume.owner is not None) == through_simpleitk  # the plain ones are read by numpy, once
+
+
+def test_base64_is_decoded_in_chunks(monkeypatch):
+    import medsam2_endpoint.volume as volume_module
+
+    monkeypatch.setattr(volume_module, "_B64_CHUNK_CHARS", 8)  # many chunks for a short payload
+    data = bytes(range(256)) * 3
+    text = base64.b64encode(data).decode()
+    chunks = list(volume_module.base64_chunks(text, field="f", limits=LIMITS))
+    assert len(chunks) > 10 and b"".join(chunks) == data
+    wrapped = "\n".join(text[i : i + 76] for i in range(0, len(text), 76))  # MIME line wrapping
+    assert decode_base64("data:application/gzip;base64," + wrapped, field="f", limits=LIMITS) == data
+    with pytest.raises(InvalidRequest, match=r"f: not valid base64"):
+        decode_base64(text[:40] + "*" + text[41:], field="f", limits=LIMITS)  # bad character in a later chunk
+    with pytest.raises(InvalidRequest, match=r"f: not valid base64"):
+        decode_base64(text[:-1], field="f", limits=LIMITS)  # length not a multiple of 4
+
+
+def test_nifti_read_from_base64_chunks_equals_bytes(monkeypatch):
+    import medsam2_endpoint.volume as volume_module
+
+    monkeypatch.setattr(volume_module, "_B64_CHUNK_CHARS", 4096)
+    data = write_nifti(make_image(shape=(20, 30, 40)), compressed=True)
+    streamed = read_nifti(volume_module.base64_chunks(base64.b64encode(data).decode(), field="f", limits=LIMITS), field="f", limits=LIMITS)
+    np.testing.assert_array_equal(streamed.array, read_nifti(data, field="f", limits=LIMITS).array)
+    with pytest.raises(InvalidRequest, match="truncated"):
+        read_nifti(volume_module.base64_chunks(base64.b64encode(data[: len(data) // 2]).decode(), field="f", limits=LIMITS), field="f", limits=LIMITS)
+    with pytest.raises(PayloadTooLarge, match="MEDSAM2_MAX_FILE_MB"):
+        read_nifti(volume_module.base64_chunks(base64.b64encode(data).decode(), field="f", limits=LIMITS), field="f", limits=Limits(max_file_bytes=5000))
+
+
+def test_with_array_keeps_geometry_and_refuses_other_shapes():
+    volume = read_nifti(write_nifti(make_image()), field="f", limits=LIMITS)
+    windowed = volume.with_array(np.zeros(volume.array.shape, np.uint8))
+    assert (windowed.spacing, windowed.origin, windowed.direction) == (volume.spacing, volume.origin, volume.direction)
+    assert windowed.owner is None
+    with pytest.raises(ValueError):
+        volume.with_array(np.zeros((1, 2, 3), np.uint8))

@@ -10,6 +10,41 @@ import numpy as np
 from .volume import Volume, write_nifti
 
 
+def _foreground_runs(labels: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Runs of equal non-zero values in column-major (Fortran) order: (starts, ends, values), sorted.
+
+    Works from the non-zero voxels' positions only (no transposed copy of the volume), so a small
+    lesion in a whole CT costs its own size, not the volume's.
+    """
+    occupied = np.flatnonzero(labels.reshape(labels.shape[0], -1).any(axis=1))  # first-axis range holding foreground
+    if occupied.size == 0:
+        empty = np.zeros(0, dtype=np.int64)
+        return empty, empty, np.zeros(0, dtype=labels.dtype)
+    first = int(occupied[0])
+    nonzero = np.nonzero(labels[first : int(occupied[-1]) + 1])
+    nonzero = (nonzero[0] + first, *nonzero[1:])
+    positions = np.ravel_multi_index(nonzero, labels.shape, order="F")
+    order = np.argsort(positions, kind="stable")
+    positions = positions[order]
+    values = labels[nonzero][order]
+    breaks = np.flatnonzero((np.diff(positions) != 1) | (values[1:] != values[:-1])) + 1
+    starts = positions[np.concatenate(([0], breaks))]
+    ends = positions[np.concatenate((breaks - 1, [positions.size - 1]))] + 1
+    return starts, ends, values[np.concatenate(([0], breaks))]
+
+
+def _interleave(starts: np.ndarray, ends: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Run lengths and which of them are foreground, background runs in between (zero-length ones dropped)."""
+    gaps = starts - np.concatenate(([0], ends[:-1]))
+    lengths = np.empty(2 * starts.size + 1, dtype=np.int64)
+    lengths[0:-1:2] = gaps
+    lengths[1::2] = ends - starts
+    lengths[-1] = size - ends[-1]
+    is_foreground = np.zeros(lengths.size, dtype=bool)
+    is_foreground[1::2] = True
+    return lengths, is_foreground
+
+
 def rle_counts(mask: np.ndarray) -> list[int]:
     """COCO-style uncompressed RLE over the array in column-major (Fortran) order.
 
@@ -17,15 +52,15 @@ def rle_counts(mask: np.ndarray) -> list[int]:
     For a (Z, Y, X) mask, column-major means z varies fastest: decode with
     `np.repeat([0, 1] * ..., counts).reshape(shape, order="F")`.
     """
-    flat = np.asarray(mask, dtype=bool).ravel(order="F")
-    if flat.size == 0:
+    mask = np.asarray(mask)
+    if mask.size == 0:
         return []
-    changes = np.flatnonzero(flat[1:] != flat[:-1]) + 1
-    edges = np.concatenate(([0], changes, [flat.size]))
-    counts = np.diff(edges).tolist()
-    if flat[0]:
-        counts.insert(0, 0)
-    return counts
+    starts, ends, _ = _foreground_runs(mask.astype(bool, copy=False).view(np.uint8))
+    if starts.size == 0:
+        return [int(mask.size)]
+    lengths, _ = _interleave(starts, ends, mask.size)
+    # Adjacent foreground runs cannot occur (runs of one value are maximal); drop only a zero-length tail.
+    return (lengths if lengths[-1] else lengths[:-1]).tolist()
 
 
 def rle_decode(counts: list[int], shape: tuple[int, ...]) -> np.ndarray:
@@ -39,20 +74,29 @@ def value_rle(labels: np.ndarray) -> dict:
 
     For label maps (several objects); decode with `np.repeat(values, counts).reshape(size, order="F")`.
     """
-    flat = np.asarray(labels).ravel(order="F")
-    if flat.size == 0:
+    labels = np.asarray(labels)
+    if labels.size == 0:
         return {"values": [], "counts": []}
-    starts = np.concatenate(([0], np.flatnonzero(flat[1:] != flat[:-1]) + 1))
-    counts = np.diff(np.concatenate((starts, [flat.size])))
-    return {"values": flat[starts].tolist(), "counts": counts.tolist()}
+    starts, ends, values = _foreground_runs(labels)
+    if starts.size == 0:
+        return {"values": [0], "counts": [int(labels.size)]}
+    lengths, is_foreground = _interleave(starts, ends, labels.size)
+    run_values = np.zeros(lengths.size, dtype=np.int64)
+    run_values[1::2] = values
+    keep = lengths > 0  # touching objects leave zero-length background runs between them
+    return {"values": run_values[keep].tolist(), "counts": lengths[keep].tolist()}
 
 
 def list_json(mask: np.ndarray) -> str:
-    """The nested-list form as a JSON fragment, built without creating millions of Python ints."""
-    z, y, _ = mask.shape
-    flat = mask.reshape(z * y, -1)
-    digits = np.where(flat > 0, "1", "0") if flat.max(initial=0) <= 1 else flat.astype(str)
-    rows = ["[" + ",".join(row) + "]" for row in digits]
+    """The nested-list form as a JSON fragment, built without creating millions of Python ints.
+
+    Rows without foreground (almost all of a whole CT) share one pre-built string.
+    """
+    z, y, x = mask.shape
+    flat = mask.reshape(z * y, x)
+    rows = ["[" + ",".join(["0"] * x) + "]"] * (z * y)
+    for r in np.flatnonzero(flat.any(axis=1)):
+        rows[r] = "[" + ",".join(flat[r].astype(str)) + "]"
     slices = ["[" + ",".join(rows[k * y : (k + 1) * y]) + "]" for k in range(z)]
     return "[" + ",".join(slices) + "]"
 

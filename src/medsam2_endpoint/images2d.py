@@ -19,11 +19,8 @@ Conversion to the models' 8-bit RGB (`to_rgb_u8`), documented in the README:
 
 from __future__ import annotations
 
-import base64
-import binascii
 import io
 import math
-import re
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,8 +34,8 @@ from PIL import Image, UnidentifiedImageError
 from .config import Limits
 from .errors import InvalidRequest, PayloadTooLarge, UnsupportedMedia
 from .volume import GZIP_MAGIC, gunzip_capped
+from .volume import decode_base64 as decode_file_base64
 
-_DATA_URL = re.compile(r"^data:[\w/.+-]*;base64,", re.IGNORECASE)
 _PNG = b"\x89PNG\r\n\x1a\n"
 _TIFF = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")
 _KINDS = "a PNG, JPEG, TIFF or 2D NIfTI image"
@@ -66,16 +63,7 @@ class Picture:
 
 def decode_base64(text: str, *, field: str, limits: Limits) -> bytes:
     """Strict base64 of an image file (whitespace and a `data:image/...;base64,` prefix tolerated)."""
-    if len(text) > limits.max_base64_bytes:
-        raise PayloadTooLarge(
-            f"{field}: base64 payload of {len(text)} characters exceeds the limit of "
-            f"{limits.max_base64_bytes} (MEDSAM2_MAX_BASE64_MB)"
-        )
-    compact = "".join(_DATA_URL.sub("", text, count=1).split())
-    try:
-        return base64.b64decode(compact, validate=True)
-    except (binascii.Error, ValueError):
-        raise InvalidRequest(f"{field}: not valid base64; send {_KINDS} file's bytes base64-encoded, or an https URL") from None
+    return decode_file_base64(text, field=field, limits=limits, what=f"{_KINDS} file's")
 
 
 def _check_pixels(width: int, height: int, *, field: str, limits: Limits) -> None:

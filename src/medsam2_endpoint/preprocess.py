@@ -16,9 +16,10 @@ def window_to_uint8(array: np.ndarray, window: tuple[float, float] | None, *, fi
     """Clip to the window, min-max scale by the clipped volume's own min and max, truncate to uint8.
 
     Same arithmetic (and dtypes) as the reference: np.clip with float bounds, then
-    (v - min) / (max - min) * 255.0, then np.uint8 (truncation). Done in chunks of slices so the
-    float copy never spans the whole volume; the result is identical because every step is
-    element-wise once min and max are known (clip is monotonic, so min(clip(v)) = clip(min(v))).
+    (v - min) / (max - min) * 255.0, then np.uint8 (truncation). Every step is element-wise once
+    min and max are known (clip is monotonic, so min(clip(v)) = clip(min(v))), so 8/16-bit volumes
+    go through a table of every value and wider ones in chunks of slices: no float copy of the
+    whole volume, identical results.
     A volume that is constant after windowing cannot be scaled: 400.
     """
     lo_hi = (float(window[0]), float(window[1])) if window is not None else None
@@ -40,12 +41,24 @@ def window_to_uint8(array: np.ndarray, window: tuple[float, float] | None, *, fi
         raise InvalidRequest(
             f"{field}: the intensity range [{float(vmin):g}, {float(vmax):g}] is too wide to scale; give a dicom_window"
         )
+
+    def scale(values: np.ndarray) -> np.ndarray:
+        values = np.clip(values, *lo_hi) if lo_hi is not None else values.astype(np.float64)
+        # Same expression as the reference so numpy picks the same dtypes (float32 stays float32).
+        return np.uint8((values - vmin) / (vmax - vmin) * 255.0)
+
+    if array.dtype.kind in "iu" and array.dtype.itemsize <= 2:
+        # 8/16-bit voxels (most CT and MR): scale every possible value once, then look each voxel up.
+        # Bit-identical, since each voxel's result depends on its value alone; no float copy at all.
+        info = np.iinfo(array.dtype)
+        unsigned = np.dtype(f"u{array.dtype.itemsize}")
+        values = np.arange(info.min, info.max + 1, dtype=np.int64).astype(array.dtype)
+        table = np.empty(values.size, dtype=np.uint8)
+        table[values.view(unsigned)] = scale(values)
+        return np.take(table, array.view(unsigned))
     out = np.empty(array.shape, dtype=np.uint8)
     for start in range(0, array.shape[0], _CHUNK_SLICES):
-        chunk = array[start : start + _CHUNK_SLICES]
-        chunk = np.clip(chunk, *lo_hi) if lo_hi is not None else chunk.astype(np.float64)
-        # Same expression as the reference so numpy picks the same dtypes (float32 stays float32).
-        out[start : start + _CHUNK_SLICES] = np.uint8((chunk - vmin) / (vmax - vmin) * 255.0)
+        out[start : start + _CHUNK_SLICES] = scale(array[start : start + _CHUNK_SLICES])
     return out
 
 

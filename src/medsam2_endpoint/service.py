@@ -23,7 +23,7 @@ from .preprocess import parse_box, window_to_uint8
 from .prompt2d import Prompter
 from .propagate import PropagationOptions, merge_objects, segment_object
 from .schemas import VolumeItem, parse_request
-from .volume import Volume, decode_base64, read_nifti
+from .volume import Volume, base64_chunks, read_nifti
 
 log = logging.getLogger("azmlinfsrv.medsam2")
 LITE_NAME = "lite-medsam"
@@ -39,10 +39,12 @@ class PreparedObject:
 @dataclass(frozen=True)
 class PreparedItem:
     item: VolumeItem
-    volume: Volume
+    windowed: Volume  # uint8 windowed voxels with the source geometry (the raw voxels are let go)
+    volume_key: str  # content hash of what the model sees: same volume + same window -> same features
     engine_name: str
     objects: tuple[PreparedObject, ...]
     decode_ms: float
+    window_ms: float
 
 
 def choose_device(setting: str) -> str:
@@ -129,14 +131,19 @@ class Service:
         if text[:8].lower() == "https://" or text[:7].lower() == "http://":
             data = fetch_bytes(text, self.settings.fetch, field=field)
         else:
-            data = decode_base64(text, field=field, limits=self.settings.limits)
+            data = base64_chunks(text, field=field, limits=self.settings.limits)
         return read_nifti(data, field=field, limits=self.settings.limits)
 
     def _prepare(self, item: VolumeItem, volume: Volume | None = None) -> PreparedItem:
+        """Decode, window and check the prompts: every error a request can cause is raised here, before any inference."""
         engine_name = self._engine_name(item)
         started = time.perf_counter()
         volume = volume if volume is not None else self._load(item)
-        depth, height, width = volume.array.shape
+        decoded = time.perf_counter()
+        windowed = volume.with_array(window_to_uint8(volume.array, item.dicom_window, field=item.field("dicom_window")))
+        del volume  # the raw voxels (often int16, twice the windowed bytes) are not needed past this point
+        volume_key = hashlib.blake2b(windowed.array.data, digest_size=16).hexdigest() + str(windowed.array.shape)
+        depth, height, width = windowed.array.shape
         objects = []
         for spec in item.objects:
             key_index = spec.key_slice_idx - item.slice_offset
@@ -147,7 +154,10 @@ class Service:
                 )
             box = parse_box(spec.bbox, width=width, height=height, field=spec.bbox_field)
             objects.append(PreparedObject(spec.id, key_index, box))
-        return PreparedItem(item, volume, engine_name, tuple(objects), (time.perf_counter() - started) * 1000)
+        return PreparedItem(
+            item, windowed, volume_key, engine_name, tuple(objects),
+            decode_ms=(decoded - started) * 1000, window_ms=(time.perf_counter() - decoded) * 1000,
+        )
 
     def score(self, body: Any) -> list[dict]:
         """Validate every item (decode, geometry, prompts) before running any; one result per item.
@@ -165,36 +175,33 @@ class Service:
         for p in prepared:
             mask, metadata = self._run(p, deadline)
             t0 = time.perf_counter()
-            encoded = encode_mask(mask, p.volume, p.item.mask_format, label_map=p.item.multi_object)
+            encoded = encode_mask(mask, p.windowed, p.item.mask_format, label_map=p.item.multi_object)
             metadata["timing_ms"]["encode"] = round((time.perf_counter() - t0) * 1000, 1)
             metadata["timing_ms"]["total"] = round(metadata["timing_ms"]["total"] + metadata["timing_ms"]["encode"], 1)
             results.append({"mask": encoded, "metadata": metadata})
         return results
 
     def score_file(self, path: Path, prompt: dict[str, Any]) -> tuple[np.ndarray, Volume, dict]:
-        """One local NIfTI file with its prompt (the 3D columns' scalar values): mask, volume and metadata."""
+        """One local NIfTI file with its prompt (the 3D columns' scalar values): mask, the windowed volume
+        (the source geometry, for writing the mask) and metadata."""
         deadline = time.monotonic() + self.settings.request_deadline_s
         columns = {key: [value] for key, value in prompt.items()}
         (item,) = parse_request({"input_data": {**columns, "nii_image": [path.name]}}, max_items=1)
-        volume = read_nifti(path.read_bytes(), field=path.name, limits=self.settings.limits)
-        prepared = self._prepare(item, volume)
+        prepared = self._prepare(item, read_nifti(path.read_bytes(), field=path.name, limits=self.settings.limits))
         mask, metadata = self._run(prepared, deadline)
-        return mask, volume, metadata
+        return mask, prepared.windowed, metadata
 
     def _run(self, p: PreparedItem, deadline: float) -> tuple[np.ndarray, dict]:
-        """Window once, encode each visited slice once (shared by all objects), propagate each object."""
+        """Encode each visited slice once (shared by all objects), propagate each object."""
         engine = self.engines[p.engine_name]
-        item, volume = p.item, p.volume
-        t0 = time.perf_counter()
-        windowed = window_to_uint8(volume.array, item.dicom_window, field=item.field("dicom_window"))
-        # Content hash of what the model sees: same volume + same window -> same features, across requests.
-        volume_key = hashlib.blake2b(windowed.data, digest_size=16).hexdigest() + str(windowed.shape)
+        item, volume = p.item, p.windowed
+        windowed = volume.array
         t1 = time.perf_counter()
         options = PropagationOptions(direction=item.propagation, stop_after_empty=item.stop_after_empty, max_slices=item.max_slices)
         results = []
         processed = 0
         for obj in p.objects:
-            state = engine.start(windowed, volume_key)
+            state = engine.start(windowed, p.volume_key)
             result = segment_object(engine, state, key_index=obj.key_index, box=obj.box, shape=windowed.shape, options=options, deadline=deadline)
             processed += result.slices_processed
             results.append((obj, result))
@@ -203,7 +210,7 @@ class Service:
         voxels = int(np.count_nonzero(mask))
         timing = {
             "decode": round(p.decode_ms, 1),
-            "window": round((t1 - t0) * 1000, 1),
+            "window": round(p.window_ms, 1),
             "inference": round((t2 - t1) * 1000, 1),
         }
         timing["total"] = round(sum(timing.values()), 1)

@@ -7,12 +7,13 @@ from __future__ import annotations
 
 import base64
 import binascii
+import dataclasses
 import io
 import math
 import re
 import tempfile
 import zlib
-from dataclasses import dataclass
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import BinaryIO
 
@@ -28,17 +29,19 @@ _SUPPORTED_DTYPES = {np.dtype(t) for t in ("uint8", "int8", "uint16", "int16", "
 _DATA_URL = re.compile(r"^data:[\w/.+-]*;base64,", re.IGNORECASE)
 
 
-@dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True)
 class Volume:
     """Voxels plus the geometry they came with.
 
-    array: (Z, Y, X) in the file's dtype. spacing/origin: 3 floats (x, y, z). direction: 9 floats, row-major.
+    array: (Z, Y, X), in the file's dtype as read (uint8 once windowed: `with_array`); may be a read-only
+    view of `owner`'s buffer. spacing/origin: 3 floats (x, y, z). direction: 9 floats, row-major.
     """
 
     array: np.ndarray
     spacing: tuple[float, float, float]
     origin: tuple[float, float, float]
     direction: tuple[float, ...]
+    owner: object = dataclasses.field(default=None, repr=False, compare=False)  # keeps a viewed buffer alive
 
     @property
     def itk_size(self) -> list[int]:
@@ -52,12 +55,22 @@ class Volume:
 
     @classmethod
     def from_sitk(cls, image: sitk.Image) -> Volume:
+        """The image's voxels as a read-only view (no copy of a whole CT) and its geometry."""
+        array = sitk.GetArrayViewFromImage(image)
+        array.flags.writeable = False
         return cls(
-            array=sitk.GetArrayFromImage(image),
+            array=array,
             spacing=tuple(float(v) for v in image.GetSpacing()),
             origin=tuple(float(v) for v in image.GetOrigin()),
             direction=tuple(float(v) for v in image.GetDirection()),
+            owner=image,
         )
+
+    def with_array(self, array: np.ndarray) -> Volume:
+        """The same geometry with other voxels of the same shape (the windowed uint8 volume); the old buffer is let go."""
+        if array.shape != self.array.shape:
+            raise ValueError(f"array shape {array.shape} differs from the volume's {self.array.shape}")
+        return dataclasses.replace(self, array=array, owner=None)
 
     def image_like(self, array: np.ndarray) -> sitk.Image:
         """A SimpleITK image of `array` (same (Z, Y, X) shape) carrying this volume's geometry."""
@@ -70,53 +83,97 @@ class Volume:
         return image
 
 
-def decode_base64(text: str, *, field: str, limits: Limits) -> bytes:
-    """Strict base64 (whitespace and a data-URL prefix tolerated)."""
+_B64_CHUNK_CHARS = 4 << 20  # decode this many base64 characters at a time (a multiple of 4)
+
+
+def base64_chunks(text: str, *, field: str, limits: Limits, what: str = "the .nii or .nii.gz file's") -> Iterator[bytes]:
+    """Strict base64 decoded a few MB at a time (whitespace and a data-URL prefix tolerated).
+
+    A whole CT arrives as a ~100 MB string: decoding it in slices never holds the full decoded
+    file (or an ASCII copy of the string) in memory. `what` completes the error's "send ..." hint.
+    """
     if len(text) > limits.max_base64_bytes:
         raise PayloadTooLarge(
             f"{field}: base64 payload of {len(text)} characters exceeds the limit of "
             f"{limits.max_base64_bytes} (MEDSAM2_MAX_BASE64_MB); send a URL instead"
         )
-    text = _DATA_URL.sub("", text, count=1)
-    compact = "".join(text.split())
-    try:
-        return base64.b64decode(compact, validate=True)
-    except (binascii.Error, ValueError):
-        raise InvalidRequest(
-            f"{field}: not valid base64; send the .nii or .nii.gz file's bytes base64-encoded, or an https URL"
-        ) from None
+    prefix = _DATA_URL.match(text)
+    text = text[prefix.end() :] if prefix else text
+    if any(space in text for space in " \t\n\r\f\v"):
+        text = "".join(text.split())  # rare (wrapped lines): one compact copy keeps the slicing 4-aligned
+    for start in range(0, len(text), _B64_CHUNK_CHARS):
+        try:
+            yield base64.b64decode(text[start : start + _B64_CHUNK_CHARS], validate=True)
+        except (binascii.Error, ValueError):
+            raise InvalidRequest(f"{field}: not valid base64; send {what} bytes base64-encoded, or an https URL") from None
 
 
-def gunzip_capped(data: bytes, *, field: str, limit: int, out: BinaryIO | None = None) -> bytes | None:
-    """Decompress gzip while streaming, refusing as soon as the output passes `limit` (gzip bombs).
+def decode_base64(text: str, *, field: str, limits: Limits, what: str = "the .nii or .nii.gz file's") -> bytes:
+    """The whole decoded payload (small files: 2D images)."""
+    return b"".join(base64_chunks(text, field=field, limits=limits, what=what))
 
-    Returns the bytes, or writes them to `out` (a file: no second in-memory copy of a large volume).
-    """
-    decompressor = zlib.decompressobj(wbits=16 + zlib.MAX_WBITS)
-    sink = out if out is not None else io.BytesIO()
-    written = 0
-    chunk = 1 << 20
-    try:
-        view = memoryview(data)
-        for start in range(0, len(data), chunk):
-            piece = decompressor.decompress(view[start : start + chunk], limit + 1 - written)
+
+class CappedGunzip:
+    """Streaming gzip decompression into a sink, refusing as soon as the output passes `limit` (gzip bombs)."""
+
+    def __init__(self, sink: BinaryIO, *, field: str, limit: int) -> None:
+        self.sink, self.field, self.limit = sink, field, limit
+        self.written = 0
+        self._decompressor = zlib.decompressobj(wbits=16 + zlib.MAX_WBITS)
+
+    def feed(self, data: bytes) -> None:
+        if self._decompressor.eof:
+            return  # trailing bytes after the gzip member are ignored, as gzip tools do
+        try:
+            piece = self._decompressor.decompress(data, self.limit + 1 - self.written)
             while True:
-                sink.write(piece)
-                written += len(piece)
-                if not decompressor.unconsumed_tail or written > limit:
+                self.sink.write(piece)
+                self.written += len(piece)
+                self._check_size()
+                if not self._decompressor.unconsumed_tail:
                     break
-                piece = decompressor.decompress(decompressor.unconsumed_tail, limit + 1 - written)
-            if written > limit or decompressor.eof:
-                break
-    except zlib.error:
-        raise InvalidRequest(f"{field}: the gzip stream is corrupt; send an intact .nii.gz file") from None
-    if written > limit:
-        raise PayloadTooLarge(
-            f"{field}: the decompressed file exceeds the limit of {limit} bytes (MEDSAM2_MAX_FILE_MB)"
-        )
-    if not decompressor.eof:
-        raise InvalidRequest(f"{field}: the gzip stream is truncated; send the whole .nii.gz file")
-    return sink.getvalue() if out is None else None
+                piece = self._decompressor.decompress(self._decompressor.unconsumed_tail, self.limit + 1 - self.written)
+        except zlib.error:
+            raise InvalidRequest(f"{self.field}: the gzip stream is corrupt; send an intact .nii.gz file") from None
+
+    def _check_size(self) -> None:
+        if self.written > self.limit:
+            raise PayloadTooLarge(
+                f"{self.field}: the decompressed file exceeds the limit of {self.limit} bytes (MEDSAM2_MAX_FILE_MB)"
+            )
+
+    def close(self) -> None:
+        if not self._decompressor.eof:
+            raise InvalidRequest(f"{self.field}: the gzip stream is truncated; send the whole .nii.gz file")
+
+
+def gunzip_capped(data: bytes, *, field: str, limit: int) -> bytes:
+    """Decompress a whole gzip payload in memory (small files: 2D images), capped at `limit` bytes."""
+    sink = io.BytesIO()
+    gunzip = CappedGunzip(sink, field=field, limit=limit)
+    view = memoryview(data)
+    for start in range(0, len(data), 1 << 20):
+        gunzip.feed(view[start : start + (1 << 20)])
+    gunzip.close()
+    return sink.getvalue()
+
+
+def _spool(chunks: Iterable[bytes], handle: BinaryIO, *, field: str, limits: Limits) -> None:
+    """Write the file's bytes to `handle`, gunzipping when they start with the gzip magic; size-capped."""
+    gunzip: CappedGunzip | None = None
+    received = 0
+    for number, chunk in enumerate(chunks):
+        received += len(chunk)
+        if received > limits.max_file_bytes:
+            raise PayloadTooLarge(f"{field}: the file exceeds the limit of {limits.max_file_bytes} bytes (MEDSAM2_MAX_FILE_MB)")
+        if number == 0 and bytes(chunk[:2]) == GZIP_MAGIC:
+            gunzip = CappedGunzip(handle, field=field, limit=limits.max_file_bytes)
+        if gunzip is not None:
+            gunzip.feed(chunk)
+        else:
+            handle.write(chunk)
+    if gunzip is not None:
+        gunzip.close()
 
 
 def _header(raw: bytes | np.ndarray, *, field: str) -> nib.Nifti1Header:
@@ -135,8 +192,8 @@ def _header(raw: bytes | np.ndarray, *, field: str) -> nib.Nifti1Header:
         raise InvalidRequest(f"{field}: the NIfTI header is malformed") from None
 
 
-def check_header(raw: bytes, *, field: str, limits: Limits) -> tuple[int, ...]:
-    """Validate dimensions, dtype and size from the header alone, before any voxel is read."""
+def check_header(raw: bytes | np.ndarray, *, field: str, limits: Limits) -> nib.Nifti1Header:
+    """Validate dimensions, dtype and size from the header alone, before any voxel is read; the parsed header."""
     header = _header(raw, field=field)
     shape = tuple(int(v) for v in header.get_data_shape())
     if any(v <= 0 for v in shape):
@@ -178,31 +235,31 @@ def check_header(raw: bytes, *, field: str, limits: Limits) -> tuple[int, ...]:
         voxels_raw = np.frombuffer(raw, dtype=dtype, count=voxels, offset=int(header.get_data_offset()))
         if not np.isfinite(voxels_raw).all():
             raise InvalidRequest(f"{field}: the volume contains NaN or infinite values; replace them before sending")
-    return spatial
+    return header
 
 
-def read_nifti(data: bytes, *, field: str, limits: Limits) -> Volume:
+def read_nifti(data: bytes | Iterable[bytes], *, field: str, limits: Limits) -> Volume:
     """Decode a .nii or .nii.gz (detected by content) into a Volume, checking limits before allocating.
 
-    A .nii.gz is decompressed straight into a temporary file, checked through a read-only memory map and
-    read by SimpleITK from there, so only the voxel array itself is held in memory.
+    `data` is the file's bytes or an iterable of its chunks (`base64_chunks`). The file is spooled
+    (a .nii.gz decompressed on the way) into a temporary file, checked through a read-only memory map
+    and read from there (`_read_plain`, else SimpleITK with the array a view of its buffer), so the
+    voxels are held in memory once.
     """
-    if len(data) > limits.max_file_bytes:
-        raise PayloadTooLarge(f"{field}: the file of {len(data)} bytes exceeds the limit of {limits.max_file_bytes} bytes")
     with tempfile.TemporaryDirectory(prefix="medsam2-") as tmp:
         path = Path(tmp) / "volume.nii"
         with open(path, "wb") as handle:
-            if data[:2] == GZIP_MAGIC:
-                gunzip_capped(data, field=field, limit=limits.max_file_bytes, out=handle)
-            else:
-                handle.write(data)
+            _spool([data] if isinstance(data, (bytes, bytearray, memoryview)) else data, handle, field=field, limits=limits)
         if path.stat().st_size == 0:
             raise UnsupportedMedia(f"{field}: not a NIfTI file (it is empty); send a .nii or .nii.gz volume")
         raw = np.memmap(path, dtype=np.uint8, mode="r")
         try:
-            check_header(raw, field=field, limits=limits)
+            header = check_header(raw, field=field, limits=limits)
         finally:
             del raw
+        volume = _read_plain(path, header, field=field)
+        if volume is not None:
+            return volume
         try:
             image = sitk.ReadImage(str(path))
         except RuntimeError:
@@ -212,13 +269,52 @@ def read_nifti(data: bytes, *, field: str, limits: Limits) -> Volume:
         image = sitk.Extract(image, size[:3] + [0], [0, 0, 0, 0])
     if image.GetNumberOfComponentsPerPixel() != 1:
         raise UnsupportedMedia(f"{field}: vector or RGB voxels are not supported; send a scalar volume")
+    _check_geometry(image, field=field)
+    return Volume.from_sitk(image)
+
+
+def _check_geometry(image: sitk.Image | sitk.ImageFileReader, *, field: str) -> None:
     geometry = (*image.GetSpacing(), *image.GetOrigin(), *image.GetDirection())
     if not all(math.isfinite(v) for v in geometry):
         raise InvalidRequest(
             f"{field}: the NIfTI geometry (spacing, origin or direction from pixdim/qform/sform) has NaN or "
             "infinite values; fix the header"
         )
-    return Volume.from_sitk(image)
+
+
+def _read_plain(path: Path, header: nib.Nifti1Header, *, field: str) -> Volume | None:
+    """The common case read with one copy: a 3D scalar volume, native byte order, no intensity scaling.
+
+    SimpleITK's reader holds the voxels twice while reading (its NIfTI buffer, then the image), so
+    here SimpleITK reads only the geometry and numpy reads the voxels: NIfTI stores x fastest, which
+    is SimpleITK's (z, y, x) array order (orientation lives in the direction matrix, the voxels are
+    never reordered). Anything else (4D, scaled, big-endian, a pixel type SimpleITK would map
+    differently) returns None and goes through SimpleITK whole; tests compare both readers.
+    """
+    dtype = header.get_data_dtype()
+    slope, inter = float(header["scl_slope"]), float(header["scl_inter"])
+    unscaled = (slope in (0.0, 1.0) or math.isnan(slope)) and (inter == 0.0 or math.isnan(inter))
+    if len(header.get_data_shape()) != 3 or not unscaled or not dtype.isnative:
+        return None
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(path))
+    try:
+        reader.ReadImageInformation()
+    except RuntimeError:
+        return None  # let the full read report it
+    if reader.GetDimension() != 3 or reader.GetNumberOfComponents() != 1:
+        return None
+    if sitk.GetArrayViewFromImage(sitk.Image([1, 1, 1], reader.GetPixelID())).dtype != dtype:
+        return None
+    _check_geometry(reader, field=field)
+    x, y, z = (int(v) for v in header.get_data_shape())
+    array = np.fromfile(path, dtype=dtype, count=x * y * z, offset=int(header.get_data_offset())).reshape(z, y, x)
+    return Volume(
+        array=array,
+        spacing=tuple(float(v) for v in reader.GetSpacing()),
+        origin=tuple(float(v) for v in reader.GetOrigin()),
+        direction=tuple(float(v) for v in reader.GetDirection()),
+    )
 
 
 def write_nifti(image: sitk.Image, *, compressed: bool = True) -> bytes:
