@@ -38,7 +38,7 @@ def test_runs_equal_the_dense_definition(labels):
     values, counts = dense_runs(labels)
     assert value_rle(labels) == {"values": values, "counts": counts}
     fg_values, fg_counts = dense_runs((labels > 0).astype(np.uint8))
-    assert rle_counts(labels > 0) == ([0] if fg_values[0] == 1 else []) + fg_counts
+    assert rle_counts(labels) == rle_counts(labels > 0) == ([0] if fg_values[0] == 1 else []) + fg_counts
 
 
 def test_rle_is_column_major_and_starts_with_background():

@@ -10,8 +10,9 @@ import numpy as np
 from .volume import Volume, write_nifti
 
 
-def _foreground_runs(labels: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _foreground_runs(labels: np.ndarray, *, by_value: bool = True) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Runs of equal non-zero values in column-major (Fortran) order: (starts, ends, values), sorted.
+    by_value=False: runs of any non-zero values (a mask's foreground).
 
     Works from the non-zero voxels' positions only (no transposed copy of the volume), so a small
     lesion in a whole CT costs its own size, not the volume's.
@@ -27,7 +28,8 @@ def _foreground_runs(labels: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.nda
     order = np.argsort(positions, kind="stable")
     positions = positions[order]
     values = labels[nonzero][order]
-    breaks = np.flatnonzero((np.diff(positions) != 1) | (values[1:] != values[:-1])) + 1
+    step = np.diff(positions) != 1
+    breaks = np.flatnonzero(step | (values[1:] != values[:-1]) if by_value else step) + 1
     starts = positions[np.concatenate(([0], breaks))]
     ends = positions[np.concatenate((breaks - 1, [positions.size - 1]))] + 1
     return starts, ends, values[np.concatenate(([0], breaks))]
@@ -55,7 +57,7 @@ def rle_counts(mask: np.ndarray) -> list[int]:
     mask = np.asarray(mask)
     if mask.size == 0:
         return []
-    starts, ends, _ = _foreground_runs(mask.astype(bool, copy=False).view(np.uint8))
+    starts, ends, _ = _foreground_runs(mask, by_value=False)
     if starts.size == 0:
         return [int(mask.size)]
     lengths, _ = _interleave(starts, ends, mask.size)

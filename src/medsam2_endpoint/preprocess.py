@@ -47,6 +47,7 @@ def window_to_uint8(array: np.ndarray, window: tuple[float, float] | None, *, fi
         # Same expression as the reference so numpy picks the same dtypes (float32 stays float32).
         return np.uint8((values - vmin) / (vmax - vmin) * 255.0)
 
+    table = None
     if array.dtype.kind in "iu" and array.dtype.itemsize <= 2:
         # 8/16-bit voxels (most CT and MR): scale every possible value once, then look each voxel up.
         # Bit-identical, since each voxel's result depends on its value alone; no float copy at all.
@@ -55,10 +56,14 @@ def window_to_uint8(array: np.ndarray, window: tuple[float, float] | None, *, fi
         values = np.arange(info.min, info.max + 1, dtype=np.int64).astype(array.dtype)
         table = np.empty(values.size, dtype=np.uint8)
         table[values.view(unsigned)] = scale(values)
-        return np.take(table, array.view(unsigned))
+        index = array.view(unsigned)
     out = np.empty(array.shape, dtype=np.uint8)
     for start in range(0, array.shape[0], _CHUNK_SLICES):
-        out[start : start + _CHUNK_SLICES] = scale(array[start : start + _CHUNK_SLICES])
+        chunk = slice(start, start + _CHUNK_SLICES)
+        if table is not None:
+            np.take(table, index[chunk], out=out[chunk])  # in chunks: take widens the indices to int64
+        else:
+            out[chunk] = scale(array[chunk])
     return out
 
 
