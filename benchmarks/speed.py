@@ -29,10 +29,31 @@ def _peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def _current_rss_mb() -> float:
+    with open("/proc/self/statm") as statm:
+        return int(statm.read().split()[1]) * resource.getpagesize() / 2**20
+
+
 def _phantom(depth: int):
     from medsam2_endpoint.phantoms import phantom_set
 
     return next(p for p in phantom_set("speed") if p.labels.shape[0] == depth)
+
+
+def write_case(depth: int, work: Path) -> dict:
+    """Write the phantom's .nii.gz and return what a measuring process needs (it never builds the phantom:
+    its peak RSS is then the service's, not the phantom generator's)."""
+    phantom = _phantom(depth)
+    path = work / f"speed_{depth}.nii.gz"
+    path.write_bytes(phantom.nifti_bytes())
+    lesion = phantom.lesions[0]
+    return {
+        "nifti": str(path),
+        "bbox": [int(v) for v in lesion.bbox],
+        "key_slice": int(lesion.key_slice),
+        "window": [float(v) for v in phantom.window],
+        "input_mb": phantom.array().nbytes / 2**20,
+    }
 
 
 def _service(model: str, checkpoint: Path):
@@ -47,8 +68,8 @@ def _service(model: str, checkpoint: Path):
     return Service.from_settings(Settings.from_env(env, model_dir=str(folder)))
 
 
-def _body(phantom, boxes, **columns):
-    cols = {"nii_image": [base64.b64encode(phantom.nifti_bytes()).decode()], "dicom_window": [list(phantom.window)]}
+def _body(case: dict, boxes, **columns):
+    cols = {"nii_image": [base64.b64encode(Path(case["nifti"]).read_bytes()).decode()], "dicom_window": [case["window"]]}
     if len(boxes) == 1:
         cols.update(bbox=[list(boxes[0][0])], key_slice_idx=[boxes[0][1]])
     else:
@@ -57,37 +78,37 @@ def _body(phantom, boxes, **columns):
     return {"input_data": cols}
 
 
-def _shifted(lesion, dz: int, dx: int):
-    x0, y0, x1, y1 = lesion.bbox
-    return (x0 + dx, y0, x1 + dx, y1), lesion.key_slice + dz
+def _shifted(case: dict, dz: int, dx: int):
+    x0, y0, x1, y1 = case["bbox"]
+    return (x0 + dx, y0, x1 + dx, y1), case["key_slice"] + dz
 
 
 def run_one(config: dict) -> dict:
     """One measurement in this process; returns timings (s) and peak RSS (MB)."""
     import numpy as np
 
-    phantom = _phantom(config["depth"])
-    lesion = phantom.lesions[0]
+    case = config["case"]
     checkpoint = Path(config["checkpoint"])
-    out: dict = {"input_mb": phantom.array().nbytes / 2**20, "model_mb": checkpoint.stat().st_size / 2**20 if config["model"] == "medsam2" else 37.5}
+    out: dict = {"input_mb": case["input_mb"], "model_mb": checkpoint.stat().st_size / 2**20 if config["model"] == "medsam2" else 37.5}
     if config["kind"] == "reference":
         from reference_pipeline import build_reference_predictor, reference_segment
 
-        path = Path(tempfile.mkdtemp()) / "v.nii.gz"
-        path.write_bytes(phantom.nifti_bytes())
         predictor = build_reference_predictor(checkpoint)
         started = time.perf_counter()
-        mask = reference_segment(path, lesion.bbox, lesion.key_slice, phantom.window, predictor=predictor)
-        out.update(seconds=time.perf_counter() - started, voxels=int(mask.sum()), slices=int(phantom.labels.shape[0]))
+        mask = reference_segment(Path(case["nifti"]), tuple(case["bbox"]), case["key_slice"], tuple(case["window"]), predictor=predictor)
+        out.update(seconds=time.perf_counter() - started, voxels=int(mask.sum()), slices=int(mask.shape[0]))
         np.save(Path(config["mask_out"]), mask) if config.get("mask_out") else None
     else:
         from medsam2_endpoint.encode import dumps
 
         service = _service(config["model"], checkpoint)
+        out["loaded_rss_mb"] = _current_rss_mb()
         stop = config.get("stop_after_empty", 2)
-        boxes = [(lesion.bbox, lesion.key_slice)]
+        boxes = [(tuple(case["bbox"]), case["key_slice"])]
+        body = _body(case, boxes, stop_after_empty=stop, mask_format="rle")  # the parsed JSON a server would hold
         started = time.perf_counter()
-        (result,) = service.score(_body(phantom, boxes, stop_after_empty=stop, mask_format="rle"))
+        (result,) = service.score(body)
+        del body
         out.update(seconds=time.perf_counter() - started, slices=result["metadata"]["slices_processed"], voxels=result["metadata"]["voxel_count"])
         out["peak_rss_mb"] = _peak_rss_mb()  # one request; the extras below add their own inputs and results
         if config.get("mask_out"):
@@ -96,19 +117,20 @@ def run_one(config: dict) -> dict:
             np.save(Path(config["mask_out"]), rle_decode(result["mask"]["counts"], tuple(result["mask"]["size"])))
         if config.get("second"):
             started = time.perf_counter()
-            service.score(_body(phantom, [_shifted(lesion, 1, 2)], stop_after_empty=stop, mask_format="rle"))
+            service.score(_body(case, [_shifted(case, 1, 2)], stop_after_empty=stop, mask_format="rle"))
             out["second_seconds"] = time.perf_counter() - started
         if config.get("objects"):
             fresh = service
             for engine in fresh.engines.values():  # empty the feature caches: the 3 objects start cold, as the first run
                 engine.features = type(engine.features)(engine.features.max_bytes)
-            three = [(lesion.bbox, lesion.key_slice), _shifted(lesion, 1, 3), _shifted(lesion, -1, -3)]
+            three = [boxes[0], _shifted(case, 1, 3), _shifted(case, -1, -3)]
+            body = _body(case, three, stop_after_empty=stop, mask_format="rle")
             started = time.perf_counter()
-            fresh.score(_body(phantom, three, stop_after_empty=stop, mask_format="rle"))
+            fresh.score(body)
             out["three_objects_seconds"] = time.perf_counter() - started
         if config.get("formats"):
             for fmt in ("list", "rle", "nifti"):
-                body = _body(phantom, boxes, stop_after_empty=stop, mask_format=fmt)
+                body = _body(case, boxes, stop_after_empty=stop, mask_format=fmt)
                 (res,) = service.score(body)
                 started = time.perf_counter()
                 text = dumps([res])
@@ -145,7 +167,7 @@ def main() -> None:
 
     rows = []
     for depth in [int(s) for s in args.sizes.split(",")]:
-        base = {"depth": depth, "checkpoint": str(checkpoint)}
+        base = {"depth": depth, "checkpoint": str(checkpoint), "case": write_case(depth, work)}
         for model in args.models.split(","):
             if model == "medsam2":
                 ref = measure({**base, "model": model, "kind": "reference", "mask_out": str(work / "ref.npy")})
@@ -155,8 +177,8 @@ def main() -> None:
                 rows.append((depth, model, f"project, stop rules off (mask identical: {identical})", off, ref["seconds"]))
             on = measure({**base, "model": model, "kind": "project", "stop_after_empty": 2, "second": True, "objects": True, "formats": True})
             rows.append((depth, model, "project, stop rules on (default)", on, None))
-    print("| Z | model | run | time (s) | ratio to reference | slices processed | peak RSS (MB) | RSS limit 1.5x(input+model+1GB) (MB) | extras |")
-    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    print("| Z | model | run | time (s) | ratio to reference | slices processed | RSS after loading (MB) | peak RSS (MB) | RSS limit 1.5x(input+model+1GB) (MB) | extras |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for depth, model, run, r, ref_seconds in rows:
         limit = 1.5 * (r["input_mb"] + r["model_mb"] + 1024)
         extras = []
@@ -171,7 +193,8 @@ def main() -> None:
                 + " encode s list/rle/nifti " + "/".join(f"{r[f'{f}_encode_seconds']:.2f}" for f in ("list", "rle", "nifti"))
             )
         ratio = f"{r['seconds'] / ref_seconds:.2f}" if ref_seconds else ""
-        print(f"| {depth} | {model} | {run} | {r['seconds']:.1f} | {ratio} | {r['slices']} | {r['peak_rss_mb']:.0f} | {limit:.0f} | {'; '.join(extras)} |")
+        loaded = f"{r['loaded_rss_mb']:.0f}" if "loaded_rss_mb" in r else ""
+        print(f"| {depth} | {model} | {run} | {r['seconds']:.1f} | {ratio} | {r['slices']} | {loaded} | {r['peak_rss_mb']:.0f} | {limit:.0f} | {'; '.join(extras)} |")
 
 
 if __name__ == "__main__":

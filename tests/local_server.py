@@ -1,7 +1,7 @@
 """Start the real scoring server (azmlinfsrv + score.py) on a free loopback port, for the hardening tests.
 
-Not a test module: tests/test_fuzz.py, test_limits_server.py and test_soak.py import it and start one
-server per module. The model folder is empty, so LiteMedSAM (bundled real weights) serves.
+Not a test module: the server tests (smoke, client, fuzz, limits, soak) import it and start one server
+per module. With an empty model folder LiteMedSAM (bundled real weights) serves.
 """
 
 from __future__ import annotations
@@ -55,13 +55,14 @@ class Server:
 
 @contextmanager
 def running_server(folder: Path, env: dict[str, str], *, workers: int = 1, ready_timeout: float = 300) -> Iterator[Server]:
-    """azmlinfsrv with score.py, `workers` gunicorn workers, LiteMedSAM only, on CPU; waits until every worker ran init()."""
+    """azmlinfsrv with score.py and `workers` gunicorn workers on CPU, serving `folder`/model (LiteMedSAM only
+    when it holds no checkpoint); waits until every worker ran init()."""
     model_dir = folder / "model"
     model_dir.mkdir(parents=True, exist_ok=True)
     port = free_port()
     log_path = folder / "server.log"
     full_env = {
-        **os.environ,
+        **{k: v for k, v in os.environ.items() if k != "MEDSAM2_MODEL_DIR"},  # serve `folder`'s models only
         "WORKER_COUNT": str(workers),
         "MEDSAM2_NUM_THREADS": "1",
         "MEDSAM2_WARMUP": "0",

@@ -9,23 +9,17 @@ and the Bearer key without running a model. Nothing leaves 127.0.0.1.
 from __future__ import annotations
 
 import json
-import os
-import signal
-import socket
-import subprocess
-import sys
 import threading
-import time
 from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import numpy as np
 import pytest
-import requests
 import SimpleITK as sitk
 from PIL import Image
 
+from local_server import free_port, running_server
 from medsam2_endpoint.client import (
     PRESETS,
     ClientError,
@@ -46,12 +40,6 @@ REPO = Path(__file__).resolve().parents[1]
 KEY = "test-key-not-a-secret-0123"
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def phantom() -> Phantom:
     """16 x 64 x 64 CT (int16 HU) with one ellipsoid lesion and an oblique direction."""
@@ -61,38 +49,8 @@ def phantom() -> Phantom:
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     """The real azmlinfsrv on score.py with an empty model folder (LiteMedSAM serves); yields the /score URL."""
-    model_dir = tmp_path_factory.mktemp("client-model")
-    port = free_port()
-    log_path = model_dir.parent / "client-server.log"
-    env = {k: v for k, v in os.environ.items() if k != "MEDSAM2_MODEL_DIR"}
-    env.update(WORKER_COUNT="1", MEDSAM2_NUM_THREADS="1", MEDSAM2_WARMUP="0", AZUREML_MODEL_DIR=str(model_dir))
-    azmlinfsrv = str(Path(sys.executable).with_name("azmlinfsrv"))
-    with open(log_path, "wb") as log:
-        proc = subprocess.Popen(
-            [azmlinfsrv, "--entry_script", str(REPO / "score.py"), "--model_dir", str(model_dir), "--port", str(port)],
-            cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-        )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 300
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"azmlinfsrv exited early:\n{log_path.read_text()[-3000:]}")
-            try:
-                if requests.get(url + "/", timeout=2).status_code == 200:
-                    break
-            except requests.RequestException:  # refused, or accepted while init() still runs
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail(f"azmlinfsrv not ready after 300 s:\n{log_path.read_text()[-3000:]}")
-            time.sleep(1)
-        yield url + "/score"
-    finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
+    with running_server(tmp_path_factory.mktemp("client"), {}) as running:
+        yield running.score
 
 
 def write_dicom_series(image: sitk.Image, folder: Path, *, series: str = "2") -> None:

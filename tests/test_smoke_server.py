@@ -7,66 +7,30 @@ with the random-weight MedSAM2 checkpoint (MedSAM2 default, LiteMedSAM selectabl
 from __future__ import annotations
 
 import json
-import os
-import signal
-import socket
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
 import requests
 
+from local_server import running_server
 from medsam2_endpoint.samples import check_response
 
 REPO = Path(__file__).resolve().parents[1]
 SAMPLES = sorted(p for p in (REPO / "sample_requests").glob("*.json") if not p.name.endswith(".expect.json"))
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module", params=["no-weights", "medsam2-checkpoint"])
 def server(request, tmp_path_factory):
-    model_dir = tmp_path_factory.mktemp("model")
+    folder = tmp_path_factory.mktemp(request.param)
+    (folder / "model").mkdir()
     if request.param == "medsam2-checkpoint":
-        (model_dir / "MedSAM2_latest.pt").symlink_to(request.getfixturevalue("medsam2_checkpoint"))
-    port = free_port()
-    log_path = model_dir.parent / f"server-{request.param}.log"
+        (folder / "model" / "MedSAM2_latest.pt").symlink_to(request.getfixturevalue("medsam2_checkpoint"))
     # Deadlines are tested elsewhere; a shared, loaded CI machine must not turn slow answers into 503s here.
-    env = {**os.environ, "WORKER_COUNT": "1", "MEDSAM2_NUM_THREADS": "2", "AZUREML_MODEL_DIR": str(model_dir), "MEDSAM2_REQUEST_DEADLINE_S": "3000"}
-    azmlinfsrv = str(Path(sys.executable).with_name("azmlinfsrv"))
-    with open(log_path, "wb") as log:
-        proc = subprocess.Popen(
-            [azmlinfsrv, "--entry_script", str(REPO / "score.py"), "--model_dir", str(model_dir), "--port", str(port)],
-            cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-        )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 300
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"azmlinfsrv exited early:\n{log_path.read_text()[-3000:]}")
-            try:
-                if requests.get(url + "/", timeout=2).status_code == 200:
-                    break
-            except requests.RequestException:  # refused, or accepted while init() still runs
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail(f"azmlinfsrv not ready after 300 s:\n{log_path.read_text()[-3000:]}")
-            time.sleep(1)
+    # Warm-up on, as deployed.
+    env = {"MEDSAM2_NUM_THREADS": "2", "MEDSAM2_REQUEST_DEADLINE_S": "3000", "MEDSAM2_WARMUP": "1"}
+    with running_server(folder, env) as running:
         models = ["MedSAM2_latest", "lite-medsam"] if request.param == "medsam2-checkpoint" else ["lite-medsam"]
-        yield {"url": url, "kind": request.param, "log": log_path, "models": models}
-    finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
+        yield {"url": running.url, "kind": request.param, "log": running.log, "models": models}
 
 
 def test_there_are_samples():
