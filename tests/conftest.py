@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import base64
+import http.server
 import shutil
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -49,3 +53,26 @@ def request_for(phantom: Phantom, *, lesion: int = 0, slice_offset: int = 0, **c
         cols["dicom_window"] = [list(phantom.window)]
     cols.update(columns)
     return {"input_data": cols}
+
+
+@contextmanager
+def serving_bytes(data: bytes) -> Iterator[str]:
+    """A loopback HTTP server answering every GET with `data`; yields its base URL (http://127.0.0.1:PORT)."""
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802 - http.server's naming
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()

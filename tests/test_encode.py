@@ -1,11 +1,13 @@
 import base64
 import json
+from unittest import mock
 
 import numpy as np
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
+from medsam2_endpoint import encode
 from medsam2_endpoint.config import Limits
 from medsam2_endpoint.encode import RawJSON, dumps, encode_mask, list_json, rle_counts, rle_decode, value_rle
 from medsam2_endpoint.volume import Volume, read_nifti
@@ -36,9 +38,11 @@ def dense_runs(array):
 @given(arrays(np.uint8, st.tuples(st.integers(1, 4), st.integers(1, 5), st.integers(1, 6)), elements=st.integers(0, 3)))
 def test_runs_equal_the_dense_definition(labels):
     values, counts = dense_runs(labels)
-    assert value_rle(labels) == {"values": values, "counts": counts}
     fg_values, fg_counts = dense_runs((labels > 0).astype(np.uint8))
-    assert rle_counts(labels) == rle_counts(labels > 0) == ([0] if fg_values[0] == 1 else []) + fg_counts
+    for sparse_fraction in (0, 10**9):  # both strategies: from foreground positions, from the column-major copy
+        with mock.patch.object(encode, "_SPARSE_FRACTION", sparse_fraction):
+            assert value_rle(labels) == {"values": values, "counts": counts}
+            assert rle_counts(labels) == rle_counts(labels > 0) == ([0] if fg_values[0] == 1 else []) + fg_counts
 
 
 def test_rle_is_column_major_and_starts_with_background():

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import base64
 import functools
-import http.server
 import io
 import json
 import threading
@@ -17,6 +16,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from conftest import serving_bytes
 from medsam2_endpoint.config import Settings
 from medsam2_endpoint.embedding_cache import EmbeddingCache, content_key
 from medsam2_endpoint.encode import dumps, rle_decode
@@ -225,20 +225,8 @@ def test_url_image_through_the_fetcher(service):
     grey, truth, box = phantom_slice()
     data = base64.b64decode(png_b64(grey))
 
-    class Handler(http.server.BaseHTTPRequestHandler):
-        def do_GET(self):
-            self.send_response(200)
-            self.send_header("Content-Length", str(len(data)))
-            self.end_headers()
-            self.wfile.write(data)
-
-        def log_message(self, *args):
-            pass
-
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
-        url = f"http://127.0.0.1:{server.server_address[1]}/slice.png?sig=SECRET"
+    with serving_bytes(data) as base:
+        url = f"{base}/slice.png?sig=SECRET"
         settings = Settings.from_env({"MEDSAM2_WARMUP": "0", "MEDSAM2_FETCH_ALLOW_HTTP": "1", "MEDSAM2_FETCH_ALLOW_NETWORKS": "127.0.0.0/8"})
         allowed = Service(settings, service.engines, service.default)
         allowed.image2d = prompter_for(service)  # share the 2D state (and its cached embeddings)
@@ -247,8 +235,6 @@ def test_url_image_through_the_fetcher(service):
         with pytest.raises(Exception) as refused:
             score(service, image=url, bbox=list(box), model=LITE)
         assert refused.value.status == 400 and "SECRET" not in refused.value.message
-    finally:
-        server.shutdown()
 
 
 def test_backbone_feature_sizes_follow_the_image_size(service):

@@ -3,16 +3,14 @@
 from __future__ import annotations
 
 import base64
-import http.server
 import json
 import pickle
-import threading
 
 import numpy as np
 import pytest
 import torch
 
-from conftest import request_for
+from conftest import request_for, serving_bytes
 from medsam2_endpoint.config import Settings
 from medsam2_endpoint.encode import dumps
 from medsam2_endpoint.engines.base import ModelInfo
@@ -120,20 +118,8 @@ def test_url_input_through_the_fetcher(phantom):
     """A loopback HTTP server (allowed only by test configuration); the default policy refuses it."""
     data = phantom.nifti_bytes()
 
-    class Handler(http.server.BaseHTTPRequestHandler):
-        def do_GET(self):
-            self.send_response(200)
-            self.send_header("Content-Length", str(len(data)))
-            self.end_headers()
-            self.wfile.write(data)
-
-        def log_message(self, *args):
-            pass
-
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
-        url = f"http://127.0.0.1:{server.server_address[1]}/ct.nii.gz?sig=SECRET"
+    with serving_bytes(data) as base:
+        url = f"{base}/ct.nii.gz?sig=SECRET"
         body = request_for(phantom)
         body["input_data"]["nii_image"] = [url]
         allowed = make_service({"box": BoxEngine()}, MEDSAM2_FETCH_ALLOW_HTTP="1", MEDSAM2_FETCH_ALLOW_NETWORKS="127.0.0.0/8")
@@ -142,8 +128,6 @@ def test_url_input_through_the_fetcher(phantom):
         with pytest.raises(Exception) as refused:
             make_service({"box": BoxEngine()}).score(body)
         assert refused.value.status == 400 and "SECRET" not in refused.value.message
-    finally:
-        server.shutdown()
 
 
 def test_registry_from_model_folder(tmp_path, medsam2_checkpoint):

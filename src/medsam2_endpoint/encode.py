@@ -9,42 +9,45 @@ import numpy as np
 
 from .volume import Volume, write_nifti
 
+_SPARSE_FRACTION = 64  # at most 1 voxel in 64 in the foreground: encode from the foreground's positions
 
-def _foreground_runs(labels: np.ndarray, *, by_value: bool = True) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Runs of equal non-zero values in column-major (Fortran) order: (starts, ends, values), sorted.
-    by_value=False: runs of any non-zero values (a mask's foreground).
 
-    Works from the non-zero voxels' positions only (no transposed copy of the volume), so a small
-    lesion in a whole CT costs its own size, not the volume's.
+def _runs(labels: np.ndarray, *, by_value: bool) -> tuple[np.ndarray, np.ndarray]:
+    """Maximal runs over the array in column-major (Fortran) order: (values, lengths), no empty runs.
+
+    by_value=False: a mask, every non-zero value is foreground (value 1). A small lesion in a whole CT
+    is encoded from its voxels' positions (no transposed copy of the volume); a dense mask (speckle)
+    from the column-major copy, whose cost does not grow with the number of runs.
     """
-    occupied = np.flatnonzero(labels.reshape(labels.shape[0], -1).any(axis=1))  # first-axis range holding foreground
+    occupied = np.flatnonzero(labels.reshape(labels.shape[0], -1).any(axis=1))  # first-axis range with foreground
     if occupied.size == 0:
-        empty = np.zeros(0, dtype=np.int64)
-        return empty, empty, np.zeros(0, dtype=labels.dtype)
-    first = int(occupied[0])
-    nonzero = np.nonzero(labels[first : int(occupied[-1]) + 1])
-    nonzero = (nonzero[0] + first, *nonzero[1:])
-    positions = np.ravel_multi_index(nonzero, labels.shape, order="F")
+        return np.zeros(1, dtype=np.int64), np.array([labels.size], dtype=np.int64)
+    first, last = int(occupied[0]), int(occupied[-1]) + 1
+    block = labels[first:last]
+    count = int(np.count_nonzero(block))
+    if count * _SPARSE_FRACTION > labels.size:
+        flat = (labels.ravel(order="F") if by_value else (labels != 0).ravel(order="F"))
+        starts = np.concatenate(([0], np.flatnonzero(flat[1:] != flat[:-1]) + 1))
+        return flat[starts].astype(np.int64), np.diff(np.concatenate((starts, [flat.size])))
+    flat_c = np.flatnonzero(block)
+    z, rest = np.divmod(flat_c, block.shape[1] * block.shape[2])
+    y, x = np.divmod(rest, block.shape[2])
+    positions = (z + first) + labels.shape[0] * (y + labels.shape[1] * x)  # Fortran-order index
     order = np.argsort(positions, kind="stable")
     positions = positions[order]
-    values = labels[nonzero][order]
-    step = np.diff(positions) != 1
-    breaks = np.flatnonzero(step | (values[1:] != values[:-1]) if by_value else step) + 1
+    values = block.reshape(-1)[flat_c[order]].astype(np.int64) if by_value else np.ones(count, dtype=np.int64)
+    breaks = np.flatnonzero((np.diff(positions) != 1) | (values[1:] != values[:-1])) + 1
     starts = positions[np.concatenate(([0], breaks))]
-    ends = positions[np.concatenate((breaks - 1, [positions.size - 1]))] + 1
-    return starts, ends, values[np.concatenate(([0], breaks))]
-
-
-def _interleave(starts: np.ndarray, ends: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray]:
-    """Run lengths and which of them are foreground, background runs in between (zero-length ones dropped)."""
-    gaps = starts - np.concatenate(([0], ends[:-1]))
+    ends = positions[np.concatenate((breaks - 1, [count - 1]))] + 1
+    # interleave background gaps and foreground runs, then drop the empty gaps (touching objects, edges)
     lengths = np.empty(2 * starts.size + 1, dtype=np.int64)
-    lengths[0:-1:2] = gaps
+    lengths[0:-1:2] = starts - np.concatenate(([0], ends[:-1]))
     lengths[1::2] = ends - starts
-    lengths[-1] = size - ends[-1]
-    is_foreground = np.zeros(lengths.size, dtype=bool)
-    is_foreground[1::2] = True
-    return lengths, is_foreground
+    lengths[-1] = labels.size - ends[-1]
+    run_values = np.zeros(lengths.size, dtype=np.int64)
+    run_values[1::2] = values[np.concatenate(([0], breaks))]
+    keep = lengths > 0
+    return run_values[keep], lengths[keep]
 
 
 def rle_counts(mask: np.ndarray) -> list[int]:
@@ -57,12 +60,8 @@ def rle_counts(mask: np.ndarray) -> list[int]:
     mask = np.asarray(mask)
     if mask.size == 0:
         return []
-    starts, ends, _ = _foreground_runs(mask, by_value=False)
-    if starts.size == 0:
-        return [int(mask.size)]
-    lengths, _ = _interleave(starts, ends, mask.size)
-    # Adjacent foreground runs cannot occur (runs of one value are maximal); drop only a zero-length tail.
-    return (lengths if lengths[-1] else lengths[:-1]).tolist()
+    values, lengths = _runs(mask, by_value=False)
+    return ([0] if values[0] else []) + lengths.tolist()
 
 
 def rle_decode(counts: list[int], shape: tuple[int, ...]) -> np.ndarray:
@@ -79,14 +78,8 @@ def value_rle(labels: np.ndarray) -> dict:
     labels = np.asarray(labels)
     if labels.size == 0:
         return {"values": [], "counts": []}
-    starts, ends, values = _foreground_runs(labels)
-    if starts.size == 0:
-        return {"values": [0], "counts": [int(labels.size)]}
-    lengths, is_foreground = _interleave(starts, ends, labels.size)
-    run_values = np.zeros(lengths.size, dtype=np.int64)
-    run_values[1::2] = values
-    keep = lengths > 0  # touching objects leave zero-length background runs between them
-    return {"values": run_values[keep].tolist(), "counts": lengths[keep].tolist()}
+    values, lengths = _runs(labels, by_value=True)
+    return {"values": values.tolist(), "counts": lengths.tolist()}
 
 
 def list_json(mask: np.ndarray) -> str:
