@@ -30,9 +30,9 @@ def _runs(labels: np.ndarray, *, by_value: bool) -> tuple[np.ndarray, np.ndarray
         starts = np.concatenate(([0], np.flatnonzero(flat[1:] != flat[:-1]) + 1))
         return flat[starts].astype(np.int64), np.diff(np.concatenate((starts, [flat.size])))
     flat_c = np.flatnonzero(block)
-    z, rest = np.divmod(flat_c, block.shape[1] * block.shape[2])
-    y, x = np.divmod(rest, block.shape[2])
-    positions = (z + first) + labels.shape[0] * (y + labels.shape[1] * x)  # Fortran-order index
+    index = list(np.unravel_index(flat_c, block.shape))
+    index[0] = index[0] + first
+    positions = np.ravel_multi_index(index, labels.shape, order="F")
     order = np.argsort(positions, kind="stable")
     positions = positions[order]
     values = block.reshape(-1)[flat_c[order]].astype(np.int64) if by_value else np.ones(count, dtype=np.int64)
@@ -88,7 +88,7 @@ def list_json(mask: np.ndarray) -> str:
     Rows without foreground (almost all of a whole CT) share one pre-built string.
     """
     z, y, x = mask.shape
-    flat = mask.reshape(z * y, x)
+    flat = (mask.view(np.uint8) if mask.dtype == bool else mask).reshape(z * y, x)  # bool rows would print True/False
     rows = ["[" + ",".join(["0"] * x) + "]"] * (z * y)
     for r in np.flatnonzero(flat.any(axis=1)):
         rows[r] = "[" + ",".join(flat[r].astype(str)) + "]"
