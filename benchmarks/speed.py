@@ -1,9 +1,13 @@
 """Speed and memory, project vs the reference pipeline, on the same volume, checkpoint and machine.
 
     .venv/bin/python benchmarks/speed.py --sizes 40 --models medsam2,lite
-    .venv/bin/python benchmarks/speed.py --sizes 40,120,300 --models lite
+    .venv/bin/python benchmarks/speed.py --sizes 300,40 --models lite
+    .venv/bin/python benchmarks/speed.py --sizes 120 --models medsam2 --no-reference --no-extras --feature-cache-mb 0
 
-Each measurement runs in its own process (peak RSS = that process's ru_maxrss, model loading included).
+Each measurement runs in its own process (peak RSS = that process's ru_maxrss, model loading included),
+which reads the phantom's .nii.gz written by the parent and holds the parsed request body, as a server
+worker would. The service runs with its deployed defaults (feature cache 512 MB per model) unless
+--feature-cache-mb says otherwise.
 MedSAM2 uses a random-weight checkpoint (random weights never give empty slices, so stop rules cannot
 shorten its propagation: its "stop on" rows show the cost of the checks, not their savings). Volumes:
 the phantoms' "speed" set (512 x 512 x Z CT, int16, one lesion spanning ~15 slices).
@@ -56,12 +60,14 @@ def write_case(depth: int, work: Path) -> dict:
     }
 
 
-def _service(model: str, checkpoint: Path):
+def _service(model: str, checkpoint: Path, feature_cache_mb: int | None = None):
     from medsam2_endpoint.config import Settings
     from medsam2_endpoint.service import Service, configure_threads
 
     configure_threads(0)
-    env = {"MEDSAM2_WARMUP": "0", "MEDSAM2_REQUEST_DEADLINE_S": "100000", "MEDSAM2_MAX_BASE64_MB": "2048", "MEDSAM2_FEATURE_CACHE_MB": "2048"}
+    env = {"MEDSAM2_WARMUP": "0", "MEDSAM2_REQUEST_DEADLINE_S": "100000", "MEDSAM2_MAX_BASE64_MB": "2048"}
+    if feature_cache_mb is not None:  # else the deployed default (512 MB per model)
+        env["MEDSAM2_FEATURE_CACHE_MB"] = str(feature_cache_mb)
     folder = checkpoint.parent if model == "medsam2" else Path(tempfile.mkdtemp())
     if model != "medsam2":
         env["MEDSAM2_ENABLE_LITE"] = "1"
@@ -101,7 +107,7 @@ def run_one(config: dict) -> dict:
     else:
         from medsam2_endpoint.encode import dumps
 
-        service = _service(config["model"], checkpoint)
+        service = _service(config["model"], checkpoint, config.get("feature_cache_mb"))
         out["loaded_rss_mb"] = _current_rss_mb()
         stop = config.get("stop_after_empty", 2)
         boxes = [(tuple(case["bbox"]), case["key_slice"])]
@@ -151,6 +157,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", default="40")
     parser.add_argument("--models", default="medsam2,lite")
+    parser.add_argument("--feature-cache-mb", type=int, help="MEDSAM2_FEATURE_CACHE_MB for the project runs (default: the service's, 512)")
+    parser.add_argument("--no-reference", action="store_true", help="skip the reference and stop-rules-off rows")
+    parser.add_argument("--no-extras", action="store_true", help="first request only (no second request, objects, formats)")
     parser.add_argument("--one", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.one:
@@ -167,15 +176,16 @@ def main() -> None:
 
     rows = []
     for depth in [int(s) for s in args.sizes.split(",")]:
-        base = {"depth": depth, "checkpoint": str(checkpoint), "case": write_case(depth, work)}
+        base = {"depth": depth, "checkpoint": str(checkpoint), "case": write_case(depth, work), "feature_cache_mb": args.feature_cache_mb}
+        extras = {} if args.no_extras else {"second": True, "objects": True, "formats": True}
         for model in args.models.split(","):
-            if model == "medsam2":
+            if model == "medsam2" and not args.no_reference:
                 ref = measure({**base, "model": model, "kind": "reference", "mask_out": str(work / "ref.npy")})
                 off = measure({**base, "model": model, "kind": "project", "stop_after_empty": 0, "mask_out": str(work / "off.npy")})
                 identical = bool(np.array_equal(np.load(work / "ref.npy"), np.load(work / "off.npy")))
                 rows.append((depth, model, "reference", ref, None))
                 rows.append((depth, model, f"project, stop rules off (mask identical: {identical})", off, ref["seconds"]))
-            on = measure({**base, "model": model, "kind": "project", "stop_after_empty": 2, "second": True, "objects": True, "formats": True})
+            on = measure({**base, "model": model, "kind": "project", "stop_after_empty": 2, **extras})
             rows.append((depth, model, "project, stop rules on (default)", on, None))
     print("| Z | model | run | time (s) | ratio to reference | slices processed | RSS after loading (MB) | peak RSS (MB) | RSS limit 1.5x(input+model+1GB) (MB) | extras |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")

@@ -96,3 +96,11 @@ def test_largest_component_inside_a_large_volume_keeps_coordinates():
     mask[20, 30, 40] = 1  # a stray voxel far away
     kept = keep_largest_component(mask)
     assert kept.dtype == np.uint8 and kept.sum() == 60 and kept[10:13, 5:9, 20:25].all() and kept[20, 30, 40] == 0
+
+
+def test_logits_are_kept_only_when_asked():
+    kept = run(ScriptedEngine(8, 12, (30, 10, 10)))
+    assert sorted(kept.logits) == list(range(8, 13))  # slices with foreground, for merging objects
+    dropped = run(ScriptedEngine(8, 12, (30, 10, 10)), keep_logits=False)
+    assert dropped.logits == {}
+    np.testing.assert_array_equal(dropped.mask, kept.mask)

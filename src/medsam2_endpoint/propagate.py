@@ -30,13 +30,14 @@ class PropagationOptions:
     stop_after_empty: int | None = None
     max_slices: int | None = None
     largest_component: bool = True
+    keep_logits: bool = True  # per-slice logits for `merge_objects`; a single object does not need them (1 MB a slice)
 
 
 @dataclass
 class ObjectResult:
     mask: np.ndarray  # uint8 (Z, Y, X), 1 = object
     slices_processed: int  # engine steps, both directions (the key slice counts once per direction)
-    logits: dict[int, np.ndarray] = field(default_factory=dict)  # z -> float32 (Y, X) max logit, slices with foreground
+    logits: dict[int, np.ndarray] = field(default_factory=dict)  # z -> float32 (Y, X) max logit, slices with foreground (keep_logits)
 
 
 def _as_logits(step: np.ndarray) -> np.ndarray:
@@ -62,7 +63,7 @@ def _walk(
             mask[z] |= foreground
             count += 1
             has_object = bool(foreground.any())
-            if has_object:
+            if has_object and options.keep_logits:
                 logits[z] = np.maximum(logits[z], slice_logits) if z in logits else slice_logits
             empty_run = 0 if has_object else empty_run + 1
             if options.stop_after_empty is not None and empty_run >= options.stop_after_empty:

@@ -42,7 +42,7 @@ from .config import Settings
 from .errors import InvalidRequest, PayloadTooLarge, ServiceError
 from .images2d import decode_base64, read_picture, to_grey_u8, to_rgb_u8
 from .polygons import mask_to_geometry
-from .prompt2d import AutomaskParams, Prompt2D, Prompter, check_prompt
+from .prompt2d import Prompt2D, Prompter, check_prompt
 from .samapi_registry import ModelTypes, SamapiSettings, WeightRegistrar
 from .schemas2d import (
     SamAutomaskBody,
@@ -238,8 +238,7 @@ def automask(body: SamAutomaskBody, state: State) -> Response:
     """Masks of everything in the field of view; output_type picks among each grid point's masks."""
     sam_type, name = state.types.resolve(body.type, body.checkpoint_url)
     rgb = _rgb(state, body.b64img, "b64img")
-    fields = {k: getattr(body, k) for k in AutomaskParams.__dataclass_fields__ if k != "output_type"}
-    params = AutomaskParams(**fields, output_type=samapi_output_type(body.output_type))
+    params = body.params(samapi_output_type(body.output_type))
     started = time.perf_counter()
     result = state.prompter.automask(name, rgb, params, where=lambda column: column)
     log.info("route=samapi-automask model=%s size=%dx%d masks=%d ms=%.0f", name, rgb.shape[1], rgb.shape[0],

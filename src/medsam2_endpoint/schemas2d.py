@@ -50,7 +50,7 @@ class AutomaskOptions(BaseModel):
     include_image_edge: bool = False
 
     def params(self, output_type: str) -> AutomaskParams:
-        return AutomaskParams(**self.model_dump(), output_type=output_type)
+        return AutomaskParams(**self.model_dump(include=set(AutomaskOptions.model_fields)), output_type=output_type)
 
 
 class ImageColumns(BaseModel):
@@ -234,24 +234,14 @@ class SamPromptBody(SamapiBody):
     checkpoint_url: StrictStr | None = None
 
 
-class SamAutomaskBody(SamapiBody):
-    """POST /sam/automask/: samapi's SAMAutoMaskBody, same names and defaults."""
+class SamAutomaskBody(AutomaskOptions, SamapiBody):
+    """POST /sam/automask/: samapi's SAMAutoMaskBody, same names and defaults (the generator's from AutomaskOptions)."""
+
+    model_config = SamapiBody.model_config  # samapi's leniency (unknown fields ignored), not the /score route's
 
     type: SamType | None = None
     b64img: StrictStr
-    points_per_side: int = Field(32, ge=1, le=128)
-    points_per_batch: int = Field(64, ge=1, le=1024)
-    pred_iou_thresh: float = Field(0.88, ge=0.0, le=1.0)
-    stability_score_thresh: float = Field(0.95, ge=0.0, le=1.0)
-    stability_score_offset: float = Field(1.0, ge=0.0)
-    box_nms_thresh: float = Field(0.7, ge=0.0, le=1.0)
-    crop_n_layers: int = Field(0, ge=0, le=3)
-    crop_nms_thresh: float = Field(0.7, ge=0.0, le=1.0)
-    crop_overlap_ratio: float = Field(512 / 1500, ge=0.0, lt=1.0)
-    crop_n_points_downscale_factor: int = Field(1, ge=1)
-    min_mask_region_area: int = Field(0, ge=0)
     output_type: StrictStr = "Single Mask"
-    include_image_edge: bool = False
     checkpoint_url: StrictStr | None = None
 
 

@@ -197,7 +197,9 @@ class Service:
         item, volume = p.item, p.windowed
         windowed = volume.array
         t1 = time.perf_counter()
-        options = PropagationOptions(direction=item.propagation, stop_after_empty=item.stop_after_empty, max_slices=item.max_slices)
+        options = PropagationOptions(
+            direction=item.propagation, stop_after_empty=item.stop_after_empty, max_slices=item.max_slices, keep_logits=item.multi_object
+        )
         results = []
         processed = 0
         for obj in p.objects:
