@@ -4,6 +4,7 @@ import time
 
 import numpy as np
 import pytest
+from scipy import ndimage
 
 from medsam2_endpoint.engines.base import ModelInfo
 from medsam2_endpoint.errors import DeadlineExceeded
@@ -104,3 +105,41 @@ def test_logits_are_kept_only_when_asked():
     dropped = run(ScriptedEngine(8, 12, (30, 10, 10)), keep_logits=False)
     assert dropped.logits == {}
     np.testing.assert_array_equal(dropped.mask, kept.mask)
+
+
+def _largest_whole(mask: np.ndarray) -> np.ndarray:
+    """The definition: label the whole mask at once, keep the first of the largest components."""
+    labels, count = ndimage.label(mask, structure=np.ones((3, 3, 3), dtype=bool))
+    if count == 0:
+        return mask
+    return (labels == np.argmax(np.bincount(labels.ravel())[1:]) + 1).astype(np.uint8)
+
+
+@pytest.mark.parametrize("density", [0.05, 0.2, 0.35, 0.6])
+@pytest.mark.parametrize("slab_slices", [1, 2, 3, 7])
+def test_largest_component_by_slabs_matches_labelling_at_once(density, slab_slices):
+    """Slab-wise labelling (bounded memory) keeps exactly the voxels whole-mask labelling keeps, ties included."""
+    rng = np.random.default_rng(int(density * 100) + slab_slices)
+    for _ in range(5):
+        mask = (rng.random((11, 9, 13)) < density).astype(np.uint8)
+        kept = keep_largest_component(mask, slab_voxels=slab_slices * 9 * 13)
+        assert kept.dtype == np.uint8
+        np.testing.assert_array_equal(kept, _largest_whole(mask))
+
+
+def test_largest_component_by_slabs_joins_a_component_crossing_slabs_diagonally():
+    mask = np.zeros((6, 6, 6), np.uint8)
+    for z in range(6):
+        mask[z, z, z] = 1  # a diagonal: each voxel touches the next through a corner only
+    mask[0, 5, 0] = mask[1, 5, 0] = 1  # two voxels apart from it
+    kept = keep_largest_component(mask, slab_voxels=36)  # one slice per slab
+    assert kept.sum() == 6 and kept[0, 5, 0] == 0
+
+
+def test_largest_component_tie_goes_to_the_first_component():
+    mask = np.zeros((6, 4, 4), np.uint8)
+    mask[4:6, 0, 0] = 1  # two voxels, met second in (z, y, x) order
+    mask[0:2, 3, 3] = 1  # two voxels, met first
+    for slab in (16, 32, 96):
+        kept = keep_largest_component(mask, slab_voxels=slab)
+        assert kept[0, 3, 3] == 1 and kept[4, 0, 0] == 0
