@@ -1,9 +1,15 @@
 """MedSAM2: SAM 2.1 hiera-tiny at 512 px through sam2's legacy video predictor, fed with preprocessed slices.
 
-Equivalent to bowang-lab/MedSAM2's `medsam2_infer_3D_CT.py` (REFERENCE.md B) with three engineering
-changes that do not alter results: frames are prepared lazily (only visited slices), image features
-are cached per slice across the two propagation passes, and the hole-filling step runs without the
-CUDA extension `sam2._C`.
+Equivalent to bowang-lab/MedSAM2's `medsam2_infer_3D_CT.py` (REFERENCE.md B) with engineering changes
+that do not alter a request's result: frames are prepared lazily (only visited slices), each slice is
+encoded once per request (the key slice serves both passes), tracking outputs that memory attention can
+no longer reach are dropped as the front moves, and the hole-filling step runs without the CUDA
+extension `sam2._C`.
+
+Features kept for later requests and other objects (the shared cache) are stored in bfloat16, the
+precision the reference itself runs at on CUDA: half the memory per slice. A cold single-object request
+never reads them back (its key slice's features are held as computed for its second pass), so its mask
+is the reference's voxel for voxel; a request served from the cache computes with the rounded features.
 """
 
 from __future__ import annotations
@@ -11,6 +17,7 @@ from __future__ import annotations
 import contextlib
 from collections import OrderedDict
 from collections.abc import Iterator
+from dataclasses import dataclass
 from importlib.resources import files
 from pathlib import Path
 from typing import Any
@@ -29,6 +36,7 @@ from .base import ModelInfo, sha256_file
 CONFIG_PATH = files("medsam2_endpoint.engines") / "configs" / "sam2.1_hiera_t512.yaml"
 LATEST_CHECKPOINT = "MedSAM2_latest.pt"
 HOLE_FILL_AREA = 8
+CACHE_DTYPE = torch.bfloat16
 
 
 class CheckpointError(Exception):
@@ -79,6 +87,22 @@ class LazyFrames:
         return torch.from_numpy(sam2_frame(self.volume[z], self.image_size))
 
 
+@dataclass(frozen=True)
+class CachedFeatures:
+    """One frame's FPN features as the shared cache keeps them (bfloat16), with the dtypes to restore."""
+
+    tensors: tuple[torch.Tensor, ...]
+    dtypes: tuple[torch.dtype, ...]
+
+    @classmethod
+    def of(cls, fpn: list[torch.Tensor]) -> CachedFeatures:
+        return cls(tuple(f.to(CACHE_DTYPE) for f in fpn), tuple(f.dtype for f in fpn))
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.element_size() * t.nelement() for t in self.tensors)
+
+
 class MedSAM2VideoPredictor(legacy.SAM2VideoPredictor):
     """Legacy SAM 2 video predictor that takes prepared slices and caches per-slice features."""
 
@@ -109,6 +133,8 @@ class MedSAM2VideoPredictor(legacy.SAM2VideoPredictor):
             "mask_inputs_per_obj": {},
             "cached_features": features,
             "volume_key": volume_key,
+            "key_frame": None,  # set by the engine: the frame both passes start from
+            "key_frame_features": None,  # its features as first computed, for the second pass
             "constants": {},
             "obj_id_to_idx": OrderedDict(),
             "obj_idx_to_id": OrderedDict(),
@@ -123,27 +149,52 @@ class MedSAM2VideoPredictor(legacy.SAM2VideoPredictor):
         return state
 
     def _get_image_feature(self, inference_state, frame_idx, batch_size):
-        """As upstream, but features stay cached per frame (shared LRU) instead of only the last one.
+        """As upstream, but features stay cached per frame (shared LRU, bfloat16) instead of only the last one.
 
         Only the FPN features are cached: the positional encodings depend on the feature sizes alone
         (identical for every frame, about 5x the features' size), so one copy serves all frames. The
         first returned item (the input image) is unused by every caller and is not kept.
         """
-        cache: ByteLRU = inference_state["cached_features"]
-        key = (inference_state["volume_key"], frame_idx)
-        fpn = cache.get(key)
-        if fpn is None:
-            image = inference_state["images"][frame_idx].to(inference_state["device"]).float().unsqueeze(0)
-            backbone_out = self.forward_image(image)
-            fpn = backbone_out["backbone_fpn"]
-            cache.put(key, fpn)
-            if self._pos_enc is None:
-                self._pos_enc = backbone_out["vision_pos_enc"]
+        fpn = self._frame_features(inference_state, frame_idx)
         expanded = {
             "backbone_fpn": [f.expand(batch_size, -1, -1, -1) for f in fpn],
             "vision_pos_enc": [p.expand(batch_size, -1, -1, -1) for p in self._pos_enc],
         }
         return (None,) + self._prepare_backbone_features(expanded)
+
+    def _frame_features(self, state: dict, frame_idx: int) -> list[torch.Tensor]:
+        """Frame features in the dtype the backbone computes them in: the key frame's as first computed,
+        else fresh from the encoder, else restored from the cache's bfloat16 copy."""
+        if frame_idx == state["key_frame"] and state["key_frame_features"] is not None:
+            return state["key_frame_features"]
+        cache: ByteLRU = state["cached_features"]
+        key = (state["volume_key"], frame_idx)
+        stored = cache.get(key)
+        if stored is not None:
+            fpn = [f.to(dtype) for f, dtype in zip(stored.tensors, stored.dtypes, strict=True)]
+        else:
+            image = state["images"][frame_idx].to(state["device"]).float().unsqueeze(0)
+            backbone_out = self.forward_image(image)
+            fpn = backbone_out["backbone_fpn"]
+            cache.put(key, CachedFeatures.of(fpn))
+            if self._pos_enc is None:
+                self._pos_enc = backbone_out["vision_pos_enc"]
+        if frame_idx == state["key_frame"]:
+            state["key_frame_features"] = fpn
+        return fpn
+
+    def forget_frame(self, state: dict, frame_idx: int) -> None:
+        """Drop one frame's tracking outputs (memory features, low-res mask, object pointer)."""
+        state["output_dict"]["non_cond_frame_outputs"].pop(frame_idx, None)
+        for per_object in state["output_dict_per_obj"].values():
+            per_object["non_cond_frame_outputs"].pop(frame_idx, None)
+
+    @property
+    def memory_reach(self) -> int:
+        """Frames behind the front that memory attention may still read: mask memories of the last
+        `num_maskmem - 1` frames (every r-th frame when r > 1), object pointers of the last
+        `max_obj_ptrs_in_encoder - 1`. Outputs further back are never read again in that pass."""
+        return max(self.num_maskmem * self.memory_temporal_stride_for_eval, self.max_obj_ptrs_in_encoder) + 1
 
     def _run_single_frame_inference(self, inference_state, *args, **kwargs):
         compact_out, pred_masks_gpu = super()._run_single_frame_inference(inference_state, *args, **kwargs)
@@ -231,6 +282,8 @@ class MedSAM2Engine:
         Yields (z, logits): float32 (H, W) mask logits at the original resolution (mask = logits > 0).
         """
         predictor = self.predictor
+        behind = predictor.memory_reach if reverse else -predictor.memory_reach
+        state["key_frame"] = key_index
         try:
             with self._autocast():
                 predictor.add_new_points_or_box(state, frame_idx=key_index, obj_id=1, box=np.asarray(box, dtype=np.float32))
@@ -242,6 +295,7 @@ class MedSAM2Engine:
                         return
                     z, _, logits = step
                     logits = logits[0, 0].float().cpu().numpy()
+                predictor.forget_frame(state, z + behind)  # out of memory attention's reach from here on
                 yield int(z), logits
         finally:
             predictor.reset_state(state)
