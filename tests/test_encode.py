@@ -40,8 +40,9 @@ def test_runs_equal_the_dense_definition(labels):
     """3D volumes and 2D masks (the 2D route's RLE) alike."""
     values, counts = dense_runs(labels)
     fg_values, fg_counts = dense_runs((labels > 0).astype(np.uint8))
-    for sparse_fraction in (0, 10**9):  # both strategies: from foreground positions, from the column-major copy
-        with mock.patch.object(encode, "_SPARSE_FRACTION", sparse_fraction):
+    # both strategies: from foreground positions, from column-major copies (whole, one row, rows of up to 7 voxels)
+    for sparse_fraction, chunk in ((0, encode._CHUNK_VOXELS), (10**9, encode._CHUNK_VOXELS), (10**9, 1), (10**9, 7)):
+        with mock.patch.object(encode, "_SPARSE_FRACTION", sparse_fraction), mock.patch.object(encode, "_CHUNK_VOXELS", chunk):
             assert value_rle(labels) == {"values": values, "counts": counts}
             assert rle_counts(labels) == rle_counts(labels > 0) == ([0] if fg_values[0] == 1 else []) + fg_counts
 

@@ -10,6 +10,7 @@ import numpy as np
 from .volume import Volume, write_nifti
 
 _SPARSE_FRACTION = 64  # at most 1 voxel in 64 in the foreground: encode from the foreground's positions
+_CHUNK_VOXELS = 8 * 1024 * 1024  # a dense mask is put in column-major order this many voxels at a time
 
 
 def _runs(labels: np.ndarray, *, by_value: bool) -> tuple[np.ndarray, np.ndarray]:
@@ -26,9 +27,7 @@ def _runs(labels: np.ndarray, *, by_value: bool) -> tuple[np.ndarray, np.ndarray
     block = labels[first:last]
     count = int(np.count_nonzero(block))
     if count * _SPARSE_FRACTION > labels.size:
-        flat = (labels.ravel(order="F") if by_value else (labels != 0).ravel(order="F"))
-        starts = np.concatenate(([0], np.flatnonzero(flat[1:] != flat[:-1]) + 1))
-        return flat[starts].astype(np.int64), np.diff(np.concatenate((starts, [flat.size])))
+        return _dense_runs(labels, by_value=by_value)
     flat_c = np.flatnonzero(block)
     index = list(np.unravel_index(flat_c, block.shape))
     index[0] = index[0] + first
@@ -48,6 +47,27 @@ def _runs(labels: np.ndarray, *, by_value: bool) -> tuple[np.ndarray, np.ndarray
     run_values[1::2] = values[np.concatenate(([0], breaks))]
     keep = lengths > 0
     return run_values[keep], lengths[keep]
+
+
+def _dense_runs(labels: np.ndarray, *, by_value: bool) -> tuple[np.ndarray, np.ndarray]:
+    """`_runs` from column-major copies of a few MB at a time (a whole copy of a 512 x 512 x 300 mask
+    would be 78 MB, and its comparison with itself shifted another 78 MB)."""
+    transposed = labels.T  # its C order is the labels' column-major order
+    rows = max(1, _CHUNK_VOXELS // max(1, transposed[0].size))
+    starts, values = [], []
+    offset, previous = 0, None
+    for row in range(0, transposed.shape[0], rows):
+        chunk = transposed[row : row + rows]
+        flat = (np.ascontiguousarray(chunk) if by_value else np.not_equal(chunk, 0, order="C")).ravel()
+        changes = np.flatnonzero(flat[1:] != flat[:-1]) + 1
+        if previous is None or flat[0] != previous:  # a run starts at the chunk's first voxel
+            changes = np.concatenate(([0], changes))
+        starts.append(changes + offset)
+        values.append(flat[changes].astype(np.int64))
+        offset += flat.size
+        previous = flat[-1]
+    run_starts = np.concatenate(starts)
+    return np.concatenate(values), np.diff(np.concatenate((run_starts, [offset])))
 
 
 def rle_counts(mask: np.ndarray) -> list[int]:

@@ -79,7 +79,7 @@ def _walk(
     return count
 
 
-LABEL_SLAB_VOXELS = 8 * 1024 * 1024  # int32 labels of at most this many voxels at once (32 MB)
+LABEL_SLAB_VOXELS = 4 * 1024 * 1024  # int32 labels of at most this many voxels at once (16 MB)
 
 
 def _bounding_box(mask: np.ndarray) -> tuple[slice, ...]:
@@ -103,7 +103,7 @@ def _touching_pairs(below: np.ndarray, above: np.ndarray) -> np.ndarray:
 
 
 def keep_largest_component(mask: np.ndarray, slab_voxels: int = LABEL_SLAB_VOXELS) -> np.ndarray:
-    """Largest 26-connected component of a 0/1 uint8 mask; an empty mask stays empty. Ties: the component met first in
+    """Largest 26-connected component (uint8); an empty mask stays empty. Ties: the component met first in
     (z, y, x) order, as `ndimage.label` + argmax over the whole mask would choose.
 
     Labelled inside the mask's bounding box only: a small lesion in a whole CT costs a small crop. A crop
@@ -111,11 +111,10 @@ def keep_largest_component(mask: np.ndarray, slab_voxels: int = LABEL_SLAB_VOXEL
     take 4 bytes a voxel: 300 MB for a 512 x 512 x 300 mask) and the slabs' components are joined where they
     touch; a second pass labels each slab again and keeps the winner's voxels.
     """
-    occupied = mask.view(bool)  # a 0/1 uint8 mask; reductions over uint8 would cast a bool copy of it first
-    if not occupied.any():
+    if not mask.any():
         return mask
-    crop = _bounding_box(occupied)
-    region = occupied[crop]
+    crop = _bounding_box(mask)
+    region = mask[crop]
     depth, height, width = region.shape
     step = max(1, slab_voxels // (height * width))
     if depth <= step:
