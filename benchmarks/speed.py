@@ -6,7 +6,7 @@
 
 Each measurement runs in its own process (peak RSS = that process's ru_maxrss, model loading included),
 which reads the phantom's .nii.gz written by the parent and holds the parsed request body, as a server
-worker would. The service runs with its deployed defaults (feature cache 512 MB per model) unless
+worker would. The service runs with its deployed defaults (feature cache 256 MB per model) unless
 --feature-cache-mb says otherwise.
 MedSAM2 uses a random-weight checkpoint (random weights never give empty slices, so stop rules cannot
 shorten its propagation: its "stop on" rows show the cost of the checks, not their savings). Volumes:
@@ -66,7 +66,7 @@ def _service(model: str, checkpoint: Path, feature_cache_mb: int | None = None):
 
     configure_threads(0)
     env = {"MEDSAM2_WARMUP": "0", "MEDSAM2_REQUEST_DEADLINE_S": "100000", "MEDSAM2_MAX_BASE64_MB": "2048"}
-    if feature_cache_mb is not None:  # else the deployed default (512 MB per model)
+    if feature_cache_mb is not None:  # else the deployed default (256 MB per model)
         env["MEDSAM2_FEATURE_CACHE_MB"] = str(feature_cache_mb)
     folder = checkpoint.parent if model == "medsam2" else Path(tempfile.mkdtemp())
     if model != "medsam2":
@@ -157,7 +157,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", default="40")
     parser.add_argument("--models", default="medsam2,lite")
-    parser.add_argument("--feature-cache-mb", type=int, help="MEDSAM2_FEATURE_CACHE_MB for the project runs (default: the service's, 512)")
+    parser.add_argument("--feature-cache-mb", type=int, help="MEDSAM2_FEATURE_CACHE_MB for the project runs (default: the service's, 256)")
     parser.add_argument("--no-reference", action="store_true", help="skip the reference and stop-rules-off rows")
     parser.add_argument("--no-extras", action="store_true", help="first request only (no second request, objects, formats)")
     parser.add_argument("--one", help=argparse.SUPPRESS)

@@ -72,7 +72,7 @@ class Settings:
     warmup: bool
     enable_lite: bool
     request_deadline_s: float
-    feature_cache_mb: int = 512  # per model per worker: slice features reused across objects and requests
+    feature_cache_mb: int = 256  # per model per worker: slice features reused across objects and requests
     limits: Limits = field(default_factory=Limits)
     fetch: FetchPolicy = field(default_factory=FetchPolicy)
 
@@ -97,7 +97,7 @@ class Settings:
             warmup=_bool(env, "MEDSAM2_WARMUP", True),
             enable_lite=_bool(env, "MEDSAM2_ENABLE_LITE", True),
             request_deadline_s=_float(env, "MEDSAM2_REQUEST_DEADLINE_S", 170.0),
-            feature_cache_mb=_int(env, "MEDSAM2_FEATURE_CACHE_MB", 512),
+            feature_cache_mb=_int(env, "MEDSAM2_FEATURE_CACHE_MB", 256),
             limits=limits,
             fetch=FetchPolicy.from_env(env),
         )

@@ -13,6 +13,7 @@ from scipy.sparse import csgraph
 
 from .engines.base import VolumeEngine
 from .errors import DeadlineExceeded
+from .heap import release_free_memory
 
 Direction = Literal["both", "up", "down"]
 FULL_CONNECTIVITY = np.ones((3, 3, 3), dtype=bool)
@@ -67,6 +68,7 @@ def _walk(
             if has_object and options.keep_logits:
                 logits[z] = np.maximum(logits[z], slice_logits) if z in logits else slice_logits
             empty_run = 0 if has_object else empty_run + 1
+            release_free_memory()  # a step's freed tensors, before the next step allocates its own
             if options.stop_after_empty is not None and empty_run >= options.stop_after_empty:
                 break
             if options.max_slices is not None and count >= options.max_slices:

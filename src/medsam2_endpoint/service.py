@@ -19,6 +19,7 @@ from .engines.base import VolumeEngine
 from .engines.medsam2 import CheckpointError, MedSAM2Engine, find_checkpoints
 from .errors import InvalidRequest, ModelUnavailable
 from .fetch import fetch_bytes
+from .heap import release_free_memory
 from .preprocess import parse_box, window_to_uint8
 from .prompt2d import Prompter
 from .propagate import PropagationOptions, merge_objects, segment_object
@@ -179,6 +180,8 @@ class Service:
             metadata["timing_ms"]["encode"] = round((time.perf_counter() - t0) * 1000, 1)
             metadata["timing_ms"]["total"] = round(metadata["timing_ms"]["total"] + metadata["timing_ms"]["encode"], 1)
             results.append({"mask": encoded, "metadata": metadata})
+            del mask
+            release_free_memory()  # labelling and encoding buffers: an idle worker should not keep them
         return results
 
     def score_file(self, path: Path, prompt: dict[str, Any]) -> tuple[np.ndarray, Volume, dict]:

@@ -102,7 +102,7 @@ class LiteMedSAMEngine:
         resize_mode: str = "pad",
         embedding_cache_slices: int = 512,
         min_iou: float = DEFAULT_MIN_IOU,
-        feature_cache_mb: int = 512,
+        feature_cache_mb: int = 256,
     ):
         if resize_mode not in RESIZE_MODES:
             raise ValueError(f"resize_mode must be one of {RESIZE_MODES}, got {resize_mode!r}")

@@ -247,7 +247,7 @@ class MedSAM2Engine:
 
     image_size = 512
 
-    def __init__(self, checkpoint: Path, *, device: str = "cpu", name: str | None = None, feature_cache_mb: int = 512) -> None:
+    def __init__(self, checkpoint: Path, *, device: str = "cpu", name: str | None = None, feature_cache_mb: int = 256) -> None:
         self.device = torch.device(device)
         # Per-slice features shared by both propagation passes, all objects and later requests on the same volume.
         self.features = ByteLRU(feature_cache_mb * 1024 * 1024)
