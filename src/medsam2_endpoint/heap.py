@@ -31,6 +31,6 @@ AVAILABLE = _malloc_trim is not None
 
 
 def release_free_memory() -> None:
-    """Return the heap's free pages to the OS (about 20 ms after a MedSAM2 step on a 512-px slice)."""
+    """Return the heap's free pages to the OS (about 20 ms during a MedSAM2 request on 512-px slices)."""
     if _malloc_trim is not None:
         _malloc_trim(0)
