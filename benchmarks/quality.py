@@ -3,6 +3,7 @@
     .venv/bin/python benchmarks/quality.py                      # quality set, every available model
     .venv/bin/python benchmarks/quality.py --set tiny --lite-modes pad,stretch
     .venv/bin/python benchmarks/quality.py --model-dir model    # include MedSAM2 checkpoints found there
+    .venv/bin/python benchmarks/quality.py --stop-after-empty 0,1,2,3 --lite-min-iou 0   # the stop rule alone
 
 Prints a Markdown table (Dice, 95th-percentile Hausdorff distance in mm, slices covered, time) and the
 mean Dice per model. Every lesion of every phantom is one request (box on its key slice, phantom window).
@@ -20,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from medsam2_endpoint.config import Settings
-from medsam2_endpoint.encode import dumps
+from medsam2_endpoint.encode import dumps, rle_decode
 from medsam2_endpoint.engines.lite import LiteMedSAMEngine
 from medsam2_endpoint.engines.medsam2 import MedSAM2Engine, find_checkpoints
 from medsam2_endpoint.metrics import dice, hd95
@@ -28,45 +29,48 @@ from medsam2_endpoint.phantoms import phantom_set
 from medsam2_endpoint.service import Service, configure_threads
 
 
-def build_service(model_dir: Path | None, lite_modes: list[str]) -> Service:
+def build_service(model_dir: Path | None, lite_modes: list[str], lite_min_iou: float | None = None) -> Service:
     engines = {}
     for path in find_checkpoints(model_dir):
         engines[path.stem] = MedSAM2Engine(path)
     for mode in lite_modes:
         name = "lite-medsam" if len(lite_modes) == 1 else f"lite-medsam[{mode}]"
-        engines[name] = LiteMedSAMEngine(resize_mode=mode)
+        options = {} if lite_min_iou is None else {"min_iou": lite_min_iou}
+        engines[name] = LiteMedSAMEngine(resize_mode=mode, **options)
     settings = Settings.from_env({"MEDSAM2_WARMUP": "0", "MEDSAM2_REQUEST_DEADLINE_S": "3600"})
     return Service(settings, engines, next(iter(engines)))
 
 
-def evaluate(service: Service, set_name: str) -> list[dict]:
+def evaluate(service: Service, set_name: str, stops: list[int] = (2,)) -> list[dict]:
+    """One request per lesion, model and `stop_after_empty` value (0: the rule off)."""
     rows = []
     for phantom in phantom_set(set_name):
         data = base64.b64encode(phantom.nifti_bytes()).decode()
         spacing_zyx = tuple(reversed(phantom.image.GetSpacing()))
-        for lesion in phantom.lesions:
-            for model in service.available_models():
-                cols = {"nii_image": [data], "bbox": [list(lesion.bbox)], "key_slice_idx": [lesion.key_slice], "model": [model], "mask_format": ["rle"]}
-                if phantom.window:
-                    cols["dicom_window"] = [list(phantom.window)]
-                started = time.perf_counter()
-                (result,) = json.loads(dumps(service.score({"input_data": cols})))
-                seconds = time.perf_counter() - started
-                from medsam2_endpoint.encode import rle_decode
-
-                mask = rle_decode(result["mask"]["counts"], tuple(result["mask"]["size"])).astype(bool)
-                truth = phantom.mask(lesion.label)
-                covered = np.flatnonzero(mask.any(axis=(1, 2)))
-                rows.append(
-                    {
-                        "phantom": phantom.name, "lesion": lesion.name, "model": model,
-                        "dice": dice(mask, truth), "hd95_mm": hd95(mask, truth, spacing_zyx),
-                        "slices": f"{covered.min()}-{covered.max()}" if covered.size else "-",
-                        "truth_slices": f"{lesion.z_range[0]}-{lesion.z_range[1]}",
-                        "slices_processed": result["metadata"]["slices_processed"], "seconds": seconds,
-                    }
-                )
-                print(f"  {phantom.name:26s} {lesion.name:15s} {model:22s} Dice {rows[-1]['dice']:.3f}", file=sys.stderr)
+        for lesion, model, stop in ((les, m, st) for les in phantom.lesions for m in service.available_models() for st in stops):
+            label = model if len(stops) == 1 else f"{model}, stop_after_empty {stop}"
+            cols = {
+                "nii_image": [data], "bbox": [list(lesion.bbox)], "key_slice_idx": [lesion.key_slice], "model": [model],
+                "mask_format": ["rle"], "stop_after_empty": [stop],
+            }
+            if phantom.window:
+                cols["dicom_window"] = [list(phantom.window)]
+            started = time.perf_counter()
+            (result,) = json.loads(dumps(service.score({"input_data": cols})))
+            seconds = time.perf_counter() - started
+            mask = rle_decode(result["mask"]["counts"], tuple(result["mask"]["size"])).astype(bool)
+            truth = phantom.mask(lesion.label)
+            covered = np.flatnonzero(mask.any(axis=(1, 2)))
+            rows.append(
+                {
+                    "phantom": phantom.name, "lesion": lesion.name, "model": label,
+                    "dice": dice(mask, truth), "hd95_mm": hd95(mask, truth, spacing_zyx),
+                    "slices": f"{covered.min()}-{covered.max()}" if covered.size else "-",
+                    "truth_slices": f"{lesion.z_range[0]}-{lesion.z_range[1]}",
+                    "slices_processed": result["metadata"]["slices_processed"], "seconds": seconds,
+                }
+            )
+            print(f"  {phantom.name:26s} {lesion.name:15s} {label:22s} Dice {rows[-1]['dice']:.3f}", file=sys.stderr)
     return rows
 
 
@@ -98,10 +102,12 @@ def main() -> None:
     parser.add_argument("--set", default="quality", help="phantom set: tiny, quality")
     parser.add_argument("--model-dir", type=Path, default=None, help="folder with MedSAM2 checkpoints (optional)")
     parser.add_argument("--lite-modes", default="pad", help="LiteMedSAM preprocessing modes to run: pad, stretch or both")
+    parser.add_argument("--stop-after-empty", default="2", help="stop rule values to compare, e.g. 0,2 (0: off; default 2, the service's)")
+    parser.add_argument("--lite-min-iou", type=float, help="LiteMedSAM's own IoU stop threshold (0 turns it off; default 0.8)")
     args = parser.parse_args()
     configure_threads(0)
-    service = build_service(args.model_dir, [m for m in args.lite_modes.split(",") if m])
-    print(markdown(evaluate(service, args.set)))
+    service = build_service(args.model_dir, [m for m in args.lite_modes.split(",") if m], args.lite_min_iou)
+    print(markdown(evaluate(service, args.set, [int(v) for v in args.stop_after_empty.split(",")])))
 
 
 if __name__ == "__main__":
