@@ -24,3 +24,19 @@ def test_release_returns_free_pages_inside_the_heap():
     heap.release_free_memory()
     assert before - rss_anon_mb() > 30  # of the 62.5 MiB freed
     assert all(block[0] == 1.0 for block in kept)  # live memory untouched
+
+
+@pytest.mark.skipif(not heap.AVAILABLE, reason="malloc_trim is glibc's; this C library has none")
+def test_release_if_grown_acts_only_past_the_slack():
+    heap.release_free_memory()
+    assert heap.release_if_grown(slack=32 * 2**20) is False  # the first reading after a release is the baseline
+    kept, dropped = [], []
+    for i in range(2000):
+        (kept if i % 2 else dropped).append(np.ones(8192))
+    dropped.clear()
+    before = rss_anon_mb()
+    assert heap.release_if_grown(slack=32 * 2**20) is True  # grew 125 MiB, half of it free
+    assert before - rss_anon_mb() > 30
+    assert heap.release_if_grown(slack=32 * 2**20) is False  # new baseline
+    assert heap.release_if_grown(slack=32 * 2**20) is False  # no growth since
+    del kept

@@ -10,7 +10,11 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import os
 import sys
+import threading
+
+GROWTH_SLACK_BYTES = 64 * 1024 * 1024
 
 
 def _load_malloc_trim():
@@ -28,9 +32,38 @@ def _load_malloc_trim():
 
 _malloc_trim = _load_malloc_trim()
 AVAILABLE = _malloc_trim is not None
+_PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
+_lock = threading.Lock()
+_baseline: int | None = None  # resident bytes at the first check after the last release
+
+
+def resident_bytes() -> int:
+    with open("/proc/self/statm") as statm:
+        return int(statm.read().split()[1]) * _PAGE
 
 
 def release_free_memory() -> None:
     """Return the heap's free pages to the OS (about 20 ms during a MedSAM2 request on 512-px slices)."""
+    global _baseline
     if _malloc_trim is not None:
         _malloc_trim(0)
+        _baseline = None
+
+
+def release_if_grown(slack: int = GROWTH_SLACK_BYTES) -> bool:
+    """`release_free_memory` once resident memory has grown `slack` bytes past a baseline: the first
+    reading after the last release (so it includes one step's working set, which a release only makes the
+    next step fault back in), or the lowest reading since. Cheap enough for every slice: one read of
+    /proc/self/statm, and a release only while glibc keeps piling up freed memory."""
+    global _baseline
+    if _malloc_trim is None:
+        return False
+    with _lock:
+        rss = resident_bytes()
+        if _baseline is None or rss < _baseline:
+            _baseline = rss
+            return False
+        if rss - _baseline < slack:
+            return False
+        release_free_memory()
+        return True
