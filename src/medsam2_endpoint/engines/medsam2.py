@@ -133,6 +133,7 @@ class MedSAM2VideoPredictor(legacy.SAM2VideoPredictor):
             "mask_inputs_per_obj": {},
             "cached_features": features,
             "volume_key": volume_key,
+            "used_keys": set(),  # cache keys this state has read or stored: its own stores never evict them
             "key_frame": None,  # set by the engine: the frame both passes start from
             "key_frame_features": None,  # its features as first computed, for the second pass
             "constants": {},
@@ -176,9 +177,10 @@ class MedSAM2VideoPredictor(legacy.SAM2VideoPredictor):
             image = state["images"][frame_idx].to(state["device"]).float().unsqueeze(0)
             backbone_out = self.forward_image(image)
             fpn = backbone_out["backbone_fpn"]
-            cache.put(key, CachedFeatures.of(fpn))
+            cache.put(key, CachedFeatures.of(fpn), keep=state["used_keys"])
             if self._pos_enc is None:
                 self._pos_enc = backbone_out["vision_pos_enc"]
+        state["used_keys"].add(key)
         if frame_idx == state["key_frame"]:
             state["key_frame_features"] = fpn
         return fpn
@@ -283,7 +285,8 @@ class MedSAM2Engine:
         """
         predictor = self.predictor
         behind = predictor.memory_reach if reverse else -predictor.memory_reach
-        state["key_frame"] = key_index
+        if state["key_frame"] != key_index:  # a state serves several objects, each with its own key slice
+            state["key_frame"], state["key_frame_features"] = key_index, None
         try:
             with self._autocast():
                 predictor.add_new_points_or_box(state, frame_idx=key_index, obj_id=1, box=np.asarray(box, dtype=np.float32))
