@@ -1,0 +1,70 @@
+"""Where a MedSAM2 slice's time goes, on a cold request and again on the same volume from the feature cache.
+
+    .venv/bin/python benchmarks/slice_breakdown.py --size 40
+
+Times the predictor's four networks with forward hooks (wall time, per slice processed) during one cold
+request and one second request (box shifted 2 px, key slice +1), as `speed.py` does. What the second request
+still spends is what a feature cache cannot save. Random-weight checkpoint, phantoms' `speed` volume.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import speed  # noqa: E402  (the same phantom, checkpoint, service and request bodies)
+
+PARTS = ("image_encoder", "memory_attention", "memory_encoder", "sam_mask_decoder")
+
+
+def timed(predictor) -> dict[str, float]:
+    """Seconds spent inside each of PARTS, accumulated from now on."""
+    spent: dict[str, float] = defaultdict(float)
+    for name in PARTS:
+        module = getattr(predictor, name)
+        starts: list[float] = []
+        module.register_forward_pre_hook(lambda _m, _a, starts=starts: starts.append(time.perf_counter()))
+        module.register_forward_hook(lambda _m, _a, _o, name=name, starts=starts: spent.__setitem__(name, spent[name] + time.perf_counter() - starts.pop()))
+    return spent
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--size", type=int, default=40, help="slices in the phantom (40, 120 or 300)")
+    args = parser.parse_args()
+    work = speed.ROOT / "benchmarks" / "out"
+    work.mkdir(parents=True, exist_ok=True)
+    checkpoint = work / "MedSAM2_latest.pt"
+    if not checkpoint.exists():
+        from reference_pipeline import make_random_checkpoint
+
+        make_random_checkpoint(checkpoint, seed=0)
+    case = speed.write_case(args.size, work)
+    service = speed._service("medsam2", checkpoint)
+    (engine,) = [e for e in service.engines.values() if e.info.family == "medsam2"]
+    rows = []
+    for label, (dz, dx) in (("cold (first request)", (0, 0)), ("warm (second request)", (1, 2))):
+        spent = timed(engine.predictor)
+        misses = engine.features.misses
+        started = time.perf_counter()
+        (result,) = service.score(speed._body(case, [speed._shifted(case, dz, dx)], stop_after_empty=0, mask_format="rle"))
+        total = time.perf_counter() - started
+        for module in [getattr(engine.predictor, name) for name in PARTS]:
+            module._forward_pre_hooks.clear()
+            module._forward_hooks.clear()
+        slices = result["metadata"]["slices_processed"]
+        rows.append((label, slices, engine.features.misses - misses, total, dict(spent)))
+    print(f"MedSAM2, 512 x 512 x {args.size}, stop rules off; seconds per slice processed")
+    print("| request | slices | encoded | total | " + " | ".join(PARTS) + " | rest |")
+    print("| --- | --- | --- | --- | " + " | ".join("---" for _ in PARTS) + " | --- |")
+    for label, slices, encoded, total, spent in rows:
+        parts = [spent.get(name, 0.0) / slices for name in PARTS]
+        print(f"| {label} | {slices} | {encoded} | {total / slices:.3f} | " + " | ".join(f"{v:.3f}" for v in parts) + f" | {total / slices - sum(parts):.3f} |")
+
+
+if __name__ == "__main__":
+    main()
