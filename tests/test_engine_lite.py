@@ -114,7 +114,6 @@ def test_embedding_cache_is_lru_and_bounded(engines, monkeypatch):
     assert state.embeddings.get(("private", 2)) is None  # evicted by the last access to 1
 
 
-
 def test_shared_cache_keeps_a_requests_first_slices_for_the_next(engines, monkeypatch):
     """A walk over more slices than the shared cache holds keeps the slices it cached first (nearest its key
     slice) instead of letting its later slices evict them: the next request on the volume finds them."""
@@ -135,6 +134,7 @@ def test_shared_cache_keeps_a_requests_first_slices_for_the_next(engines, monkey
             engine.segment_slice(state, z, [4, 4, 20, 20])
         assert sorted(engine.features._items) == [("volume", z) for z in (4, 5, 6)]
     assert len(encoded) == 8 + 5  # the second request encoded 7 and 3..0 again, not 4, 5, 6
+
 
 @pytest.mark.slow
 @pytest.mark.parametrize("mode", ["pad", "stretch"])
