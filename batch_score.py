@@ -22,10 +22,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent / "src"))
 
-from medsam2_endpoint.config import Settings  # noqa: E402
-from medsam2_endpoint.errors import ServiceError  # noqa: E402
-from medsam2_endpoint.service import Service  # noqa: E402
-from medsam2_endpoint.volume import write_nifti  # noqa: E402
+from medsam2_endpoint.core.settings import Settings  # noqa: E402
+from medsam2_endpoint.base.errors import ServiceError  # noqa: E402
+from medsam2_endpoint.core.service import Service  # noqa: E402
+from medsam2_endpoint.io.volume import write_nifti  # noqa: E402
 
 log = logging.getLogger("azmlinfsrv.medsam2")
 service: Service | None = None

@@ -24,10 +24,10 @@ import flask  # noqa: E402
 from azureml_inference_server_http.api.aml_request import AMLRequest, rawhttp  # noqa: E402
 from azureml_inference_server_http.api.aml_response import AMLResponse  # noqa: E402
 
-from medsam2_endpoint.config import Settings  # noqa: E402
-from medsam2_endpoint.encode import dumps  # noqa: E402
-from medsam2_endpoint.errors import ServiceError  # noqa: E402
-from medsam2_endpoint.service import Service  # noqa: E402
+from medsam2_endpoint.core.settings import Settings  # noqa: E402
+from medsam2_endpoint.io.encode import dumps  # noqa: E402
+from medsam2_endpoint.base.errors import ServiceError  # noqa: E402
+from medsam2_endpoint.core.service import Service  # noqa: E402
 
 log = logging.getLogger("azmlinfsrv.medsam2")
 JSON = {"Content-Type": "application/json"}

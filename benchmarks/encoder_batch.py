@@ -30,7 +30,7 @@ def main() -> None:
     args = parser.parse_args()
 
     from medsam2_endpoint.engines.medsam2 import MedSAM2Engine
-    from medsam2_endpoint.service import configure_threads
+    from medsam2_endpoint.core.service import configure_threads
 
     checkpoint = ROOT / "benchmarks" / "out" / "MedSAM2_latest.pt"
     if not checkpoint.exists():

@@ -67,9 +67,9 @@ def main() -> None:
     import speed
 
     import medsam2_endpoint.engines.medsam2 as medsam2
-    import medsam2_endpoint.propagate as propagate
-    import medsam2_endpoint.service as service_module
-    from medsam2_endpoint import heap
+    import medsam2_endpoint.pipeline.propagate as propagate
+    import medsam2_endpoint.core.service as service_module
+    from medsam2_endpoint.base import heap
 
     if args.no_release:
         propagate.release_if_grown = lambda: False

@@ -20,13 +20,13 @@ from pathlib import Path
 
 import numpy as np
 
-from medsam2_endpoint.config import Settings
-from medsam2_endpoint.encode import dumps, rle_decode
+from medsam2_endpoint.core.settings import Settings
+from medsam2_endpoint.io.encode import dumps, rle_decode
 from medsam2_endpoint.engines.lite import LiteMedSAMEngine
 from medsam2_endpoint.engines.medsam2 import MedSAM2Engine, find_checkpoints
-from medsam2_endpoint.metrics import dice, hd95
-from medsam2_endpoint.phantoms import phantom_set
-from medsam2_endpoint.service import Service, configure_threads
+from medsam2_endpoint.testing.metrics import dice, hd95
+from medsam2_endpoint.testing.phantoms import phantom_set
+from medsam2_endpoint.core.service import Service, configure_threads
 
 
 def build_service(model_dir: Path | None, lite_modes: list[str], lite_min_iou: float | None = None) -> Service:

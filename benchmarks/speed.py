@@ -40,7 +40,7 @@ def _current_rss_mb() -> float:
 
 
 def _phantom(depth: int):
-    from medsam2_endpoint.phantoms import phantom_set
+    from medsam2_endpoint.testing.phantoms import phantom_set
 
     return next(p for p in phantom_set("speed") if p.labels.shape[0] == depth)
 
@@ -62,8 +62,8 @@ def write_case(depth: int, work: Path) -> dict:
 
 
 def _service(model: str, checkpoint: Path, feature_cache_mb: int | None = None):
-    from medsam2_endpoint.config import Settings
-    from medsam2_endpoint.service import Service, configure_threads
+    from medsam2_endpoint.core.settings import Settings
+    from medsam2_endpoint.core.service import Service, configure_threads
 
     configure_threads(0)
     env = {"MEDSAM2_WARMUP": "0", "MEDSAM2_REQUEST_DEADLINE_S": "100000", "MEDSAM2_MAX_BASE64_MB": "2048"}
@@ -106,7 +106,7 @@ def run_one(config: dict) -> dict:
         out.update(seconds=time.perf_counter() - started, voxels=int(mask.sum()), slices=int(mask.shape[0]))
         np.save(Path(config["mask_out"]), mask) if config.get("mask_out") else None
     else:
-        from medsam2_endpoint.encode import dumps
+        from medsam2_endpoint.io.encode import dumps
 
         service = _service(config["model"], checkpoint, config.get("feature_cache_mb"))
         out["loaded_rss_mb"] = _current_rss_mb()
@@ -119,7 +119,7 @@ def run_one(config: dict) -> dict:
         out.update(seconds=time.perf_counter() - started, slices=result["metadata"]["slices_processed"], voxels=result["metadata"]["voxel_count"])
         out["peak_rss_mb"] = _peak_rss_mb()  # one request; the extras below add their own inputs and results
         if config.get("mask_out"):
-            from medsam2_endpoint.encode import rle_decode
+            from medsam2_endpoint.io.encode import rle_decode
 
             np.save(Path(config["mask_out"]), rle_decode(result["mask"]["counts"], tuple(result["mask"]["size"])))
         if config.get("second"):

@@ -17,8 +17,8 @@ import pytest
 import SimpleITK as sitk
 import torch
 
-from medsam2_endpoint.metrics import dice
-from medsam2_endpoint.phantoms import ct_phantom, mri_phantom, oblique_direction
+from medsam2_endpoint.testing.metrics import dice
+from medsam2_endpoint.testing.phantoms import ct_phantom, mri_phantom, oblique_direction
 
 REPO = Path(__file__).resolve().parents[1]
 

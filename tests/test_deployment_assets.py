@@ -311,7 +311,7 @@ def test_inline_environment_is_a_valid_environment(tmp_path):
 
 def test_deployment_variables_are_accepted_by_the_service_settings():
     """The values the deployments set parse with the package's own Settings (fail-fast config)."""
-    from medsam2_endpoint import config
+    from medsam2_endpoint.core import settings as config
 
     for yml in ONLINE_YMLS:
         env = {k: str(v) for k, v in raw(yml)["environment_variables"].items()}

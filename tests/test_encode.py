@@ -7,10 +7,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
-from medsam2_endpoint import encode
-from medsam2_endpoint.config import Limits
-from medsam2_endpoint.encode import RawJSON, dumps, encode_mask, list_json, rle_counts, rle_decode, value_rle
-from medsam2_endpoint.volume import Volume, read_nifti
+from medsam2_endpoint.io import encode
+from medsam2_endpoint.core.settings import Limits
+from medsam2_endpoint.io.encode import RawJSON, dumps, encode_mask, list_json, rle_counts, rle_decode, value_rle
+from medsam2_endpoint.io.volume import Volume, read_nifti
 
 
 @settings(max_examples=60, deadline=None)

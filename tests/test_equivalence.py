@@ -14,13 +14,13 @@ import pytest
 import torch
 
 from conftest import request_for
-from medsam2_endpoint.encode import dumps
+from medsam2_endpoint.io.encode import dumps
 from medsam2_endpoint.engines.medsam2 import CachedFeatures
-from medsam2_endpoint.lru import ByteLRU
-from medsam2_endpoint.metrics import dice
-from medsam2_endpoint.phantoms import ct_phantom, mri_phantom, oblique_direction
-from medsam2_endpoint.preprocess import window_to_uint8
-from medsam2_endpoint.propagate import PropagationOptions, segment_object
+from medsam2_endpoint.base.lru import ByteLRU
+from medsam2_endpoint.testing.metrics import dice
+from medsam2_endpoint.testing.phantoms import ct_phantom, mri_phantom, oblique_direction
+from medsam2_endpoint.pipeline.window import window_to_uint8
+from medsam2_endpoint.pipeline.propagate import PropagationOptions, segment_object
 from reference_pipeline import build_reference_predictor, reference_segment
 
 MODEL = "MedSAM2_latest"

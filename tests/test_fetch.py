@@ -23,9 +23,9 @@ import urllib3.util.connection
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from medsam2_endpoint import fetch
-from medsam2_endpoint.errors import FetchRefused, PayloadTooLarge
-from medsam2_endpoint.fetch import FetchPolicy, check_url, classify_address, fetch_bytes, redact_url
+from medsam2_endpoint.io import fetch
+from medsam2_endpoint.base.errors import FetchRefused, PayloadTooLarge
+from medsam2_endpoint.io.fetch import FetchPolicy, check_url, classify_address, fetch_bytes, redact_url
 
 LOOP = FetchPolicy(allow_http=True, allow_networks=("127.0.0.0/8", "::1/128"), max_bytes=1000)
 BODY = b"hello volume"

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from medsam2_endpoint import heap
+from medsam2_endpoint.base import heap
 
 
 def rss_anon_mb() -> float:

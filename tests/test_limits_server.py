@@ -170,7 +170,7 @@ def entry():
 
 class FakeService:
     def __init__(self, outcome):
-        from medsam2_endpoint.config import Settings
+        from medsam2_endpoint.core.settings import Settings
 
         self.outcome = outcome
         self.settings = Settings.from_env({"MEDSAM2_MAX_ITEMS": "1", "MEDSAM2_MAX_BASE64_MB": "1"})
@@ -224,7 +224,7 @@ def test_deadline_leaves_time_to_answer_before_the_scoring_alarm(name):
 
 
 def test_default_deadline_is_below_the_managed_endpoint_maximum():
-    from medsam2_endpoint.config import Settings
+    from medsam2_endpoint.core.settings import Settings
 
     assert Settings.from_env({}).request_deadline_s < 180  # request_timeout_ms cannot exceed 180,000
 
@@ -233,9 +233,9 @@ def test_default_deadline_is_below_the_managed_endpoint_maximum():
 
 
 def test_header_and_geometry_checks_refuse_before_reading_voxels():
-    from medsam2_endpoint.config import Limits
-    from medsam2_endpoint.errors import InvalidRequest
-    from medsam2_endpoint.volume import read_nifti
+    from medsam2_endpoint.core.settings import Limits
+    from medsam2_endpoint.base.errors import InvalidRequest
+    from medsam2_endpoint.io.volume import read_nifti
 
     for name in ("vox_offset_nan.nii", "nan_geometry.nii"):
         with pytest.raises(InvalidRequest, match=EXPECTED[name]["contains"]):
@@ -244,8 +244,8 @@ def test_header_and_geometry_checks_refuse_before_reading_voxels():
 
 @pytest.mark.parametrize("value", [1e300, -1e300, 2.0**63, 1e9 + 1])
 def test_box_coordinates_beyond_any_slice_are_refused_by_the_schema(value):
-    from medsam2_endpoint.errors import InvalidRequest
-    from medsam2_endpoint.schemas import parse_request
+    from medsam2_endpoint.base.errors import InvalidRequest
+    from medsam2_endpoint.contract.score3d import parse_request
 
     body = {"input_data": {"nii_image": ["x"], "bbox": [[0, 0, value, 5]], "key_slice_idx": [0]}}
     with pytest.raises(InvalidRequest, match=r"input_data.bbox\[0\]\[2\]"):

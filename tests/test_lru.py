@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from medsam2_endpoint.lru import ByteLRU
+from medsam2_endpoint.base.lru import ByteLRU
 
 
 class Blob:

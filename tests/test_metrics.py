@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from medsam2_endpoint.metrics import dice, hd95
+from medsam2_endpoint.testing.metrics import dice, hd95
 
 
 def test_dice_values():

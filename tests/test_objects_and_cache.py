@@ -8,14 +8,14 @@ import numpy as np
 import pytest
 
 from conftest import request_for
-from medsam2_endpoint.config import Settings
-from medsam2_endpoint.encode import dumps
+from medsam2_endpoint.core.settings import Settings
+from medsam2_endpoint.io.encode import dumps
 from medsam2_endpoint.engines.base import ModelInfo
 from medsam2_endpoint.engines.lite import LiteMedSAMEngine
-from medsam2_endpoint.errors import InvalidRequest
-from medsam2_endpoint.metrics import dice
-from medsam2_endpoint.phantoms import ct_phantom
-from medsam2_endpoint.service import Service
+from medsam2_endpoint.base.errors import InvalidRequest
+from medsam2_endpoint.testing.metrics import dice
+from medsam2_endpoint.testing.phantoms import ct_phantom
+from medsam2_endpoint.core.service import Service
 
 
 class LogitBoxEngine:
@@ -101,7 +101,7 @@ def test_propagation_options_reach_the_algorithm(pair):
     key = pair.lesions[0].key_slice
     (up,) = service.score(request_for(pair, propagation=["up"], max_slices=[3], mask_format=["rle"]))
     assert up["metadata"]["slices_processed"] == 3 and up["metadata"]["propagation"] == "up"
-    from medsam2_endpoint.encode import rle_decode
+    from medsam2_endpoint.io.encode import rle_decode
 
     mask = rle_decode(up["mask"]["counts"], tuple(up["mask"]["size"]))
     assert np.flatnonzero(mask.any(axis=(1, 2))).tolist() == [key, key + 1, key + 2]

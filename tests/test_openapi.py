@@ -5,13 +5,13 @@ from __future__ import annotations
 import json
 
 from local_server import REPO
-from medsam2_endpoint.openapi import build_openapi, render, to_openapi30
+from medsam2_endpoint.api.openapi import build_openapi, render, to_openapi30
 
 
 def test_committed_swagger3_is_up_to_date():
     committed = (REPO / "swagger3.json").read_text(encoding="utf-8")
     assert committed == render(), (
-        "swagger3.json is stale: regenerate it with `.venv/bin/python -m medsam2_endpoint.openapi swagger3.json`"
+        "swagger3.json is stale: regenerate it with `.venv/bin/python -m medsam2_endpoint.api.openapi swagger3.json`"
     )
 
 

@@ -9,7 +9,7 @@ import pytest
 import SimpleITK as sitk
 from scipy import ndimage
 
-from medsam2_endpoint.phantoms import (
+from medsam2_endpoint.testing.phantoms import (
     _SETS,
     CT_HU,
     CT_LESION_HU,
@@ -167,7 +167,7 @@ def test_mr_intensities(phantoms):
 def test_mr_bias_field_is_mild_and_present():
     flat = mri_phantom((16, 64, 64), lesions=(), seed=4)
     assert flat.lesions == () and not flat.labels.any()
-    from medsam2_endpoint.phantoms import _anatomy
+    from medsam2_endpoint.testing.phantoms import _anatomy
 
     liver = ndimage.binary_erosion(_anatomy(64, 64, 0.9) == 3, iterations=2)  # tissue code 3 = liver
     per_slice = np.array([sl[liver].mean() for sl in flat.array()]) / MR_SIGNAL["liver"]

@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
-from medsam2_endpoint.polygons import geometry_area, mask_to_geometry, mask_to_parts, ring_area
+from medsam2_endpoint.io.polygons import geometry_area, mask_to_geometry, mask_to_parts, ring_area
 
 masks = arrays(np.bool_, st.tuples(st.integers(1, 14), st.integers(1, 14)))
 # Dense random masks (about half the pixels set) hit corner contacts, holes and islands often.

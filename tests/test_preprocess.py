@@ -5,8 +5,8 @@ from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 from PIL import Image
 
-from medsam2_endpoint.errors import InvalidRequest
-from medsam2_endpoint.preprocess import IMAGENET_MEAN, IMAGENET_STD, parse_box, sam2_frame, window_to_uint8
+from medsam2_endpoint.base.errors import InvalidRequest
+from medsam2_endpoint.pipeline.window import IMAGENET_MEAN, IMAGENET_STD, parse_box, sam2_frame, window_to_uint8
 
 
 def reference_window(volume, window):

@@ -17,15 +17,15 @@ import pytest
 from PIL import Image
 
 from conftest import serving_bytes
-from medsam2_endpoint.config import Settings
-from medsam2_endpoint.embedding_cache import EmbeddingCache, content_key
-from medsam2_endpoint.encode import dumps, rle_decode
+from medsam2_endpoint.core.settings import Settings
+from medsam2_endpoint.pipeline.embedding_cache import EmbeddingCache, content_key
+from medsam2_endpoint.io.encode import dumps, rle_decode
 from medsam2_endpoint.engines.sam2_image import MedSAM2ImagePredictor, keep_one_per_prompt
-from medsam2_endpoint.errors import InvalidRequest
-from medsam2_endpoint.phantoms import ct_phantom
-from medsam2_endpoint.polygons import geometry_area
-from medsam2_endpoint.service import Service
-from medsam2_endpoint.service2d import prompter_for
+from medsam2_endpoint.base.errors import InvalidRequest
+from medsam2_endpoint.testing.phantoms import ct_phantom
+from medsam2_endpoint.io.polygons import geometry_area
+from medsam2_endpoint.core.service import Service
+from medsam2_endpoint.core.score2d import prompter_for
 
 MEDSAM2 = "MedSAM2_latest"
 LITE = "lite-medsam"

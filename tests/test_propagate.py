@@ -7,8 +7,8 @@ import pytest
 from scipy import ndimage
 
 from medsam2_endpoint.engines.base import ModelInfo
-from medsam2_endpoint.errors import DeadlineExceeded
-from medsam2_endpoint.propagate import PropagationOptions, keep_largest_component, segment_object
+from medsam2_endpoint.base.errors import DeadlineExceeded
+from medsam2_endpoint.pipeline.propagate import PropagationOptions, keep_largest_component, segment_object
 
 
 class ScriptedEngine:

@@ -6,11 +6,11 @@ import numpy as np
 import pytest
 
 from conftest import request_for
-from medsam2_endpoint.config import Settings
-from medsam2_endpoint.encode import dumps, rle_decode
-from medsam2_endpoint.metrics import dice
-from medsam2_endpoint.phantoms import phantom_set
-from medsam2_endpoint.service import Service
+from medsam2_endpoint.core.settings import Settings
+from medsam2_endpoint.io.encode import dumps, rle_decode
+from medsam2_endpoint.testing.metrics import dice
+from medsam2_endpoint.testing.phantoms import phantom_set
+from medsam2_endpoint.core.service import Service
 
 
 @pytest.fixture(scope="module")

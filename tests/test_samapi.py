@@ -21,14 +21,15 @@ import pytest
 import requests
 import uvicorn
 
-from medsam2_endpoint import __version__, samapi_registry
-from medsam2_endpoint.phantoms import ct_phantom
-from medsam2_endpoint.polygons import geometry_area, mask_to_parts
-from medsam2_endpoint.prompt2d import Prompt2D
-from medsam2_endpoint.samapi import create_app
-from medsam2_endpoint.samapi_registry import SamapiSettings
-from medsam2_endpoint.service import Service
-from medsam2_endpoint.service2d import prompter_for
+from medsam2_endpoint import __version__
+from medsam2_endpoint.core import registry as samapi_registry
+from medsam2_endpoint.testing.phantoms import ct_phantom
+from medsam2_endpoint.io.polygons import geometry_area, mask_to_parts
+from medsam2_endpoint.pipeline.prompt2d import Prompt2D
+from medsam2_endpoint.api.samapi import create_app
+from medsam2_endpoint.core.registry import SamapiSettings
+from medsam2_endpoint.core.service import Service
+from medsam2_endpoint.core.score2d import prompter_for
 from test_polygons import covered
 from test_prompt2d import LITE, MEDSAM2, phantom_slice, png_b64
 

@@ -1,7 +1,7 @@
 import pytest
 
-from medsam2_endpoint.errors import InvalidRequest
-from medsam2_endpoint.schemas import parse_request
+from medsam2_endpoint.base.errors import InvalidRequest
+from medsam2_endpoint.contract.score3d import parse_request
 
 
 def body(**overrides):

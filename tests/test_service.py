@@ -11,13 +11,13 @@ import pytest
 import torch
 
 from conftest import request_for, serving_bytes
-from medsam2_endpoint.config import Settings
-from medsam2_endpoint.encode import dumps
+from medsam2_endpoint.core.settings import Settings
+from medsam2_endpoint.io.encode import dumps
 from medsam2_endpoint.engines.base import ModelInfo
 from medsam2_endpoint.engines.medsam2 import CheckpointError, MedSAM2Engine, find_checkpoints
-from medsam2_endpoint.errors import InvalidRequest
-from medsam2_endpoint.phantoms import ct_phantom
-from medsam2_endpoint.service import Service
+from medsam2_endpoint.base.errors import InvalidRequest
+from medsam2_endpoint.testing.phantoms import ct_phantom
+from medsam2_endpoint.core.service import Service
 
 
 class BoxEngine:
@@ -104,7 +104,7 @@ def test_unknown_model_lists_available(phantom):
 def test_masks_in_rle_and_nifti_formats_agree_with_list(phantom):
     lesion = phantom.lesions[0]
     service = make_service({"box": BoxEngine(z_range=lesion.z_range)})
-    from medsam2_endpoint.samples import decode_mask
+    from medsam2_endpoint.testing.samples import decode_mask
 
     masks = {}
     for fmt in ("list", "rle", "nifti"):

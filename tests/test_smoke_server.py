@@ -13,7 +13,7 @@ import pytest
 import requests
 
 from local_server import running_server
-from medsam2_endpoint.samples import check_response
+from medsam2_endpoint.testing.samples import check_response
 
 REPO = Path(__file__).resolve().parents[1]
 SAMPLES = sorted(p for p in (REPO / "sample_requests").glob("*.json") if not p.name.endswith(".expect.json"))

@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from medsam2_endpoint.config import Limits
-from medsam2_endpoint.errors import InvalidRequest, PayloadTooLarge, UnsupportedMedia
-from medsam2_endpoint.volume import Volume, decode_base64, read_nifti, write_nifti
+from medsam2_endpoint.core.settings import Limits
+from medsam2_endpoint.base.errors import InvalidRequest, PayloadTooLarge, UnsupportedMedia
+from medsam2_endpoint.io.volume import Volume, decode_base64, read_nifti, write_nifti
 
 LIMITS = Limits()
 OBLIQUE = (0.9659258, -0.2588190, 0.0, 0.2588190, 0.9659258, 0.0, 0.0, 0.0, 1.0)
@@ -180,7 +180,7 @@ def test_reader_agrees_with_simpleitk(case, tmp_path):
 
 
 def test_base64_is_decoded_in_chunks(monkeypatch):
-    import medsam2_endpoint.volume as volume_module
+    import medsam2_endpoint.io.volume as volume_module
 
     monkeypatch.setattr(volume_module, "_B64_CHUNK_CHARS", 8)  # many chunks for a short payload
     data = bytes(range(256)) * 3
@@ -196,7 +196,7 @@ def test_base64_is_decoded_in_chunks(monkeypatch):
 
 
 def test_nifti_read_from_base64_chunks_equals_bytes(monkeypatch):
-    import medsam2_endpoint.volume as volume_module
+    import medsam2_endpoint.io.volume as volume_module
 
     monkeypatch.setattr(volume_module, "_B64_CHUNK_CHARS", 4096)
     data = write_nifti(make_image(shape=(20, 30, 40)), compressed=True)

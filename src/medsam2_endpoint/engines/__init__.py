@@ -1,1 +1,1 @@
-"""Model adapters. Each engine sees arrays and typed prompts only: never JSON or HTTP."""
+"""Model adapters. Each engine sees arrays and typed prompts only: never JSON, HTTP or the environment."""

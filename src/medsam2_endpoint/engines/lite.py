@@ -29,8 +29,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..errors import ModelUnavailable
-from ..lru import ByteLRU
+from medsam2_endpoint.base.errors import ModelUnavailable
+from medsam2_endpoint.base.lru import ByteLRU
 from .base import ModelInfo, sha256_file
 
 IMAGE_SIZE = 256  # the encoder's input side

@@ -29,8 +29,8 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 from scipy import ndimage
 
-from ..lru import ByteLRU
-from ..preprocess import sam2_frame
+from medsam2_endpoint.base.lru import ByteLRU
+from medsam2_endpoint.pipeline.window import sam2_frame
 from .base import ModelInfo, sha256_file
 
 CONFIG_PATH = files("medsam2_endpoint.engines") / "configs" / "sam2.1_hiera_t512.yaml"

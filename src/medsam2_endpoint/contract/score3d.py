@@ -11,7 +11,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictStr, ValidationError
 
-from .errors import InvalidRequest
+from medsam2_endpoint.base.errors import InvalidRequest
 
 # Pixel coordinates beyond +-1e9 cannot fall inside any slice; bounding them keeps int64 conversion safe.
 Coordinate = Annotated[float, Field(ge=-1e9, le=1e9)]

@@ -17,8 +17,8 @@ from typing import Annotated, Any, Literal
 import numpy as np
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field, StrictStr, ValidationError
 
-from .errors import InvalidRequest
-from .prompt2d import OUTPUT_TYPES, AutomaskParams, Prompt2D
+from medsam2_endpoint.base.errors import InvalidRequest
+from medsam2_endpoint.pipeline.prompt2d import OUTPUT_TYPES, AutomaskParams, Prompt2D
 
 Number = float
 MAX_MASK_LOGIT = 1e4  # SAM's logits live within a few tens; anything far beyond is a mistake (and overflows float32)

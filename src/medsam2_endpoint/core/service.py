@@ -13,18 +13,18 @@ from typing import Any
 import numpy as np
 import torch
 
-from .config import Settings
-from .encode import encode_mask
-from .engines.base import VolumeEngine
-from .engines.medsam2 import CheckpointError, MedSAM2Engine, find_checkpoints
-from .errors import InvalidRequest, ModelUnavailable
-from .fetch import fetch_bytes
-from .heap import release_free_memory
-from .preprocess import parse_box, window_to_uint8
-from .prompt2d import Prompter
-from .propagate import PropagationOptions, merge_objects, segment_object
-from .schemas import VolumeItem, parse_request
-from .volume import Volume, base64_chunks, read_nifti
+from medsam2_endpoint.core.settings import Settings
+from medsam2_endpoint.io.encode import encode_mask
+from medsam2_endpoint.engines.base import VolumeEngine
+from medsam2_endpoint.engines.medsam2 import CheckpointError, MedSAM2Engine, find_checkpoints
+from medsam2_endpoint.base.errors import InvalidRequest, ModelUnavailable
+from medsam2_endpoint.io.fetch import fetch_bytes
+from medsam2_endpoint.base.heap import release_free_memory
+from medsam2_endpoint.pipeline.window import parse_box, window_to_uint8
+from medsam2_endpoint.pipeline.prompt2d import Prompter
+from medsam2_endpoint.pipeline.propagate import PropagationOptions, merge_objects, segment_object
+from medsam2_endpoint.contract.score3d import VolumeItem, parse_request
+from medsam2_endpoint.io.volume import Volume, base64_chunks, read_nifti
 
 log = logging.getLogger("azmlinfsrv.medsam2")
 LITE_NAME = "lite-medsam"
@@ -92,7 +92,7 @@ class Service:
                 log.warning("model file skipped: %s", exc)
         medsam2_names = list(engines)
         if settings.enable_lite:
-            from .engines.lite import LiteMedSAMEngine
+            from medsam2_endpoint.engines.lite import LiteMedSAMEngine
 
             engines[LITE_NAME] = LiteMedSAMEngine(device=device, feature_cache_mb=settings.feature_cache_mb)
         if not engines:
@@ -166,7 +166,7 @@ class Service:
         The route is chosen by the columns: `image` -> the 2D prompt route (service2d), else 3D.
         """
         if isinstance(body, dict) and isinstance(body.get("input_data"), dict) and "image" in body["input_data"]:
-            from .service2d import score_2d
+            from medsam2_endpoint.core.score2d import score_2d
 
             return score_2d(self, body)
         deadline = time.monotonic() + self.settings.request_deadline_s

@@ -27,10 +27,10 @@ import torch
 from sam2.utils.amg import batched_mask_to_box, calculate_stability_score, remove_small_regions
 from torchvision.ops.boxes import batched_nms
 
-from .embedding_cache import EmbeddingCache, content_key
-from .engines.base import ModelInfo
-from .engines.sam2_image import SAM2ImageEngine, keep_one_per_prompt
-from .errors import InvalidRequest, ModelUnavailable
+from medsam2_endpoint.pipeline.embedding_cache import EmbeddingCache, content_key
+from medsam2_endpoint.engines.base import ModelInfo
+from medsam2_endpoint.engines.sam2_image import SAM2ImageEngine, keep_one_per_prompt
+from medsam2_endpoint.base.errors import InvalidRequest, ModelUnavailable
 
 OUTPUT_TYPES = ("single", "all", "largest", "smallest", "best_quality")
 DEFAULT_CACHE_MB = 256

@@ -7,7 +7,7 @@ import json
 
 import numpy as np
 
-from .volume import Volume, write_nifti
+from medsam2_endpoint.io.volume import Volume, write_nifti
 
 _SPARSE_FRACTION = 64  # at most 1 voxel in 64 in the foreground: encode from the foreground's positions
 _CHUNK_VOXELS = 8 * 1024 * 1024  # a dense mask is put in column-major order this many voxels at a time

@@ -33,10 +33,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .config import SettingsError
-from .engines.medsam2 import CheckpointError, MedSAM2Engine
-from .errors import InvalidRequest, ServiceError
-from .fetch import fetch_bytes, redact_url
+from medsam2_endpoint.core.settings import SettingsError
+from medsam2_endpoint.engines.medsam2 import CheckpointError, MedSAM2Engine
+from medsam2_endpoint.base.errors import InvalidRequest, ServiceError
+from medsam2_endpoint.io.fetch import fetch_bytes, redact_url
 
 log = logging.getLogger("azmlinfsrv.medsam2")
 MB = 1024 * 1024

@@ -24,7 +24,7 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _samples(args: argparse.Namespace) -> int:
-    from .samples import write_samples
+    from medsam2_endpoint.testing.samples import write_samples
 
     for path in write_samples(Path(args.out)):
         print(path)
@@ -35,7 +35,7 @@ def _check_sample(args: argparse.Namespace) -> int:
     """Post a sample file to a running endpoint and print each item's Dice against the phantom's ground truth."""
     import requests
 
-    from .samples import check_response
+    from medsam2_endpoint.testing.samples import check_response
 
     sample = Path(args.sample)
     expect = json.loads(sample.with_name(sample.name.replace(".json", ".expect.json")).read_text())
@@ -55,7 +55,7 @@ def _check_sample(args: argparse.Namespace) -> int:
 
 
 def _serve_samapi(args: argparse.Namespace) -> int:
-    from .samapi import serve
+    from medsam2_endpoint.api.samapi import serve
 
     return serve(host=args.host, port=args.port, model_dir=args.model_dir)
 
@@ -63,7 +63,7 @@ def _serve_samapi(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["predict"]:
-        from .client import predict_main  # the client has its own argument parser
+        from medsam2_endpoint.client.segment import predict_main  # the client has its own argument parser
 
         return predict_main(argv[1:])
     parser = argparse.ArgumentParser(prog="medsam2-endpoint")

@@ -31,10 +31,10 @@ import numpy as np
 import SimpleITK as sitk
 from PIL import Image, UnidentifiedImageError
 
-from .config import Limits
-from .errors import InvalidRequest, PayloadTooLarge, UnsupportedMedia
-from .volume import GZIP_MAGIC, gunzip_capped
-from .volume import decode_base64 as decode_file_base64
+from medsam2_endpoint.core.settings import Limits
+from medsam2_endpoint.base.errors import InvalidRequest, PayloadTooLarge, UnsupportedMedia
+from medsam2_endpoint.io.volume import GZIP_MAGIC, gunzip_capped
+from medsam2_endpoint.io.volume import decode_base64 as decode_file_base64
 
 _PNG = b"\x89PNG\r\n\x1a\n"
 _TIFF = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")

@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from .lru import ByteLRU
+from medsam2_endpoint.base.lru import ByteLRU
 
 
 def content_key(pixels: np.ndarray) -> str:

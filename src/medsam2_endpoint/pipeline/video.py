@@ -18,10 +18,10 @@ from typing import Any
 
 import numpy as np
 
-from .errors import InvalidRequest
-from .images2d import to_grey_u8
-from .prompt2d import Prompt2D, Prompter, check_prompt
-from .propagate import PropagationOptions, segment_object
+from medsam2_endpoint.base.errors import InvalidRequest
+from medsam2_endpoint.io.images import to_grey_u8
+from medsam2_endpoint.pipeline.prompt2d import Prompt2D, Prompter, check_prompt
+from medsam2_endpoint.pipeline.propagate import PropagationOptions, segment_object
 
 log = logging.getLogger("azmlinfsrv.medsam2")
 

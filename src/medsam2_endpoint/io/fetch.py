@@ -27,7 +27,7 @@ import certifi
 import urllib3
 from urllib3.exceptions import ConnectTimeoutError, HTTPError, NewConnectionError, ReadTimeoutError, SSLError
 
-from .errors import FetchRefused, PayloadTooLarge
+from medsam2_endpoint.base.errors import FetchRefused, PayloadTooLarge
 
 log = logging.getLogger("azmlinfsrv.medsam2")
 

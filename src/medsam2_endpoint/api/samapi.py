@@ -37,14 +37,14 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import PlainTextResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from . import __version__
-from .config import Settings
-from .errors import InvalidRequest, PayloadTooLarge, ServiceError
-from .images2d import decode_base64, read_picture, to_grey_u8, to_rgb_u8
-from .polygons import mask_to_geometry
-from .prompt2d import Prompt2D, Prompter, check_prompt
-from .samapi_registry import ModelTypes, SamapiSettings, WeightRegistrar
-from .schemas2d import (
+from medsam2_endpoint import __version__
+from medsam2_endpoint.core.settings import Settings
+from medsam2_endpoint.base.errors import InvalidRequest, PayloadTooLarge, ServiceError
+from medsam2_endpoint.io.images import decode_base64, read_picture, to_grey_u8, to_rgb_u8
+from medsam2_endpoint.io.polygons import mask_to_geometry
+from medsam2_endpoint.pipeline.prompt2d import Prompt2D, Prompter, check_prompt
+from medsam2_endpoint.core.registry import ModelTypes, SamapiSettings, WeightRegistrar
+from medsam2_endpoint.contract.score2d import (
     SamAutomaskBody,
     SamPromptBody,
     SamType,
@@ -53,8 +53,8 @@ from .schemas2d import (
     location,
     samapi_output_type,
 )
-from .service2d import prompter_for
-from .video import ObjectPrompt, frames_to_volume, plane_of, track_objects
+from medsam2_endpoint.core.score2d import prompter_for
+from medsam2_endpoint.pipeline.video import ObjectPrompt, frames_to_volume, plane_of, track_objects
 
 log = logging.getLogger("azmlinfsrv.medsam2")
 _SAFE_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]{0,127}$")
@@ -127,7 +127,7 @@ class SamapiState:
 
     @classmethod
     def build(cls, service: Any, settings: SamapiSettings) -> SamapiState:
-        from .service import choose_device
+        from medsam2_endpoint.core.service import choose_device
 
         types = ModelTypes(service, settings.weights_dir)
         registrar = WeightRegistrar(service, types, settings, choose_device(service.settings.device))
@@ -381,7 +381,7 @@ def serve(host: str, port: int, model_dir: str | None) -> int:
     """`medsam2-endpoint serve-samapi`: build the Service from the environment and the model folder, serve."""
     import uvicorn
 
-    from .service import Service
+    from medsam2_endpoint.core.service import Service
 
     logger = logging.getLogger("azmlinfsrv.medsam2")
     if not logger.handlers:

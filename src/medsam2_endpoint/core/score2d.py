@@ -14,13 +14,13 @@ from typing import Any
 
 import numpy as np
 
-from .encode import RawJSON, list_json, rle_counts
-from .errors import InvalidRequest
-from .fetch import fetch_bytes
-from .images2d import Picture, decode_base64, read_picture, to_rgb_u8
-from .polygons import mask_to_geometry
-from .prompt2d import Mask2D, Prompter, Result2D, check_automask, check_prompt
-from .schemas2d import ImageItem, parse_image_request
+from medsam2_endpoint.io.encode import RawJSON, list_json, rle_counts
+from medsam2_endpoint.base.errors import InvalidRequest
+from medsam2_endpoint.io.fetch import fetch_bytes
+from medsam2_endpoint.io.images import Picture, decode_base64, read_picture, to_rgb_u8
+from medsam2_endpoint.io.polygons import mask_to_geometry
+from medsam2_endpoint.pipeline.prompt2d import Mask2D, Prompter, Result2D, check_automask, check_prompt
+from medsam2_endpoint.contract.score2d import ImageItem, parse_image_request
 
 log = logging.getLogger("azmlinfsrv.medsam2")
 

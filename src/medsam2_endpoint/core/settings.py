@@ -7,7 +7,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .fetch import FetchPolicy
+from medsam2_endpoint.io.fetch import FetchPolicy
 
 MB = 1024 * 1024
 

@@ -11,9 +11,9 @@ import numpy as np
 from scipy import ndimage, sparse
 from scipy.sparse import csgraph
 
-from .engines.base import VolumeEngine
-from .errors import DeadlineExceeded
-from .heap import release_if_grown
+from medsam2_endpoint.engines.base import VolumeEngine
+from medsam2_endpoint.base.errors import DeadlineExceeded
+from medsam2_endpoint.base.heap import release_if_grown
 
 Direction = Literal["both", "up", "down"]
 FULL_CONNECTIVITY = np.ones((3, 3, 3), dtype=bool)

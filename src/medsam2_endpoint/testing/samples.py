@@ -15,9 +15,9 @@ from typing import Any
 
 import numpy as np
 
-from .encode import rle_counts, rle_decode
-from .metrics import dice
-from .phantoms import Phantom, ct_phantom, mri_phantom, oblique_direction
+from medsam2_endpoint.io.encode import rle_counts, rle_decode
+from medsam2_endpoint.testing.metrics import dice
+from medsam2_endpoint.testing.phantoms import Phantom, ct_phantom, mri_phantom, oblique_direction
 
 
 def _item(phantom: Phantom, lesion_index: int = 0, *, slice_offset: int = 0) -> dict[str, Any]:
@@ -93,7 +93,7 @@ def _builders() -> dict[str, Callable[[], tuple[dict[str, Any], dict[str, Any]]]
 
         from PIL import Image
 
-        from .preprocess import window_to_uint8
+        from medsam2_endpoint.pipeline.window import window_to_uint8
 
         buffer = io.BytesIO()
         Image.fromarray(window_to_uint8(p.array()[z : z + 1], p.window)[0]).save(buffer, format="PNG")
@@ -190,8 +190,8 @@ def decode_mask(mask: Any, mask_format: str, shape: list[int]) -> np.ndarray:
     if mask_format == "rle":
         return rle_decode(mask["counts"], tuple(mask["size"]))
     if mask_format == "nifti":
-        from .config import Limits
-        from .volume import read_nifti
+        from medsam2_endpoint.core.settings import Limits
+        from medsam2_endpoint.io.volume import read_nifti
 
         return read_nifti(base64.b64decode(mask), field="mask", limits=Limits()).array
     return np.asarray(mask, dtype=np.uint8).reshape(shape)

@@ -1,0 +1,1 @@
+"""Request contracts of every route (pydantic models only: no torch, no numpy work) and their validation messages."""
