@@ -29,8 +29,8 @@ def main() -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args()
 
-    from medsam2_endpoint.engines.medsam2 import MedSAM2Engine
     from medsam2_endpoint.core.service import configure_threads
+    from medsam2_endpoint.engines.medsam2 import MedSAM2Engine
 
     checkpoint = ROOT / "benchmarks" / "out" / "MedSAM2_latest.pt"
     if not checkpoint.exists():

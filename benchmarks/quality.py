@@ -20,13 +20,14 @@ from pathlib import Path
 
 import numpy as np
 
+from medsam2_endpoint.api.azure import score as score_body
+from medsam2_endpoint.core.service import Service, configure_threads
 from medsam2_endpoint.core.settings import Settings
-from medsam2_endpoint.io.encode import dumps, rle_decode
 from medsam2_endpoint.engines.lite import LiteMedSAMEngine
 from medsam2_endpoint.engines.medsam2 import MedSAM2Engine, find_checkpoints
+from medsam2_endpoint.io.encode import dumps, rle_decode
 from medsam2_endpoint.testing.metrics import dice, hd95
 from medsam2_endpoint.testing.phantoms import phantom_set
-from medsam2_endpoint.core.service import Service, configure_threads
 
 
 def build_service(model_dir: Path | None, lite_modes: list[str], lite_min_iou: float | None = None) -> Service:
@@ -56,7 +57,7 @@ def evaluate(service: Service, set_name: str, stops: list[int] = (2,)) -> list[d
             if phantom.window:
                 cols["dicom_window"] = [list(phantom.window)]
             started = time.perf_counter()
-            (result,) = json.loads(dumps(service.score({"input_data": cols})))
+            (result,) = json.loads(dumps(score_body(service, {"input_data": cols})))
             seconds = time.perf_counter() - started
             mask = rle_decode(result["mask"]["counts"], tuple(result["mask"]["size"])).astype(bool)
             truth = phantom.mask(lesion.label)

@@ -15,6 +15,8 @@ import time
 from collections import defaultdict
 from pathlib import Path
 
+from medsam2_endpoint.api.azure import score as score_body
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import speed  # noqa: E402  (the same phantom, checkpoint, service and request bodies)
 
@@ -51,7 +53,7 @@ def main() -> None:
         spent = timed(engine.predictor)
         misses = engine.features.misses
         started = time.perf_counter()
-        (result,) = service.score(speed._body(case, [speed._shifted(case, dz, dx)], stop_after_empty=0, mask_format="rle"))
+        (result,) = score_body(service, speed._body(case, [speed._shifted(case, dz, dx)], stop_after_empty=0, mask_format="rle"))
         total = time.perf_counter() - started
         for module in [getattr(engine.predictor, name) for name in PARTS]:
             module._forward_pre_hooks.clear()

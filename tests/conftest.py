@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 
+from medsam2_endpoint.core.service import Service
 from medsam2_endpoint.core.settings import Settings
 from medsam2_endpoint.testing.phantoms import Phantom
-from medsam2_endpoint.core.service import Service
 from reference_pipeline import make_random_checkpoint
 
 

@@ -24,6 +24,8 @@ import nibabel as nib
 import numpy as np
 import requests
 
+from medsam2_endpoint.api.errors import STATUS_OF_CODE
+
 REPO = Path(__file__).resolve().parents[1]
 #: An allowlist no host name can match ('!' is not a host character): the fuzzers can never make the
 #: server resolve or fetch a generated URL, whatever string they produce.
@@ -153,10 +155,11 @@ def image_request(size: int = 32, **columns) -> dict:
 
 
 def assert_error_body(response) -> dict:
-    """A run() error: JSON {"error": str, "status": <the HTTP status>} (a requests or schemathesis response)."""
+    """A run() error: JSON {"error": str, "status": <the HTTP status>, "code": <its kind>} (a requests or schemathesis response)."""
     headers = {k.lower(): v[0] if isinstance(v, list) else v for k, v in response.headers.items()}
     assert headers.get("content-type", "").startswith("application/json"), headers
     body = response.json()
-    assert set(body) == {"error", "status"} and isinstance(body["error"], str), body
+    assert set(body) - {"detail"} == {"error", "status", "code"} and isinstance(body["error"], str), body
     assert body["status"] == response.status_code, (body, response.status_code)
+    assert STATUS_OF_CODE.get(body["code"]) == response.status_code, (body, response.status_code)
     return body

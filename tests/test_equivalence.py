@@ -14,13 +14,14 @@ import pytest
 import torch
 
 from conftest import request_for
-from medsam2_endpoint.io.encode import dumps
-from medsam2_endpoint.engines.medsam2 import CachedFeatures
+from medsam2_endpoint.api.azure import score as score_body
 from medsam2_endpoint.base.lru import ByteLRU
+from medsam2_endpoint.engines.medsam2 import CachedFeatures
+from medsam2_endpoint.io.encode import dumps
+from medsam2_endpoint.pipeline.propagate import PropagationOptions, segment_object
+from medsam2_endpoint.pipeline.window import window_to_uint8
 from medsam2_endpoint.testing.metrics import dice
 from medsam2_endpoint.testing.phantoms import ct_phantom, mri_phantom, oblique_direction
-from medsam2_endpoint.pipeline.window import window_to_uint8
-from medsam2_endpoint.pipeline.propagate import PropagationOptions, segment_object
 from reference_pipeline import build_reference_predictor, reference_segment
 
 MODEL = "MedSAM2_latest"
@@ -50,7 +51,7 @@ def reference_predictor(medsam2_checkpoint):
 
 def cold(service):
     """The MedSAM2 engine with an empty feature cache of the configured size."""
-    engine = service.engines[MODEL]
+    engine = service.registry.get(MODEL)
     engine.features = ByteLRU(engine.features.max_bytes)
     return engine
 
@@ -82,7 +83,7 @@ def test_medsam2_route_equals_reference(case, service, reference_predictor, tmp_
     body = request_for(
         phantom, slice_offset=offset, key_slice_idx=[key + offset], dicom_window=[list(window)], model=[MODEL], stop_after_empty=[0]
     )
-    (result,) = json.loads(dumps(service.score(body)))
+    (result,) = json.loads(dumps(score_body(service, body)))
     mask = np.asarray(result["mask"], dtype=np.uint8)
     assert result["metadata"]["adjusted_key_slice_index"] == key
     assert mask.shape == expected.shape == phantom.labels.shape
@@ -101,7 +102,7 @@ def test_medsam2_cache_keeps_bfloat16_features_for_later_requests(service):
     depth = phantom.labels.shape[0]
     engine = cold(service)
     body = request_for(phantom, model=[MODEL], stop_after_empty=[0])
-    (first,) = json.loads(dumps(service.score(body)))
+    (first,) = json.loads(dumps(score_body(service, body)))
     # every slice encoded once: the key slice's second pass used the features it had computed, not the cache
     assert (engine.features.misses, engine.features.hits, len(engine.features)) == (depth, 0, depth)
     entries = [engine.features.get(key) for key in list(engine.features._items)]
@@ -110,7 +111,7 @@ def test_medsam2_cache_keeps_bfloat16_features_for_later_requests(service):
     assert engine.features.size_bytes == depth * SLICE_FEATURE_BYTES  # 2 MiB a slice
 
     misses = engine.features.misses
-    (second,) = json.loads(dumps(service.score(body)))  # the same prompt again, from the cache
+    (second,) = json.loads(dumps(score_body(service, body)))  # the same prompt again, from the cache
     assert engine.features.misses == misses
     a, b = np.asarray(first["mask"], bool), np.asarray(second["mask"], bool)
     assert dice(a, b) > 0.99  # rounded features, nearly the same mask (measured: 7 of 12,800 voxels differ)
@@ -122,13 +123,13 @@ def test_medsam2_cache_keeps_a_requests_first_slices_when_it_is_too_small(servic
     rather than its last 3, which the next request's up pass would evict before its down pass reached them."""
     phantom = ct_phantom((8, 40, 40), lesions=("ellipsoid",), seed=14)
     key = phantom.lesions[0].key_slice
-    engine = service.engines[MODEL]
+    engine = service.registry.get(MODEL)
     engine.features = ByteLRU(3 * SLICE_FEATURE_BYTES)
     body = request_for(phantom, model=[MODEL], stop_after_empty=[0])
-    service.score(body)
+    score_body(service, body)
     assert sorted(z for _, z in engine.features._items) == [key, key + 1, key + 2]
     hits, misses = engine.features.hits, engine.features.misses
-    service.score(body)
+    score_body(service, body)
     assert (engine.features.hits - hits, engine.features.misses - misses) == (3, 8 - 3)
 
 

@@ -23,8 +23,10 @@ import urllib3.util.connection
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from medsam2_endpoint.io import fetch
+from medsam2_endpoint.api.errors import http_status
 from medsam2_endpoint.base.errors import FetchRefused, PayloadTooLarge
+from medsam2_endpoint.core.settings import Settings, SettingsError
+from medsam2_endpoint.io import fetch
 from medsam2_endpoint.io.fetch import FetchPolicy, check_url, classify_address, fetch_bytes, redact_url
 
 LOOP = FetchPolicy(allow_http=True, allow_networks=("127.0.0.0/8", "::1/128"), max_bytes=1000)
@@ -253,7 +255,7 @@ def test_check_url_refuses_resolved_private(ip, connects):
         check_url("https://files.example.test/a.nii.gz?sig=SECRET", FetchPolicy(), resolver=resolver,
                   field="input_data.nii_image[0]")
     msg = str(err.value)
-    assert err.value.status == 400 and msg.startswith("input_data.nii_image[0]: ")
+    assert http_status(err.value) == 400 and msg.startswith("input_data.nii_image[0]: ")
     assert f"({ip} is " in msg and "only public https URLs are accepted" in msg and "SECRET" not in msg
     assert connects == []
 
@@ -338,18 +340,18 @@ def test_redact_url():
     assert len(redact_url("A" * 10_000)) < 300  # a base64 blob given by mistake is not echoed whole
 
 
-def test_policy_from_env():
-    p = FetchPolicy.from_env({
+def test_policy_from_settings():
+    p = Settings.from_env({
         "MEDSAM2_FETCH_ALLOW_HTTP": "true", "MEDSAM2_FETCH_HOST_ALLOWLIST": "*.blob.core.windows.net, X.test",
         "MEDSAM2_FETCH_ALLOW_NETWORKS": "127.0.0.0/8,::1", "MEDSAM2_FETCH_MAX_MB": "2",
         "MEDSAM2_FETCH_CONNECT_TIMEOUT_S": "1.5", "MEDSAM2_FETCH_READ_TIMEOUT_S": "7",
-    })
+    }).fetch
     assert p == FetchPolicy(True, ("*.blob.core.windows.net", "x.test"), ("127.0.0.0/8", "::1"), 2 << 20, 1.5, 7.0)
-    assert FetchPolicy.from_env({}) == FetchPolicy()
+    assert Settings.from_env({}).fetch == FetchPolicy()
     for bad in [{"MEDSAM2_FETCH_MAX_MB": "lots"}, {"MEDSAM2_FETCH_READ_TIMEOUT_S": "0"},
                 {"MEDSAM2_FETCH_ALLOW_NETWORKS": "10.0.0.0/33"}]:
-        with pytest.raises(ValueError, match=next(iter(bad))):
-            FetchPolicy.from_env(bad)
+        with pytest.raises(SettingsError, match=next(iter(bad))):
+            Settings.from_env(bad)
 
 
 # --------------------------------------------------------------------------- fetching from loopback
@@ -381,13 +383,13 @@ def test_connection_refused_is_502():
         port = s.getsockname()[1]
     with pytest.raises(FetchRefused, match="could not connect") as err:
         fetch_bytes(f"http://127.0.0.1:{port}/x?sig=SECRET", LOOP)
-    assert err.value.status == 502 and "SECRET" not in str(err.value)
+    assert http_status(err.value) == 502 and "SECRET" not in str(err.value)
 
 
 def test_size_cap_by_content_length(server):
     with pytest.raises(PayloadTooLarge, match="10000000 bytes") as err:
         fetch_bytes(server.base + "/big-length", LOOP)
-    assert err.value.status == 413
+    assert http_status(err.value) == 413
 
 
 @pytest.mark.parametrize("path", ["/no-length", "/chunked"])
@@ -408,7 +410,7 @@ def test_size_cap_counts_decoded_bytes(server):
 def test_short_body_is_502(server):
     with pytest.raises(FetchRefused) as err:
         fetch_bytes(server.base + "/short-body", LOOP)
-    assert err.value.status == 502
+    assert http_status(err.value) == 502
 
 
 def test_redirect_chain_is_followed_and_rechecked(server):
@@ -427,7 +429,7 @@ def test_redirect_to_refused_address_never_connects(server, connects, target):
     url = f"{server.base}/redirect?to={urllib.parse.quote(target, safe='')}&sig=SECRET"
     with pytest.raises(FetchRefused, match="redirect target host (is|resolves to) a non-public address") as err:
         fetch_bytes(url, LOOP, resolver=resolver)
-    assert err.value.status == 400 and "SECRET" not in str(err.value)
+    assert http_status(err.value) == 400 and "SECRET" not in str(err.value)
     assert connects == [("127.0.0.1", server.server_address[1])]  # only the first hop connected
     assert resolver.calls == ([("evil.test", 80)] if "evil" in target else [])
 
@@ -451,13 +453,13 @@ def test_three_redirects_allowed_four_refused(server):
 def test_redirect_without_location_is_502(server):
     with pytest.raises(FetchRefused, match="without a Location") as err:
         fetch_bytes(server.base + "/nolocation", LOOP)
-    assert err.value.status == 502
+    assert http_status(err.value) == 502
 
 
 def test_http_error_is_502_without_query(server):
     with pytest.raises(FetchRefused, match="HTTP 404") as err:
         fetch_bytes(server.base + "/missing?sv=2024&sig=SECRET", LOOP, field="input_data.nii_image[0]")
-    assert err.value.status == 502 and "SECRET" not in str(err.value)
+    assert http_status(err.value) == 502 and "SECRET" not in str(err.value)
     assert str(err.value).startswith(f"input_data.nii_image[0]: fetching {server.base}/missing failed")
 
 
@@ -465,14 +467,14 @@ def test_read_timeout_is_504(server):
     policy = FetchPolicy(allow_http=True, allow_networks=("127.0.0.0/8",), read_timeout_s=0.3)
     with pytest.raises(FetchRefused, match="sent nothing for 0.3 s") as err:
         fetch_bytes(server.base + "/slow?sig=SECRET", policy)
-    assert err.value.status == 504 and "SECRET" not in str(err.value)
+    assert http_status(err.value) == 504 and "SECRET" not in str(err.value)
 
 
 def test_total_timeout_is_504(server):
     policy = FetchPolicy(allow_http=True, allow_networks=("127.0.0.0/8",), total_timeout_s=0.3)
     with pytest.raises(FetchRefused, match="took longer than 0.3 s") as err:
         fetch_bytes(server.base + "/drip", policy)
-    assert err.value.status == 504
+    assert http_status(err.value) == 504
 
 
 def test_private_refused_without_allow_networks(server, connects):
@@ -556,7 +558,7 @@ def test_tls_certificate_must_match_original_name(tls_server, monkeypatch):
     resolver = FakeResolver({"other.test": ["127.0.0.1"]})
     with pytest.raises(FetchRefused, match="TLS verification failed for other.test") as err:
         fetch_bytes(f"https://other.test:{tls_server.port}/ok?sig=SECRET", TLS_POLICY, resolver=resolver)
-    assert err.value.status == 502 and "SECRET" not in str(err.value)
+    assert http_status(err.value) == 502 and "SECRET" not in str(err.value)
 
 
 def test_tls_untrusted_certificate_refused(tls_server):

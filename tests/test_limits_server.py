@@ -175,14 +175,17 @@ class FakeService:
         self.outcome = outcome
         self.settings = Settings.from_env({"MEDSAM2_MAX_ITEMS": "1", "MEDSAM2_MAX_BASE64_MB": "1"})
 
-    def score(self, body):
+    def score_3d(self, items):
         if isinstance(self.outcome, BaseException):
             raise self.outcome
         return self.outcome
 
 
-def call(entry, service, data: bytes = b'{"input_data": {"nii_image": ["x"]}}', method="POST", headers=None):
-    entry.service = service
+VALID = b'{"input_data": {"nii_image": ["x"], "bbox": [[0, 0, 1, 1]], "key_slice_idx": [0]}}'
+
+
+def call(entry, service, data: bytes = VALID, method="POST", headers=None):
+    entry.app.service = service
     app = flask.Flask("score-under-test")
     with app.test_request_context("/score", method=method, data=data, headers=headers or {}):
         return entry.run(flask.request)
@@ -233,8 +236,8 @@ def test_default_deadline_is_below_the_managed_endpoint_maximum():
 
 
 def test_header_and_geometry_checks_refuse_before_reading_voxels():
-    from medsam2_endpoint.core.settings import Limits
     from medsam2_endpoint.base.errors import InvalidRequest
+    from medsam2_endpoint.io.limits import Limits
     from medsam2_endpoint.io.volume import read_nifti
 
     for name in ("vox_offset_nan.nii", "nan_geometry.nii"):

@@ -8,14 +8,16 @@ import numpy as np
 import pytest
 
 from conftest import request_for
+from medsam2_endpoint.api.azure import score as score_body
+from medsam2_endpoint.base.errors import InvalidRequest
+from medsam2_endpoint.core.registry import ModelRegistry
+from medsam2_endpoint.core.service import Service
 from medsam2_endpoint.core.settings import Settings
-from medsam2_endpoint.io.encode import dumps
 from medsam2_endpoint.engines.base import ModelInfo
 from medsam2_endpoint.engines.lite import LiteMedSAMEngine
-from medsam2_endpoint.base.errors import InvalidRequest
+from medsam2_endpoint.io.encode import dumps
 from medsam2_endpoint.testing.metrics import dice
 from medsam2_endpoint.testing.phantoms import ct_phantom
-from medsam2_endpoint.core.service import Service
 
 
 class LogitBoxEngine:
@@ -36,7 +38,7 @@ class LogitBoxEngine:
 
 
 def service_with(engine):
-    return Service(Settings.from_env({"MEDSAM2_WARMUP": "0"}), {engine.info.name: engine}, engine.info.name)
+    return Service(Settings.from_env({"MEDSAM2_WARMUP": "0"}), ModelRegistry({engine.info.name: engine}, engine.info.name))
 
 
 @pytest.fixture(scope="module")
@@ -55,7 +57,7 @@ def objects_body(phantom, objects, **columns):
 def test_overlaps_go_to_the_highest_logit(pair):
     wide = {"id": 3, "bbox": [10, 10, 50, 50], "key_slice_idx": 5}
     narrow = {"id": 200, "bbox": [30, 30, 40, 40], "key_slice_idx": 8}
-    (result,) = json.loads(dumps(service_with(LogitBoxEngine()).score(objects_body(pair, [wide, narrow]))))
+    (result,) = json.loads(dumps(score_body(service_with(LogitBoxEngine()), objects_body(pair, [wide, narrow]))))
     labels = np.asarray(result["mask"])
     assert labels[0, 35, 35] == 200 and labels[0, 20, 20] == 3 and labels[0, 60, 60] == 0
     meta = {o["id"]: o for o in result["metadata"]["objects"]}
@@ -80,7 +82,7 @@ def test_object_errors(pair, objects, extra, message):
     body = objects_body(pair, objects)
     body["input_data"].update(extra)
     with pytest.raises(InvalidRequest, match=message):
-        service_with(LogitBoxEngine()).score(body)
+        score_body(service_with(LogitBoxEngine()), body)
 
 
 @pytest.mark.parametrize(
@@ -93,13 +95,13 @@ def test_object_errors(pair, objects, extra, message):
 )
 def test_propagation_option_errors(pair, columns, message):
     with pytest.raises(InvalidRequest, match=message):
-        service_with(LogitBoxEngine()).score(request_for(pair, **columns))
+        score_body(service_with(LogitBoxEngine()), request_for(pair, **columns))
 
 
 def test_propagation_options_reach_the_algorithm(pair):
     service = service_with(LogitBoxEngine())
     key = pair.lesions[0].key_slice
-    (up,) = service.score(request_for(pair, propagation=["up"], max_slices=[3], mask_format=["rle"]))
+    (up,) = score_body(service, request_for(pair, propagation=["up"], max_slices=[3], mask_format=["rle"]))
     assert up["metadata"]["slices_processed"] == 3 and up["metadata"]["propagation"] == "up"
     from medsam2_endpoint.io.encode import rle_decode
 
@@ -113,12 +115,12 @@ def test_lite_features_reused_across_objects_and_requests(pair):
     engine = LiteMedSAMEngine()
     service = service_with(engine)
     a, b = pair.lesions
-    single = [json.loads(dumps(service.score(request_for(pair, lesion=i)))) [0] for i in (0, 1)]
+    single = [json.loads(dumps(score_body(service, request_for(pair, lesion=i)))) [0] for i in (0, 1)]
     first_misses = engine.features.misses
     assert engine.features.hits > 0  # the key slice is shared by both directions
     # the same volume again, both objects in one item: every slice's embedding comes from the cache
     objects = [{"id": 1, "bbox": list(a.bbox), "key_slice_idx": a.key_slice}, {"id": 2, "bbox": list(b.bbox), "key_slice_idx": b.key_slice}]
-    (multi,) = json.loads(dumps(service.score(objects_body(pair, objects))))
+    (multi,) = json.loads(dumps(score_body(service, objects_body(pair, objects))))
     assert engine.features.misses == first_misses
     labels = np.asarray(multi["mask"])
     for obj_id, result in zip((1, 2), single, strict=True):
@@ -126,5 +128,5 @@ def test_lite_features_reused_across_objects_and_requests(pair):
         assert dice(labels == obj_id, alone) > 0.95  # identical except where the two overlap
         assert dice(labels == obj_id, pair.mask(pair.lesions[obj_id - 1].label)) > 0.7  # small lesions, 96 px
     # a different window is different input to the model: no reuse
-    service.score(request_for(pair, dicom_window=[[-100.0, 200.0]]))
+    score_body(service, request_for(pair, dicom_window=[[-100.0, 200.0]]))
     assert engine.features.misses > first_misses

@@ -6,7 +6,8 @@ from hypothesis.extra.numpy import arrays
 from PIL import Image
 
 from medsam2_endpoint.base.errors import InvalidRequest
-from medsam2_endpoint.pipeline.window import IMAGENET_MEAN, IMAGENET_STD, parse_box, sam2_frame, window_to_uint8
+from medsam2_endpoint.engines.frames import IMAGENET_MEAN, IMAGENET_STD, sam2_frame
+from medsam2_endpoint.pipeline.window import parse_box, window_to_uint8
 
 
 def reference_window(volume, window):

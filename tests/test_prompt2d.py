@@ -17,15 +17,16 @@ import pytest
 from PIL import Image
 
 from conftest import serving_bytes
-from medsam2_endpoint.core.settings import Settings
-from medsam2_endpoint.pipeline.embedding_cache import EmbeddingCache, content_key
-from medsam2_endpoint.io.encode import dumps, rle_decode
-from medsam2_endpoint.engines.sam2_image import MedSAM2ImagePredictor, keep_one_per_prompt
+from medsam2_endpoint.api.azure import score as score_body
+from medsam2_endpoint.api.errors import http_status
 from medsam2_endpoint.base.errors import InvalidRequest
-from medsam2_endpoint.testing.phantoms import ct_phantom
-from medsam2_endpoint.io.polygons import geometry_area
 from medsam2_endpoint.core.service import Service
-from medsam2_endpoint.core.score2d import prompter_for
+from medsam2_endpoint.core.settings import Settings
+from medsam2_endpoint.engines.sam2_image import MedSAM2ImagePredictor, keep_one_per_prompt
+from medsam2_endpoint.io.encode import dumps, rle_decode
+from medsam2_endpoint.io.polygons import geometry_area
+from medsam2_endpoint.pipeline.embedding_cache import EmbeddingCache, content_key
+from medsam2_endpoint.testing.phantoms import ct_phantom
 
 MEDSAM2 = "MedSAM2_latest"
 LITE = "lite-medsam"
@@ -50,7 +51,7 @@ def png_b64(pixels: np.ndarray) -> str:
 
 def score(service, **columns) -> list[dict]:
     body = {"input_data": {k: [v] for k, v in columns.items()}}
-    return json.loads(dumps(service.score(body)))
+    return json.loads(dumps(score_body(service, body)))
 
 
 def dice(a: np.ndarray, b: np.ndarray) -> float:
@@ -90,7 +91,7 @@ def test_box_prompt_with_litemedsam_finds_the_lesion(service):
 def test_a_second_prompt_on_the_same_image_skips_the_encoder(service, monkeypatch):
     grey, _, (x0, y0, x1, y1) = phantom_slice()
     grey = np.ascontiguousarray(grey[::-1])  # pixels no other test sends, so the cache starts cold
-    calls = counting(monkeypatch, service.engines[LITE])
+    calls = counting(monkeypatch, service.registry.get(LITE))
     first = score(service, image=png_b64(grey), bbox=[x0, 96 - y1, x1, 96 - y0], model=LITE)[0]
     rgb_png = png_b64(np.repeat(grey[:, :, None], 3, axis=2))  # the same pixels as an RGB PNG
     second = score(service, image=rgb_png, bbox=[10, 10, 60, 50], model=LITE)[0]
@@ -105,7 +106,7 @@ def test_medsam2_masks_carry_their_own_quality_and_selection_picks_among_them(se
     (all_three,) = score(service, image=image, model=MEDSAM2, output_type="all", **points)
     masks = all_three["masks"]
     assert [m["index"] for m in masks] == [0, 1, 2]
-    prompter = prompter_for(service)
+    prompter = service.prompter
     rgb = np.repeat(grey[:, :, None], 3, axis=2)
     embedding, cached = prompter.embedding(MEDSAM2, rgb)
     assert cached
@@ -175,7 +176,7 @@ def test_automask_with_a_box_only_model_uses_a_box_grid(service):
 def _fails(service, message: str, **columns) -> None:
     body = {"input_data": {k: [v] for k, v in columns.items()}}
     with pytest.raises(InvalidRequest) as error:
-        service.score(body)
+        score_body(service, body)
     assert message in error.value.message, error.value.message
 
 
@@ -212,11 +213,11 @@ def test_clear_errors_name_the_field(service):
 
 def test_every_item_is_validated_before_any_runs(service, monkeypatch):
     grey, _, box = phantom_slice()
-    calls = counting(monkeypatch, service.engines[LITE])
+    calls = counting(monkeypatch, service.registry.get(LITE))
     body = {"input_data": {"image": [png_b64(grey[:, ::-1].copy() // 2), png_b64(grey)], "bbox": [list(box), [0, 0, 500, 10]],
                            "model": [LITE, LITE]}}
     with pytest.raises(InvalidRequest, match=r"input_data.bbox\[1\]: box \[0, 0, 500, 10\] is outside"):
-        service.score(body)
+        score_body(service, body)
     assert calls[0] == 0
 
 
@@ -228,21 +229,21 @@ def test_url_image_through_the_fetcher(service):
     with serving_bytes(data) as base:
         url = f"{base}/slice.png?sig=SECRET"
         settings = Settings.from_env({"MEDSAM2_WARMUP": "0", "MEDSAM2_FETCH_ALLOW_HTTP": "1", "MEDSAM2_FETCH_ALLOW_NETWORKS": "127.0.0.0/8"})
-        allowed = Service(settings, service.engines, service.default)
-        allowed.image2d = prompter_for(service)  # share the 2D state (and its cached embeddings)
+        allowed = Service(settings, service.registry)
+        allowed.prompter = service.prompter  # share the 2D state (and its cached embeddings)
         (result,) = score(allowed, image=url, bbox=list(box), model=LITE)
         assert dice(rle_mask(result["masks"][0]["mask"]), truth) > 0.9
         with pytest.raises(Exception) as refused:
             score(service, image=url, bbox=list(box), model=LITE)
-        assert refused.value.status == 400 and "SECRET" not in refused.value.message
+        assert http_status(refused.value) == 400 and "SECRET" not in refused.value.message
 
 
 def test_backbone_feature_sizes_follow_the_image_size(service):
-    model = service.engines[MEDSAM2].predictor
+    model = service.registry.get(MEDSAM2).predictor
     assert model.image_size == 512
     assert MedSAM2ImagePredictor(model)._bb_feat_sizes == [(128, 128), (64, 64), (32, 32)]
     grey, _, _ = phantom_slice()
-    embedding, _ = prompter_for(service).embedding(MEDSAM2, np.repeat(grey[:, :, None], 3, axis=2))
+    embedding, _ = service.prompter.embedding(MEDSAM2, np.repeat(grey[:, :, None], 3, axis=2))
     assert tuple(embedding.features["image_embed"].shape) == (1, 256, 32, 32)
     assert [tuple(f.shape[-2:]) for f in embedding.features["high_res_feats"]] == [(128, 128), (64, 64)]
 

@@ -6,8 +6,9 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from medsam2_endpoint.engines.base import ModelInfo
+from medsam2_endpoint.base.budget import Budget, Cancelled
 from medsam2_endpoint.base.errors import DeadlineExceeded
+from medsam2_endpoint.engines.base import ModelInfo
 from medsam2_endpoint.pipeline.propagate import PropagationOptions, keep_largest_component, segment_object
 
 
@@ -78,8 +79,17 @@ def test_max_slices_and_single_direction():
 def test_deadline_raises_with_progress():
     engine = ScriptedEngine(0, 29, (30, 10, 10), delay=0.01)
     with pytest.raises(DeadlineExceeded, match=r"slices_processed=\d+"):
-        segment_object(engine, None, key_index=10, box=BOX, shape=engine.shape, deadline=time.monotonic() + 0.05)
+        segment_object(engine, None, key_index=10, box=BOX, shape=engine.shape, budget=Budget(0.05))
     assert engine.closed == 1
+
+
+def test_cancel_stops_propagation_and_says_how_far():
+    engine = ScriptedEngine(0, 29, (30, 10, 10))
+    budget = Budget(None)
+    budget.cancel()
+    with pytest.raises(Cancelled, match=r"cancelled after 1 slices_processed") as caught:
+        segment_object(engine, None, key_index=10, box=BOX, shape=engine.shape, budget=budget)
+    assert caught.value.code == "cancelled" and caught.value.detail == {"slices_processed": 1}
 
 
 def test_largest_component_uses_26_connectivity():

@@ -6,11 +6,12 @@ import numpy as np
 import pytest
 
 from conftest import request_for
+from medsam2_endpoint.api.azure import score as score_body
+from medsam2_endpoint.core.service import Service
 from medsam2_endpoint.core.settings import Settings
 from medsam2_endpoint.io.encode import dumps, rle_decode
 from medsam2_endpoint.testing.metrics import dice
 from medsam2_endpoint.testing.phantoms import phantom_set
-from medsam2_endpoint.core.service import Service
 
 
 @pytest.fixture(scope="module")
@@ -24,7 +25,7 @@ def test_lite_mean_dice_on_tiny_set(lite_service):
     scores = []
     for phantom in phantom_set("tiny"):
         for index, lesion in enumerate(phantom.lesions):
-            (result,) = json.loads(dumps(lite_service.score(request_for(phantom, lesion=index, mask_format=["rle"]))))
+            (result,) = json.loads(dumps(score_body(lite_service, request_for(phantom, lesion=index, mask_format=["rle"]))))
             assert result["metadata"]["model"]["name"] == "lite-medsam"
             mask = rle_decode(result["mask"]["counts"], tuple(result["mask"]["size"]))
             scores.append(dice(mask, phantom.mask(lesion.label)))

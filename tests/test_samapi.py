@@ -20,16 +20,17 @@ import numpy as np
 import pytest
 import requests
 import uvicorn
+from pydantic import SecretStr
 
 from medsam2_endpoint import __version__
-from medsam2_endpoint.core import registry as samapi_registry
-from medsam2_endpoint.testing.phantoms import ct_phantom
+from medsam2_endpoint.api.samapi import create_app
+from medsam2_endpoint.core import registration
+from medsam2_endpoint.core.registry import ModelRegistry
+from medsam2_endpoint.core.service import Service
+from medsam2_endpoint.core.settings import Settings
 from medsam2_endpoint.io.polygons import geometry_area, mask_to_parts
 from medsam2_endpoint.pipeline.prompt2d import Prompt2D
-from medsam2_endpoint.api.samapi import create_app
-from medsam2_endpoint.core.registry import SamapiSettings
-from medsam2_endpoint.core.service import Service
-from medsam2_endpoint.core.score2d import prompter_for
+from medsam2_endpoint.testing.phantoms import ct_phantom
 from test_polygons import covered
 from test_prompt2d import LITE, MEDSAM2, phantom_slice, png_b64
 
@@ -63,10 +64,16 @@ def post(endpoint: str, /, **fields) -> requests.Response:
     return requests.post(endpoint, data=body.encode(), headers=HEADERS, timeout=300)
 
 
+def with_settings(service: Service, *, registry: ModelRegistry | None = None, **changes) -> Service:
+    """A Service with changed settings over the same registry (or another), sharing the 2D embedding cache."""
+    other = Service(service.settings.model_copy(update=changes), registry or service.registry)
+    other.prompter = service.prompter if registry is None else other.prompter
+    return other
+
+
 @pytest.fixture(scope="module")
 def base(service, tmp_path_factory) -> Iterator[str]:
-    settings = SamapiSettings(weights_dir=tmp_path_factory.mktemp("samapi-weights"))
-    with live(create_app(service, settings)) as url:
+    with live(create_app(with_settings(service, samapi_weights_dir=tmp_path_factory.mktemp("samapi-weights")))) as url:
         yield url
 
 
@@ -80,7 +87,7 @@ def rgb_png(grey: np.ndarray, mode: str = "RGB") -> str:
 
 
 def expected_mask(service, name: str, grey: np.ndarray, **prompt) -> np.ndarray:
-    result = prompter_for(service).segment(name, np.repeat(grey[:, :, None], 3, axis=2), Prompt2D(**prompt))
+    result = service.prompter.segment(name, np.repeat(grey[:, :, None], 3, axis=2), Prompt2D(**prompt))
     return result.masks[0].mask
 
 
@@ -94,7 +101,7 @@ def test_version_weights_and_progress(base):
     missing = requests.get(base + "weights/", params={"type": "vit_h"}, timeout=30)
     assert missing.status_code == 404
     assert missing.json() == {
-        "error": f"type: vit_h is not available on this server; available types: vit_t ({LITE}); sam2_t ({MEDSAM2})", "status": 404,
+        "error": f"type: vit_h is not available on this server; available types: vit_t ({LITE}); sam2_t ({MEDSAM2})", "status": 404, "code": "not_found",
     }
     assert requests.get(base + "weights/", params={"type": "sam9"}, timeout=30).status_code == 400
     assert requests.get(base + "progress/", timeout=30).json() == {"message": None, "percent": -1}
@@ -128,7 +135,7 @@ def test_points_with_sam2_t_report_each_masks_own_quality(base, service):
     points = [[4, 90], [58, 34]]  # one background point first, then the foreground click
     response = post(base, type="sam2_t", b64img=rgb_png(grey), point_coords=points, point_labels=[0, 1], multimask_output=True)
     features = response.json()
-    prompter = prompter_for(service)
+    prompter = service.prompter
     embedding, cached = prompter.embedding(MEDSAM2, np.repeat(grey[:, :, None], 3, axis=2))
     assert cached
     masks, ious, _ = prompter.image_engine(MEDSAM2).predict_2d(
@@ -153,7 +160,7 @@ def test_holes_and_every_part_reach_the_client(base, service, monkeypatch):
     def predict_2d(embedding, **prompt):
         return mask[None], np.array([0.77]), np.zeros((1, 256, 256), np.float32)
 
-    monkeypatch.setattr(service.engines[LITE], "predict_2d", predict_2d)
+    monkeypatch.setattr(service.registry.get(LITE), "predict_2d", predict_2d)
     (feature,) = post(base, type="vit_t", bbox=list(box), b64img=rgb_png(grey)).json()
     geometry = feature["geometry"]
     assert geometry["type"] == "MultiPolygon" and sorted(len(p) for p in geometry["coordinates"]) == [1, 2]
@@ -245,21 +252,21 @@ def test_errors_are_json_with_the_field_named(base):
     broken = requests.post(base, data=b"{not json", headers=HEADERS, timeout=30)
     assert broken.status_code == 400 and broken.json()["status"] == 400
     missing = post(base, type="vit_t", bbox=[1, 1, 20, 20])
-    assert missing.json() == {"error": "body.b64img: required field is missing", "status": 400}
+    assert missing.json() == {"error": "body.b64img: required field is missing", "status": 400, "code": "invalid_request"}
     assert requests.get(base + "nothing/", timeout=30).json()["status"] == 404
 
 
 def test_slow_work_does_not_block_other_requests(base, service, monkeypatch):
     grey, _, box = phantom_slice()
     entered, release = threading.Event(), threading.Event()
-    original = service.engines[LITE].predict_2d
+    original = service.registry.get(LITE).predict_2d
 
     def slow_predict(*args, **kwargs):
         entered.set()
         release.wait(60)
         return original(*args, **kwargs)
 
-    monkeypatch.setattr(service.engines[LITE], "predict_2d", slow_predict)
+    monkeypatch.setattr(service.registry.get(LITE), "predict_2d", slow_predict)
     answers = []
     worker = threading.Thread(target=lambda: answers.append(post(base, type="vit_t", bbox=list(box), b64img=rgb_png(grey))))
     worker.start()
@@ -273,8 +280,7 @@ def test_slow_work_does_not_block_other_requests(base, service, monkeypatch):
 
 
 def test_bearer_token(service, tmp_path):
-    settings = SamapiSettings(token="s3cret", weights_dir=tmp_path)
-    with live(create_app(service, settings)) as url:
+    with live(create_app(with_settings(service, samapi_token=SecretStr("s3cret"), samapi_weights_dir=tmp_path))) as url:
         refused = requests.get(url + "version/", timeout=30)
         assert refused.status_code == 401 and refused.headers["WWW-Authenticate"] == "Bearer"
         assert requests.get(url + "version/", headers={"Authorization": "Bearer s3cret"}, timeout=30).text == __version__
@@ -282,8 +288,9 @@ def test_bearer_token(service, tmp_path):
 
 
 def test_weight_registration_https_only_cancellable_and_recorded(service, medsam2_checkpoint, tmp_path, monkeypatch):
-    own = Service(service.settings, dict(service.engines), service.default)  # registration grows this registry only
-    settings = SamapiSettings(allow_weight_registration=True, weights_dir=tmp_path / "weights")
+    own = with_settings(service, registry=ModelRegistry(service.registry.snapshot(), service.default),  # grows this registry only
+                        samapi_allow_weight_registration=True, samapi_weights_dir=tmp_path / "weights")
+    settings = own.settings.samapi
     data = medsam2_checkpoint.read_bytes()
     hold = threading.Event()
 
@@ -293,10 +300,10 @@ def test_weight_registration_https_only_cancellable_and_recorded(service, medsam
             hold.wait(60)
         return data
 
-    with live(create_app(own, settings)) as url:
+    with live(create_app(own)) as url:
         plain = post(url + "weights/", type="sam2_t", name="Plain", url="http://example.org/w.pt")
         assert plain.status_code == 400 and "only https URLs are accepted" in plain.json()["error"]
-        monkeypatch.setattr(samapi_registry, "fetch_bytes", fake_fetch)
+        monkeypatch.setattr(registration, "fetch_bytes", fake_fetch)
         answers = []
         worker = threading.Thread(target=lambda: answers.append(post(url + "weights/", type="sam2_t", name="Slow", url="https://example.org/slow.pt")))
         worker.start()
@@ -317,15 +324,17 @@ def test_weight_registration_https_only_cancellable_and_recorded(service, medsam
         wrong_type = post(url + "weights/", type="vit_t", name="Lite2", url="https://example.org/l.pt")
         assert wrong_type.status_code == 400
     record = json.loads((tmp_path / "weights" / "MyMedSAM2.json").read_text())
-    assert record["sha256"] == own.engines["MyMedSAM2"].info.sha256 and "SECRET" not in json.dumps(record)
+    assert record["sha256"] == own.registry.get("MyMedSAM2").info.sha256 and "SECRET" not in json.dumps(record)
     assert (tmp_path / "weights" / "MyMedSAM2.pt").stat().st_size == len(data)
-    assert "MyMedSAM2" not in service.engines
+    assert "MyMedSAM2" not in service.registry
 
 
 def test_settings_from_environment(tmp_path):
-    settings = SamapiSettings.from_env({"MEDSAM2_SAMAPI_TOKEN": " t ", "MEDSAM2_SAMAPI_ALLOW_WEIGHT_REGISTRATION": "1"}, model_dir=tmp_path)
-    assert settings.token == "t" and settings.allow_weight_registration and settings.weights_dir == tmp_path / "registered"
-    assert SamapiSettings.from_env({}).token is None and not SamapiSettings.from_env({}).allow_weight_registration
+    env = {"MEDSAM2_SAMAPI_TOKEN": " t ", "MEDSAM2_SAMAPI_ALLOW_WEIGHT_REGISTRATION": "1"}
+    settings = Settings.from_env(env, model_dir=tmp_path).samapi
+    assert settings.token == "t" and settings.allow_weight_registration and settings.weights_dir == tmp_path.resolve() / "registered"
+    assert Settings.from_env({}).samapi.token is None and not Settings.from_env({}).samapi.allow_weight_registration
+    assert Settings.from_env({"MEDSAM2_SAMAPI_TOKEN": "  "}).samapi.token is None
     assert replace(settings, token=None).token is None
 
 

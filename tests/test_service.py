@@ -11,13 +11,16 @@ import pytest
 import torch
 
 from conftest import request_for, serving_bytes
+from medsam2_endpoint.api.azure import score as score_body
+from medsam2_endpoint.api.errors import http_status
+from medsam2_endpoint.base.errors import InvalidRequest
+from medsam2_endpoint.core.registry import ModelRegistry
+from medsam2_endpoint.core.service import Service
 from medsam2_endpoint.core.settings import Settings
-from medsam2_endpoint.io.encode import dumps
 from medsam2_endpoint.engines.base import ModelInfo
 from medsam2_endpoint.engines.medsam2 import CheckpointError, MedSAM2Engine, find_checkpoints
-from medsam2_endpoint.base.errors import InvalidRequest
+from medsam2_endpoint.io.encode import dumps
 from medsam2_endpoint.testing.phantoms import ct_phantom
-from medsam2_endpoint.core.service import Service
 
 
 class BoxEngine:
@@ -44,7 +47,7 @@ class BoxEngine:
 
 def make_service(engines, **env):
     settings = Settings.from_env({"MEDSAM2_WARMUP": "0", **env})
-    return Service(settings, engines, next(iter(engines)))
+    return Service(settings, ModelRegistry(engines, next(iter(engines))))
 
 
 @pytest.fixture(scope="module")
@@ -55,7 +58,7 @@ def phantom():
 def test_response_metadata_and_geometry(phantom):
     lesion = phantom.lesions[0]
     service = make_service({"box": BoxEngine(z_range=lesion.z_range)})
-    (result,) = json.loads(dumps(service.score(request_for(phantom, slice_offset=30, stop_after_empty=[0]))))
+    (result,) = json.loads(dumps(score_body(service, request_for(phantom, slice_offset=30, stop_after_empty=[0]))))
     meta = result["metadata"]
     assert meta["shape"] == [64, 48, 16] and meta["mask_shape"] == [16, 48, 64] and meta["axis_order"] == "zyx"
     assert meta["key_slice_index"] == lesion.key_slice + 30 and meta["adjusted_key_slice_index"] == lesion.key_slice
@@ -70,7 +73,7 @@ def test_response_metadata_and_geometry(phantom):
     assert meta["volume_ml"] == pytest.approx(per_slice * depth * 0.8 * 0.9 * 2.5 / 1000, rel=1e-3)
     assert meta["model"] == {"name": "box", "family": "test", "checkpoint": "none.pt", "sha256": "ab" * 32}
     assert meta["slices_processed"] == 16 + 1  # stop rules off: both directions to the volume's ends, key slice twice
-    (stopped,) = service.score(request_for(phantom, slice_offset=30))  # default: stop after 2 empty slices
+    (stopped,) = score_body(service, request_for(phantom, slice_offset=30))  # default: stop after 2 empty slices
     low, high = lesion.z_range
     expected = min(high + 2, 15) - lesion.key_slice + 1 + lesion.key_slice - max(low - 2, 0) + 1
     assert stopped["metadata"]["slices_processed"] == expected
@@ -85,20 +88,20 @@ def test_every_item_is_validated_before_any_runs(phantom):
     body = {"input_data": {k: v * 2 for k, v in good.items()}}
     body["input_data"]["key_slice_idx"] = [good["key_slice_idx"][0], 99]
     with pytest.raises(InvalidRequest, match=r"input_data.key_slice_idx\[1\]: key slice 99 minus slice_offset 0 is 99, outside the volume's 16 slices"):
-        service.score(body)
+        score_body(service, body)
     assert engine.starts == 0
     # a window that leaves the second volume constant is also refused before the first item runs
     body["input_data"]["key_slice_idx"] = good["key_slice_idx"] * 2
     body["input_data"]["dicom_window"] = [good["dicom_window"][0], [5000.0, 6000.0]]
     with pytest.raises(InvalidRequest, match=r"input_data.dicom_window\[1\]: the volume is constant inside the window"):
-        service.score(body)
+        score_body(service, body)
     assert engine.starts == 0
 
 
 def test_unknown_model_lists_available(phantom):
     service = make_service({"a": BoxEngine("a"), "b": BoxEngine("b")})
     with pytest.raises(InvalidRequest, match=r"input_data.model\[0\]: unknown model 'c'; available models: a, b"):
-        service.score(request_for(phantom, model=["c"]))
+        score_body(service, request_for(phantom, model=["c"]))
 
 
 def test_masks_in_rle_and_nifti_formats_agree_with_list(phantom):
@@ -108,7 +111,7 @@ def test_masks_in_rle_and_nifti_formats_agree_with_list(phantom):
 
     masks = {}
     for fmt in ("list", "rle", "nifti"):
-        (result,) = json.loads(dumps(service.score(request_for(phantom, mask_format=[fmt]))))
+        (result,) = json.loads(dumps(score_body(service, request_for(phantom, mask_format=[fmt]))))
         masks[fmt] = decode_mask(result["mask"], fmt, result["metadata"]["mask_shape"])
     np.testing.assert_array_equal(masks["list"], masks["rle"])
     np.testing.assert_array_equal(masks["list"], masks["nifti"])
@@ -123,11 +126,11 @@ def test_url_input_through_the_fetcher(phantom):
         body = request_for(phantom)
         body["input_data"]["nii_image"] = [url]
         allowed = make_service({"box": BoxEngine()}, MEDSAM2_FETCH_ALLOW_HTTP="1", MEDSAM2_FETCH_ALLOW_NETWORKS="127.0.0.0/8")
-        (result,) = allowed.score(body)
+        (result,) = score_body(allowed, body)
         assert result["metadata"]["mask_shape"] == [16, 48, 64]
         with pytest.raises(Exception) as refused:
-            make_service({"box": BoxEngine()}).score(body)
-        assert refused.value.status == 400 and "SECRET" not in refused.value.message
+            score_body(make_service({"box": BoxEngine()}), body)
+        assert http_status(refused.value) == 400 and "SECRET" not in refused.value.message
 
 
 def test_registry_from_model_folder(tmp_path, medsam2_checkpoint):
@@ -142,7 +145,7 @@ def test_registry_from_model_folder(tmp_path, medsam2_checkpoint):
     assert service.default == "MedSAM2_latest"
     import hashlib
 
-    assert service.engines["MedSAM2_latest"].info.sha256 == hashlib.sha256(medsam2_checkpoint.read_bytes()).hexdigest()
+    assert service.registry.get("MedSAM2_latest").info.sha256 == hashlib.sha256(medsam2_checkpoint.read_bytes()).hexdigest()
 
 
 def test_checkpoints_with_code_or_wrong_keys_are_refused(tmp_path):
@@ -172,5 +175,5 @@ def test_base64_of_garbage_is_a_clear_error(phantom):
     body = request_for(phantom)
     body["input_data"]["nii_image"] = [base64.b64encode(b"GIF89a" + b"\0" * 400).decode()]
     with pytest.raises(Exception, match=r"input_data.nii_image\[0\]: not a NIfTI file") as err:
-        service.score(body)
-    assert err.value.status == 415
+        score_body(service, body)
+    assert http_status(err.value) == 415

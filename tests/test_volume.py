@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from medsam2_endpoint.core.settings import Limits
 from medsam2_endpoint.base.errors import InvalidRequest, PayloadTooLarge, UnsupportedMedia
+from medsam2_endpoint.io.limits import Limits
 from medsam2_endpoint.io.volume import Volume, decode_base64, read_nifti, write_nifti
 
 LIMITS = Limits()

@@ -21,8 +21,9 @@ from typing import Any
 from pydantic.json_schema import models_json_schema
 
 from medsam2_endpoint import __version__
-from medsam2_endpoint.contract.score3d import ScoreRequest
+from medsam2_endpoint.api.errors import STATUS_OF_CODE
 from medsam2_endpoint.contract.score2d import ImageRequest
+from medsam2_endpoint.contract.score3d import ScoreRequest
 
 REF_PREFIX = "#/components/schemas/"
 ERROR_STATUSES = {
@@ -78,9 +79,15 @@ def build_openapi() -> dict[str, Any]:
     refs, components = request_schemas()
     components["ErrorBody"] = {
         "type": "object",
-        "description": "Every error of run(): on a managed endpoint a non-200 arrives as 424, so `status` repeats the code.",
-        "required": ["error", "status"],
-        "properties": {"error": {"type": "string"}, "status": {"type": "integer"}},
+        "description": "Every error of run(): on a managed endpoint a non-200 arrives as 424, so `status` repeats the code; "
+                       "`code` names the kind of error for programs (README: Errors).",
+        "required": ["error", "status", "code"],
+        "properties": {
+            "error": {"type": "string"},
+            "status": {"type": "integer"},
+            "code": {"type": "string", "enum": sorted(STATUS_OF_CODE)},
+            "detail": {"type": "object", "description": "how far the work got (deadline), when known"},
+        },
         "additionalProperties": False,
     }
     components["ServerError"] = {

@@ -1,54 +1,86 @@
-"""Typed domain errors. Each adapter maps them to its transport in one place."""
+"""Typed domain errors, each with a machine-readable `code`. No HTTP here: each adapter maps codes to its
+transport in one place (`api/errors.py`). Messages are safe to show the caller: they name the field and
+the fix, and never hold secrets (URL queries, keys) or image data."""
 
 from __future__ import annotations
 
+from typing import Any
+
 
 class ServiceError(Exception):
-    """An error whose message is safe to show the caller (never contains secrets or image data)."""
+    """Base of every error a caller may see. `code` says what kind of failure it is."""
 
-    status: int = 500
+    code: str = "internal"
 
-    def __init__(self, message: str, *, status: int | None = None) -> None:
+    def __init__(self, message: str, *, code: str | None = None, detail: dict[str, Any] | None = None) -> None:
         super().__init__(message)
         self.message = message
-        if status is not None:
-            self.status = status
-
-    def to_body(self) -> dict:
-        return {"error": self.message, "status": self.status}
+        if code is not None:
+            self.code = code
+        self.detail = detail or {}  # machine-readable extras (e.g. how far the work got), safe to show
 
 
 class InvalidRequest(ServiceError):
-    """The caller's request is malformed or inconsistent (400). The message names the field and the fix."""
+    """The caller's request is malformed or inconsistent. The message names the field and the fix."""
 
-    status = 400
+    code = "invalid_request"
 
 
 class PayloadTooLarge(ServiceError):
-    """A payload, file, or decoded volume exceeds a configured limit (413)."""
+    """A payload, file, or decoded volume exceeds a configured limit; the message quotes the limit."""
 
-    status = 413
+    code = "too_large"
 
 
 class UnsupportedMedia(ServiceError):
-    """The file is not of a supported kind (415)."""
+    """The file is not of a supported kind."""
 
-    status = 415
+    code = "unsupported_media"
 
 
 class FetchRefused(ServiceError):
-    """A user-supplied URL was refused or could not be fetched (400, or 502 for upstream failures)."""
+    """A user-supplied URL was refused (its address, scheme or host) before anything was sent."""
 
-    status = 400
+    code = "fetch_refused"
+
+
+class FetchFailed(FetchRefused):
+    """A user-supplied URL could not be fetched: the remote server failed, or was too slow (`fetch_timeout`)."""
+
+    code = "fetch_failed"
+
+
+class NotFound(ServiceError):
+    """A named thing (model type, checkpoint, upload) this server does not have."""
+
+    code = "not_found"
+
+
+class Forbidden(ServiceError):
+    """The operation is switched off on this server."""
+
+    code = "forbidden"
+
+
+class Unauthorized(ServiceError):
+    """Missing or wrong credentials."""
+
+    code = "unauthorized"
+
+
+class Conflict(ServiceError):
+    """The operation clashes with one already running."""
+
+    code = "conflict"
 
 
 class ModelUnavailable(ServiceError):
-    """The requested model is not loaded or cannot be used right now (503)."""
+    """The requested model is not loaded or cannot be used right now."""
 
-    status = 503
+    code = "model_unavailable"
 
 
 class DeadlineExceeded(ServiceError):
-    """The per-request time budget ran out (503); the message says how far the work got."""
+    """The per-request time budget ran out; the message (and `detail`) say how far the work got."""
 
-    status = 503
+    code = "deadline"

@@ -26,9 +26,9 @@ from typing import Any
 import numpy as np
 import SimpleITK as sitk
 
-from medsam2_endpoint.core.settings import Limits
-from medsam2_endpoint.io.encode import rle_decode
 from medsam2_endpoint.client.transport import KEY_ENV, ClientError, EndpointError, post_request
+from medsam2_endpoint.io.limits import Limits
+from medsam2_endpoint.io.encode import rle_decode
 from medsam2_endpoint.io.volume import read_nifti, write_nifti
 
 __all__ = ["PRESETS", "ClientError", "EndpointError", "ObjectPrompt", "SegmentationResult", "predict_main", "segment"]
@@ -73,7 +73,9 @@ class SegmentationResult:
 
     def preview(self, path: str | Path, *, panels: int = 5) -> Path:
         """PNG of the first object's key slice and its neighbours with the mask outlined (see preview.py)."""
-        from medsam2_endpoint.client.preview import render_preview  # matplotlib loads only when a preview is asked for
+        from medsam2_endpoint.client.preview import (
+            render_preview,  # matplotlib loads only when a preview is asked for
+        )
 
         model = self.metadata[0].get("model", {}).get("name", "?") if self.metadata else "?"
         voxels = int(np.count_nonzero(sitk.GetArrayViewFromImage(self.mask)))

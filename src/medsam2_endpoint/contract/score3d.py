@@ -12,6 +12,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, StrictStr, ValidationError
 
 from medsam2_endpoint.base.errors import InvalidRequest
+from medsam2_endpoint.contract.messages import validation_message
 
 # Pixel coordinates beyond +-1e9 cannot fall inside any slice; bounding them keeps int64 conversion safe.
 Coordinate = Annotated[float, Field(ge=-1e9, le=1e9)]
@@ -87,27 +88,9 @@ class VolumeItem:
         return f"input_data.{column}[{self.index}]"
 
 
-def _location(loc: tuple[Any, ...]) -> str:
-    text = ""
-    for part in loc:
-        text += f"[{part}]" if isinstance(part, int) else (f".{part}" if text else str(part))
-    return text
-
-
-def _message(error: dict[str, Any]) -> str:
-    where = _location(tuple(error["loc"])) or "body"
-    kind = error["type"]
-    if kind == "extra_forbidden":
-        loc = error["loc"]
-        parent = ObjectPrompt if "objects" in loc else VolumeColumns if len(loc) == 2 else ScoreRequest
-        allowed = ", ".join(parent.model_fields)
-        return f"{where}: unknown field; allowed fields are {allowed}"
-    if kind == "missing":
-        return f"{where}: required field is missing"
-    if kind in ("too_short", "too_long") and ("bbox" in error["loc"] or "dicom_window" in error["loc"]):
-        needed = "4 numbers [x_min, y_min, x_max, y_max]" if "bbox" in error["loc"] else "2 numbers [lower, upper]"
-        return f"{where}: expected {needed}"
-    return f"{where}: {error['msg']}"
+def _allowed(loc: tuple[Any, ...]) -> str:
+    parent = ObjectPrompt if "objects" in loc else VolumeColumns if len(loc) == 2 else ScoreRequest
+    return ", ".join(parent.model_fields)
 
 
 def parse_request(body: Any, *, max_items: int) -> list[VolumeItem]:
@@ -117,10 +100,7 @@ def parse_request(body: Any, *, max_items: int) -> list[VolumeItem]:
     try:
         request = ScoreRequest.model_validate(body)
     except ValidationError as exc:
-        errors = exc.errors(include_url=False)
-        shown = "; ".join(_message(e) for e in errors[:5])
-        more = f" (and {len(errors) - 5} more)" if len(errors) > 5 else ""
-        raise InvalidRequest(shown + more) from None
+        raise InvalidRequest(validation_message(exc, _allowed)) from None
     cols = request.input_data
     count = len(cols.nii_image)
     if count > max_items:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -9,6 +10,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
+import torch
 
 
 def sha256_file(path: str | Path) -> str:
@@ -44,6 +46,34 @@ class VolumeEngine(Protocol):
 
     info: ModelInfo
 
-    def start(self, volume_u8: np.ndarray) -> Any: ...
-
     def track(self, state: Any, *, key_index: int, box: np.ndarray, reverse: bool) -> Iterator[tuple[int, np.ndarray]]: ...
+
+    def start(self, volume_u8: np.ndarray, volume_key: str | None = None) -> Any: ...
+
+    def image_engine(self) -> ImageEngine | None:
+        """This model's 2D prompt interface (sharing its weights), or None when it has none."""
+        ...
+
+
+class ImageEngine(Protocol):
+    """What the 2D route needs from a model (sam2_image.SAM2ImageEngine, lite.LiteMedSAMEngine)."""
+
+    info: ModelInfo
+    accepts_points: bool
+    multimask_outputs: bool  # False: the model has one trained output; multimask requests get that one mask
+    low_res_size: int
+
+    def embed_image(self, rgb_u8: np.ndarray) -> Any: ...
+
+    def predict_2d(self, embedding: Any, *, points: np.ndarray | None = None, labels: np.ndarray | None = None,
+                   box: np.ndarray | None = None, mask_input: np.ndarray | None = None,
+                   multimask: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray]: ...
+
+    def low_res_from_mask(self, mask: np.ndarray) -> np.ndarray: ...
+
+
+def bf16_autocast(device: torch.device) -> contextlib.AbstractContextManager[Any]:
+    """bfloat16 autocast on CUDA (as the reference runs there); plain float32 elsewhere."""
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()

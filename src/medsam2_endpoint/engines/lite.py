@@ -31,7 +31,7 @@ import torch.nn.functional as F
 
 from medsam2_endpoint.base.errors import ModelUnavailable
 from medsam2_endpoint.base.lru import ByteLRU
-from .base import ModelInfo, sha256_file
+from medsam2_endpoint.engines.base import ModelInfo, bf16_autocast, sha256_file
 
 IMAGE_SIZE = 256  # the encoder's input side
 RESIZE_MODES = ("pad", "stretch")
@@ -136,8 +136,6 @@ class LiteMedSAMEngine:
             sha256=sha256,
         )
 
-    def _autocast(self) -> torch.autocast:
-        return torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.device.type == "cuda")
 
     def start(self, volume_u8: np.ndarray, volume_key: str | None = None) -> LiteState:
         """Wrap a uint8 (Z, Y, X) volume; nothing is computed until a slice is visited.
@@ -182,7 +180,7 @@ class LiteMedSAMEngine:
         cached = state.embeddings.get(key)
         if cached is None:
             image = self._image_tensor(state.volume[z]).to(self.device)
-            with torch.inference_mode(), self._autocast():
+            with torch.inference_mode(), bf16_autocast(self.device):
                 cached = self.net.image_encoder(image)
             state.encoder_calls += 1
             state.embeddings.put(key, cached, keep=state.used_keys or ())
@@ -212,7 +210,7 @@ class LiteMedSAMEngine:
         h, w = state.volume.shape[1:]
         embedding = self._embedding(state, z)
         box_t = torch.as_tensor(self._box_256(box, h, w)[None, None], dtype=torch.float32, device=self.device)
-        with torch.inference_mode(), self._autocast():
+        with torch.inference_mode(), bf16_autocast(self.device):
             sparse, dense = self.net.prompt_encoder(points=None, boxes=box_t, masks=None)
             logits, iou = self.net.mask_decoder(
                 image_embeddings=embedding,
@@ -282,10 +280,14 @@ class LiteMedSAMEngine:
             tensor = tensor / 255.0
         return F.interpolate(tensor[None], size=(IMAGE_SIZE, IMAGE_SIZE), mode="bilinear", align_corners=False)
 
+    def image_engine(self) -> LiteMedSAMEngine:
+        """LiteMedSAM is its own 2D interface."""
+        return self
+
     def embed_image(self, rgb_u8: np.ndarray) -> LiteEmbedding:
         """Encode a uint8 (H, W, 3) RGB image."""
         image = self._rgb_tensor(rgb_u8).to(self.device)
-        with torch.inference_mode(), self._autocast():
+        with torch.inference_mode(), bf16_autocast(self.device):
             embedding = self.net.image_encoder(image)
         nbytes = embedding.numel() * embedding.element_size()
         return LiteEmbedding(embedding, (int(rgb_u8.shape[0]), int(rgb_u8.shape[1])), nbytes)
@@ -313,7 +315,7 @@ class LiteMedSAMEngine:
         if mask_input is not None:
             masks_t = torch.as_tensor(mask_input, dtype=torch.float32, device=self.device).reshape(1, 1, IMAGE_SIZE, IMAGE_SIZE)
             masks_t = masks_t.expand(len(boxes), -1, -1, -1)
-        with torch.inference_mode(), self._autocast():
+        with torch.inference_mode(), bf16_autocast(self.device):
             sparse, dense = self.net.prompt_encoder(points=None, boxes=box_t, masks=masks_t)
             low_res, iou = self.net.mask_decoder(
                 image_embeddings=embedding.embedding,

@@ -14,7 +14,6 @@ is the reference's voxel for voxel; a request served from the cache computes wit
 
 from __future__ import annotations
 
-import contextlib
 from collections import OrderedDict
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -30,13 +29,17 @@ from omegaconf import OmegaConf
 from scipy import ndimage
 
 from medsam2_endpoint.base.lru import ByteLRU
-from medsam2_endpoint.pipeline.window import sam2_frame
-from .base import ModelInfo, sha256_file
+from medsam2_endpoint.engines.base import ModelInfo, bf16_autocast, sha256_file
+from medsam2_endpoint.engines.frames import sam2_frame
+from medsam2_endpoint.engines.sam2_image import SAM2ImageEngine
 
 CONFIG_PATH = files("medsam2_endpoint.engines") / "configs" / "sam2.1_hiera_t512.yaml"
 LATEST_CHECKPOINT = "MedSAM2_latest.pt"
 HOLE_FILL_AREA = 8
 CACHE_DTYPE = torch.bfloat16
+
+
+STAGING_PREFIX = ".staging-"  # weight registration writes here first: never a checkpoint to load
 
 
 class CheckpointError(Exception):
@@ -240,7 +243,11 @@ def find_checkpoints(model_dir: Path | None, max_depth: int = 3) -> list[Path]:
     """
     if model_dir is None or not model_dir.is_dir():
         return []
-    found = [p for p in model_dir.rglob("*.pt") if p.is_file() and len(p.relative_to(model_dir).parts) <= max_depth]
+    found = [
+        p for p in model_dir.rglob("*.pt")
+        if p.is_file() and len(p.relative_to(model_dir).parts) <= max_depth
+        and not any(part.startswith(STAGING_PREFIX) for part in p.relative_to(model_dir).parts)
+    ]
     return sorted(found, key=lambda p: (p.name != LATEST_CHECKPOINT, p.name, str(p)))
 
 
@@ -261,21 +268,24 @@ class MedSAM2Engine:
             first_line = str(exc).splitlines()[0] if str(exc) else "keys or shapes differ"
             raise CheckpointError(f"{checkpoint.name}: does not fit the MedSAM2 architecture ({first_line})") from None
         self.predictor = predictor.to(self.device).eval()
+        self._image: SAM2ImageEngine | None = None
         self.info = ModelInfo(
             name=name or checkpoint.stem, family="medsam2", checkpoint=checkpoint.name, sha256=sha256_file(checkpoint)
         )
 
-    def _autocast(self) -> contextlib.AbstractContextManager:
-        if self.device.type == "cuda":
-            return torch.autocast("cuda", dtype=torch.bfloat16)
-        return contextlib.nullcontext()
+
+    def image_engine(self) -> SAM2ImageEngine:
+        """The 2D prompt interface on this model's weights (built once)."""
+        if self._image is None:
+            self._image = SAM2ImageEngine(self.predictor, self.info)
+        return self._image
 
     def start(self, volume_u8: np.ndarray, volume_key: str | None = None) -> dict:
         """volume_key identifies the windowed volume's content (cross-request feature reuse); None: private cache."""
         frames = LazyFrames(volume_u8, self.image_size)
         height, width = int(volume_u8.shape[1]), int(volume_u8.shape[2])
         features = self.features if volume_key is not None else ByteLRU(self.features.max_bytes)
-        with self._autocast():
+        with bf16_autocast(self.device):
             return self.predictor.init_state_from_frames(frames, height, width, features, volume_key or "private")
 
     def track(self, state: dict, *, key_index: int, box: np.ndarray, reverse: bool) -> Iterator[tuple[int, np.ndarray]]:
@@ -288,11 +298,11 @@ class MedSAM2Engine:
         if state["key_frame"] != key_index:  # a state serves several objects, each with its own key slice
             state["key_frame"], state["key_frame_features"] = key_index, None
         try:
-            with self._autocast():
+            with bf16_autocast(self.device):
                 predictor.add_new_points_or_box(state, frame_idx=key_index, obj_id=1, box=np.asarray(box, dtype=np.float32))
             steps = predictor.propagate_in_video(state, reverse=reverse)
             while True:
-                with self._autocast():
+                with bf16_autocast(self.device):
                     step = next(steps, None)
                     if step is None:
                         return

@@ -17,7 +17,6 @@ shared module is only read, so concurrent requests need no lock.
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -30,7 +29,7 @@ from sam2.modeling.sam2_base import SAM2Base
 from sam2.sam2_image_predictor import SAM2ImagePredictor
 from sam2.utils.amg import MaskData, area_from_rle
 
-from .base import ModelInfo
+from medsam2_endpoint.engines.base import ModelInfo, bf16_autocast
 
 SELECT_RULES = ("all", "largest", "smallest", "best_quality")
 
@@ -131,15 +130,11 @@ class SAM2ImageEngine:
         self.device = model.device
         self.low_res_size = int(model.image_size) // 4
 
-    def _autocast(self) -> contextlib.AbstractContextManager:
-        if self.device.type == "cuda":
-            return torch.autocast("cuda", dtype=torch.bfloat16)
-        return contextlib.nullcontext()
 
     def embed_image(self, rgb_u8: np.ndarray) -> SAM2Embedding:
         """Run the image encoder on a uint8 (H, W, 3) RGB image."""
         predictor = MedSAM2ImagePredictor(self.model)
-        with torch.inference_mode(), self._autocast():
+        with torch.inference_mode(), bf16_autocast(self.device):
             predictor.set_image(rgb_u8)
         features = predictor._features
         tensors = [features["image_embed"], *features["high_res_feats"]]
@@ -164,7 +159,7 @@ class SAM2ImageEngine:
         """(masks bool (N, H, W), predicted IoU (N,), low-res logits (N, S/4, S/4)); N = 3 with multimask else 1."""
         predictor = MedSAM2ImagePredictor(self.model)
         predictor.use_features(embedding)
-        with torch.inference_mode(), self._autocast():
+        with torch.inference_mode(), bf16_autocast(self.device):
             masks, ious, low_res = predictor.predict(
                 point_coords=points,
                 point_labels=labels,
@@ -187,5 +182,5 @@ class SAM2ImageEngine:
         generator = MedSAM2MaskGenerator(
             predictor, select=select, min_mask_region_area=min_mask_region_area, multimask_output=multimask, **params
         )
-        with torch.inference_mode(), self._autocast():
+        with torch.inference_mode(), bf16_autocast(self.device):
             return generator.generate(rgb_u8)

@@ -7,6 +7,7 @@ import json
 
 import numpy as np
 
+from medsam2_endpoint.io.polygons import mask_to_geometry
 from medsam2_endpoint.io.volume import Volume, write_nifti
 
 _SPARSE_FRACTION = 64  # at most 1 voxel in 64 in the foreground: encode from the foreground's positions
@@ -156,3 +157,12 @@ def dumps(payload: object) -> str:
     for i, fragment in enumerate(fragments):
         text = text.replace(f'"\\u0000RAW{i}\\u0000"', fragment, 1)
     return text
+
+
+def encode_mask_2d(mask: np.ndarray, mask_format: str, simplify_tolerance: float = 0.0) -> object:
+    """A bool (H, W) mask as RLE (column-major, as the 3D route), GeoJSON polygons, or nested lists."""
+    if mask_format == "polygons":
+        return mask_to_geometry(mask, simplify_tolerance=simplify_tolerance)
+    if mask_format == "list":
+        return RawJSON(list_json(mask[None])[1:-1])
+    return {"counts": rle_counts(mask), "size": list(mask.shape), "order": "F"}

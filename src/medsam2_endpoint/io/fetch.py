@@ -15,19 +15,18 @@ import fnmatch
 import functools
 import ipaddress
 import logging
-import os
 import re
 import socket
 import time
 import urllib.parse
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import certifi
 import urllib3
 from urllib3.exceptions import ConnectTimeoutError, HTTPError, NewConnectionError, ReadTimeoutError, SSLError
 
-from medsam2_endpoint.base.errors import FetchRefused, PayloadTooLarge
+from medsam2_endpoint.base.errors import FetchFailed, FetchRefused, PayloadTooLarge
 
 log = logging.getLogger("azmlinfsrv.medsam2")
 
@@ -56,6 +55,7 @@ class FetchPolicy:
 
     ``allow_networks`` exempts CIDRs from the non-public refusal: for tests and development only.
     ``total_timeout_s`` bounds a whole fetch, so a server dripping bytes cannot hold a worker forever.
+    Filled from the MEDSAM2_FETCH_* settings by core/settings.
     """
 
     allow_http: bool = False
@@ -66,40 +66,6 @@ class FetchPolicy:
     read_timeout_s: float = 30.0
     max_redirects: int = 3
     total_timeout_s: float = 300.0
-
-    @classmethod
-    def from_env(cls, environ: Mapping[str, str] = os.environ) -> FetchPolicy:
-        """Build from MEDSAM2_FETCH_* variables; a bad value raises ValueError naming the variable."""
-
-        def items(name: str) -> tuple[str, ...]:
-            return tuple(p.strip() for p in environ.get(name, "").split(",") if p.strip())
-
-        def number(name: str, default: float) -> float:
-            raw = environ.get(name, "").strip()
-            if not raw:
-                return default
-            try:
-                value = float(raw)
-            except ValueError:
-                raise ValueError(f"{name} must be a number (got {raw!r})") from None
-            if not value > 0:
-                raise ValueError(f"{name} must be positive (got {raw!r})")
-            return value
-
-        networks = items("MEDSAM2_FETCH_ALLOW_NETWORKS")
-        try:
-            _networks(networks)  # fail at start-up, not on the first request
-        except ValueError as exc:
-            raise ValueError(f"MEDSAM2_FETCH_ALLOW_NETWORKS: {exc}") from None
-        return cls(
-            allow_http=environ.get("MEDSAM2_FETCH_ALLOW_HTTP", "").strip().lower() in ("1", "true", "yes"),
-            host_allowlist=tuple(p.lower() for p in items("MEDSAM2_FETCH_HOST_ALLOWLIST")),
-            allow_networks=networks,
-            max_bytes=int(number("MEDSAM2_FETCH_MAX_MB", 1024) * (1 << 20)),
-            connect_timeout_s=number("MEDSAM2_FETCH_CONNECT_TIMEOUT_S", 5.0),
-            read_timeout_s=number("MEDSAM2_FETCH_READ_TIMEOUT_S", 30.0),
-            total_timeout_s=number("MEDSAM2_FETCH_TOTAL_TIMEOUT_S", 300.0),
-        )
 
 
 def redact_url(url: str) -> str:
@@ -161,7 +127,7 @@ def classify_address(ip: str) -> str | None:
 
 
 @functools.lru_cache(maxsize=32)
-def _networks(cidrs: tuple[str, ...]) -> tuple:
+def parse_networks(cidrs: tuple[str, ...]) -> tuple:
     return tuple(ipaddress.ip_network(c, strict=False) for c in cidrs)
 
 
@@ -171,7 +137,7 @@ def _exempt(ip: str, policy: FetchPolicy) -> bool:
     candidates = [addr]
     if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
         candidates.append(addr.ipv4_mapped)
-    return any(a.version == n.version and a in n for a in candidates for n in _networks(policy.allow_networks))
+    return any(a.version == n.version and a in n for a in candidates for n in parse_networks(policy.allow_networks))
 
 
 def check_url(
@@ -240,13 +206,11 @@ def _upstream_error(exc: Exception, field: str, shown: str, host: str, policy: F
     """The FetchRefused for a failure while talking to the server. urllib3's own messages may echo
     the request target (with its query), so only the exception's type is shown."""
     if isinstance(exc, ReadTimeoutError):
-        return FetchRefused(f"{field}: {shown} sent nothing for {policy.read_timeout_s:g} s; try again later",
-                            status=504)
+        return FetchFailed(f"{field}: {shown} sent nothing for {policy.read_timeout_s:g} s; try again later", code="fetch_timeout")
     if isinstance(exc, SSLError):
-        return FetchRefused(f"{field}: TLS verification failed for {host}; the server needs a valid certificate",
-                            status=502)
+        return FetchFailed(f"{field}: TLS verification failed for {host}; the server needs a valid certificate")
     if isinstance(exc, (HTTPError, OSError, ValueError)):
-        return FetchRefused(f"{field}: fetching {shown} failed ({type(exc).__name__})", status=502)
+        return FetchFailed(f"{field}: fetching {shown} failed ({type(exc).__name__})")
     return exc
 
 
@@ -262,7 +226,7 @@ def _open(parts: urllib.parse.SplitResult, ips: list[str], policy: FetchPolicy, 
     target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
     headers = {"Host": parts.netloc, "User-Agent": "medsam2-endpoint", "Accept-Encoding": "identity"}
     timeout = urllib3.Timeout(connect=policy.connect_timeout_s, read=policy.read_timeout_s)
-    failure, status = "could not connect", 502
+    failure, code = "could not connect", "fetch_failed"
     for ip in ips:
         if time.monotonic() > deadline:
             break
@@ -278,14 +242,14 @@ def _open(parts: urllib.parse.SplitResult, ips: list[str], policy: FetchPolicy, 
                                 preload_content=False, assert_same_host=False)
             return pool, resp
         except NewConnectionError:  # refused/unreachable (a ConnectTimeoutError subclass): try the next IP
-            failure, status = "could not connect", 502
+            failure, code = "could not connect", "fetch_failed"
         except ConnectTimeoutError:
-            failure, status = f"connection timed out after {policy.connect_timeout_s:g} s", 504
+            failure, code = f"connection timed out after {policy.connect_timeout_s:g} s", "fetch_timeout"
         except Exception as exc:
             pool.close()
             raise _upstream_error(exc, field, shown, host, policy) from None
         pool.close()
-    raise FetchRefused(f"{field}: {shown}: {failure} ({host} port {port}); try again later", status=status)
+    raise FetchFailed(f"{field}: {shown}: {failure} ({host} port {port}); try again later", code=code)
 
 
 def _read_capped(resp, policy: FetchPolicy, field: str, shown: str, deadline: float) -> bytes:
@@ -309,7 +273,7 @@ def _read_capped(resp, policy: FetchPolicy, field: str, shown: str, deadline: fl
 
 
 def _too_slow(field: str, shown: str, policy: FetchPolicy) -> FetchRefused:
-    return FetchRefused(f"{field}: fetching {shown} took longer than {policy.total_timeout_s:g} s", status=504)
+    return FetchFailed(f"{field}: fetching {shown} took longer than {policy.total_timeout_s:g} s", code="fetch_timeout")
 
 
 def fetch_bytes(
@@ -317,7 +281,7 @@ def fetch_bytes(
 ) -> bytes:
     """GET url under policy and return the body. Each redirect hop is re-checked before connecting.
 
-    Raises FetchRefused (400 refused, 502 upstream failure, 504 time-out) or PayloadTooLarge (413).
+    Raises FetchRefused (refused before sending), FetchFailed (upstream failure; code fetch_timeout when too slow) or PayloadTooLarge (413).
     """
     started = time.monotonic()
     deadline, current = started + policy.total_timeout_s, str(url)
@@ -332,16 +296,14 @@ def fetch_bytes(
             if resp.status in _REDIRECTS:
                 location = resp.headers.get("Location")
                 if not location:
-                    raise FetchRefused(f"{field}: {shown} redirected without a Location header", status=502)
+                    raise FetchFailed(f"{field}: {shown} redirected without a Location header")
                 current = urllib.parse.urljoin(urllib.parse.urlunsplit(parts), location.strip())
                 log.debug("fetch %s: redirect %d to %s", shown, hop + 1, redact_url(current))
                 continue
             if not 200 <= resp.status < 300:
-                raise FetchRefused(
+                raise FetchFailed(
                     f"{field}: fetching {shown} failed: the server answered HTTP {resp.status}; "
-                    "check that the file exists and that the URL's SAS token is valid and not expired",
-                    status=502,
-                )
+                    "check that the file exists and that the URL's SAS token is valid and not expired")
             body = _read_capped(resp, policy, field, shown, deadline)
             log.debug("fetched %s: %d bytes after %d redirect(s) in %.2f s", shown, len(body), hop,
                       time.monotonic() - started)

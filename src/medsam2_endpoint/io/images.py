@@ -31,8 +31,8 @@ import numpy as np
 import SimpleITK as sitk
 from PIL import Image, UnidentifiedImageError
 
-from medsam2_endpoint.core.settings import Limits
 from medsam2_endpoint.base.errors import InvalidRequest, PayloadTooLarge, UnsupportedMedia
+from medsam2_endpoint.io.limits import Limits
 from medsam2_endpoint.io.volume import GZIP_MAGIC, gunzip_capped
 from medsam2_endpoint.io.volume import decode_base64 as decode_file_base64
 

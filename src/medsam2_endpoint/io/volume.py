@@ -21,8 +21,8 @@ import nibabel as nib
 import numpy as np
 import SimpleITK as sitk
 
-from medsam2_endpoint.core.settings import Limits
 from medsam2_endpoint.base.errors import InvalidRequest, PayloadTooLarge, UnsupportedMedia
+from medsam2_endpoint.io.limits import Limits
 
 GZIP_MAGIC = b"\x1f\x8b"
 _SUPPORTED_DTYPES = {np.dtype(t) for t in ("uint8", "int8", "uint16", "int16", "uint32", "int32", "float32", "float64")}

@@ -1,7 +1,7 @@
-"""The 2D route: prompts on one image (points, box, low-res mask), multimask selection, automatic masks.
+"""2D prompts on one image (points, box, low-res mask) and multimask selection.
 
-No JSON, no HTTP: adapters (service2d for /score, samapi for QuPath) build typed prompts and call a
-`Prompter`, which holds the 2D side of the Service's model registry and one embedding cache.
+No JSON, no HTTP: core builds typed prompts and calls a `Prompter`, which reaches the registry's 2D
+models and holds one embedding cache.
 
 Conventions: images are uint8 RGB (H, W, 3); points (N, 2) as (x, y) pixels, x the column; labels 1
 foreground / 0 background; boxes [x_min, y_min, x_max, y_max] with 0 <= x_min < x_max <= W (the
@@ -16,44 +16,17 @@ outputs (samapi reported mask i's quality under mask i-1: not here).
 
 from __future__ import annotations
 
-import os
-import threading
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import numpy as np
-import torch
-from sam2.utils.amg import batched_mask_to_box, calculate_stability_score, remove_small_regions
-from torchvision.ops.boxes import batched_nms
 
+from medsam2_endpoint.base.errors import InvalidRequest
+from medsam2_endpoint.engines.base import ImageEngine, ModelInfo
 from medsam2_endpoint.pipeline.embedding_cache import EmbeddingCache, content_key
-from medsam2_endpoint.engines.base import ModelInfo
-from medsam2_endpoint.engines.sam2_image import SAM2ImageEngine, keep_one_per_prompt
-from medsam2_endpoint.base.errors import InvalidRequest, ModelUnavailable
 
 OUTPUT_TYPES = ("single", "all", "largest", "smallest", "best_quality")
-DEFAULT_CACHE_MB = 256
-# Box-only models get a grid of boxes instead of points: at each grid point, squares of 2, 4 and 8
-# grid cells (a point grid's analogue of SAM's three mask granularities).
-BOX_GRID_CELLS = (2, 4, 8)
-
-
-class ImageEngine(Protocol):
-    """What the 2D route needs from a model (engines/sam2_image.SAM2ImageEngine, engines/lite.LiteMedSAMEngine)."""
-
-    info: ModelInfo
-    accepts_points: bool
-    multimask_outputs: bool  # False: the model has one trained output; multimask requests get that one mask
-    low_res_size: int
-
-    def embed_image(self, rgb_u8: np.ndarray) -> Any: ...
-
-    def predict_2d(self, embedding: Any, *, points: np.ndarray | None = None, labels: np.ndarray | None = None,
-                   box: np.ndarray | None = None, mask_input: np.ndarray | None = None,
-                   multimask: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray]: ...
-
-    def low_res_from_mask(self, mask: np.ndarray) -> np.ndarray: ...
 
 
 @dataclass(frozen=True)
@@ -64,25 +37,6 @@ class Prompt2D:
     labels: np.ndarray | None = None
     box: np.ndarray | None = None
     mask_input: np.ndarray | None = None
-    output_type: str = "single"
-
-
-@dataclass(frozen=True)
-class AutomaskParams:
-    """SAM's automatic-mask-generator parameters, with samapi's names and defaults."""
-
-    points_per_side: int = 32
-    points_per_batch: int = 64
-    pred_iou_thresh: float = 0.88
-    stability_score_thresh: float = 0.95
-    stability_score_offset: float = 1.0
-    box_nms_thresh: float = 0.7
-    crop_n_layers: int = 0
-    crop_nms_thresh: float = 0.7
-    crop_overlap_ratio: float = 512 / 1500
-    crop_n_points_downscale_factor: int = 1
-    min_mask_region_area: int = 0
-    include_image_edge: bool = False  # False: masks touching the image border are dropped (cut by the field of view)
     output_type: str = "single"
 
 
@@ -166,14 +120,6 @@ def check_prompt(prompt: Prompt2D, *, width: int, height: int, engine: ImageEngi
             )
 
 
-def check_automask(params: AutomaskParams, *, engine: ImageEngine, where: Callable[[str], str]) -> None:
-    """Raise InvalidRequest for automatic-mask options the model cannot honour."""
-    if params.crop_n_layers > 0 and not engine.accepts_points:
-        raise InvalidRequest(
-            f"{where('crop_n_layers')}: crops need a point-promptable model; model {engine.info.name} takes boxes only, use 0"
-        )
-
-
 def select_masks(masks: list[Mask2D], output_type: str) -> list[Mask2D]:
     """Keep the masks `output_type` asks for ("single"/"all": every mask); ties go to the lower index."""
     if output_type in ("single", "all") or len(masks) <= 1:
@@ -185,51 +131,30 @@ def select_masks(masks: list[Mask2D], output_type: str) -> list[Mask2D]:
     return [max(masks, key=lambda m: (m.quality, -m.index))]
 
 
-def touches_border(mask: np.ndarray) -> bool:
-    return bool(mask[0].any() or mask[-1].any() or mask[:, 0].any() or mask[:, -1].any())
+class ImageModels(Protocol):
+    """Where the Prompter finds 2D models by name (core's ModelRegistry)."""
+
+    def image_engine(self, name: str) -> ImageEngine: ...
+
+    def models_with_points(self) -> list[str]: ...
 
 
 class Prompter:
-    """2D prompting over a model registry (name -> 3D engine), with one embedding cache for all models.
+    """2D prompting over the models of a registry, with one embedding cache for all of them.
 
-    2D adapters are built on first use: MedSAM2 engines (family "medsam2") through
-    `SAM2ImageEngine` around their already-loaded module, LiteMedSAM (family "lite-medsam") directly.
-    The registry may grow while serving (samapi weight registration); adapters follow it.
+    The expensive step (embedding an image) is cached by content, model name and checksum; the cheap
+    one (decoding a prompt) runs per request.
     """
 
-    def __init__(self, engines: Mapping[str, Any], cache: EmbeddingCache) -> None:
-        self.engines = engines
+    def __init__(self, models: ImageModels, cache: EmbeddingCache) -> None:
+        self.models = models
         self.cache = cache
-        self._adapters: dict[str, tuple[Any, ImageEngine]] = {}
-        self._lock = threading.Lock()
-
-    @classmethod
-    def from_env(cls, engines: Mapping[str, Any], environ: Mapping[str, str] | None = None) -> Prompter:
-        env = os.environ if environ is None else environ
-        raw = env.get("MEDSAM2_EMBEDDING_CACHE_MB", "") or str(DEFAULT_CACHE_MB)
-        if not raw.isdigit():
-            raise ValueError(f"MEDSAM2_EMBEDDING_CACHE_MB={raw!r} must be a whole number of MiB (0 disables the cache)")
-        return cls(engines, EmbeddingCache(int(raw) * 1024 * 1024))
-
-    def models_with_points(self) -> list[str]:
-        return [name for name, engine in list(self.engines.items()) if getattr(engine.info, "family", "") == "medsam2"]
 
     def image_engine(self, name: str) -> ImageEngine:
-        """The 2D adapter of registry model `name` (which must exist)."""
-        engine = self.engines[name]
-        with self._lock:
-            known = self._adapters.get(name)
-            if known is not None and known[0] is engine:
-                return known[1]
-            family = engine.info.family
-            if family == "medsam2":
-                adapter: ImageEngine = SAM2ImageEngine(engine.predictor, engine.info)
-            elif hasattr(engine, "embed_image") and hasattr(engine, "predict_2d"):
-                adapter = engine
-            else:
-                raise ModelUnavailable(f"model {name} ({family}) has no 2D mode; use a MedSAM2 model or lite-medsam")
-            self._adapters[name] = (engine, adapter)
-            return adapter
+        return self.models.image_engine(name)
+
+    def models_with_points(self) -> list[str]:
+        return self.models.models_with_points()
 
     def embedding(self, name: str, rgb_u8: np.ndarray) -> tuple[Any, bool]:
         """(embedding, came from the cache) of an RGB image for model `name`."""
@@ -247,105 +172,3 @@ class Prompter:
         )
         found = [Mask2D(masks[i], float(ious[i]), i, low_res=low_res[i]) for i in range(len(masks))]
         return Result2D(select_masks(found, prompt.output_type), engine.info, cached)
-
-    def automask(self, name: str, rgb_u8: np.ndarray, params: AutomaskParams, *, where: Callable[[str], str]) -> Result2D:
-        """Masks of everything in the image (SAM's automatic mask generator, or a box grid for box-only models)."""
-        engine = self.image_engine(name)
-        select = "all" if params.output_type == "single" else params.output_type
-        multimask = params.output_type != "single" and engine.multimask_outputs
-        if engine.accepts_points:
-            generator_params = {
-                k: getattr(params, k) for k in (
-                    "points_per_side", "points_per_batch", "pred_iou_thresh", "stability_score_thresh",
-                    "stability_score_offset", "box_nms_thresh", "crop_n_layers", "crop_nms_thresh",
-                    "crop_overlap_ratio", "crop_n_points_downscale_factor",
-                )
-            }
-            cached_flags: list[bool] = []
-
-            def embed(image: np.ndarray) -> Any:
-                value, hit = self.embedding(name, image)
-                cached_flags.append(hit)
-                return value
-
-            records = engine.automask_2d(
-                rgb_u8, embed=embed, select=select, multimask=multimask,
-                min_mask_region_area=params.min_mask_region_area, params=generator_params,
-            )
-            masks = [
-                Mask2D(r["segmentation"].astype(bool), float(r["predicted_iou"]), i, float(r["stability_score"]),
-                       [float(v) for v in r["point_coords"][0]])
-                for i, r in enumerate(records)
-            ]
-            cached = bool(cached_flags) and all(cached_flags)
-        else:
-            check_automask(params, engine=engine, where=where)
-            embedding, cached = self.embedding(name, rgb_u8)
-            masks = box_grid_automask(engine, embedding, rgb_u8.shape[:2], params, select=select, multimask=multimask)
-        masks = [m for m in masks if m.area > 0]  # an empty mask has no outline to report
-        if not params.include_image_edge:
-            masks = [m for m in masks if not touches_border(m.mask)]
-        for i, m in enumerate(masks):
-            m.index = i
-        return Result2D(masks, engine.info, cached)
-
-
-def _grid_boxes(height: int, width: int, per_side: int) -> tuple[np.ndarray, np.ndarray]:
-    """Square boxes of BOX_GRID_CELLS grid cells centred on the points_per_side^2 grid; (boxes (B, 4), centres (B, 2))."""
-    cell = max(height, width) / per_side
-    xs = (np.arange(per_side) + 0.5) * width / per_side
-    ys = (np.arange(per_side) + 0.5) * height / per_side
-    centres = np.array([(x, y) for y in ys for x in xs])
-    boxes, owners = [], []
-    for cells in BOX_GRID_CELLS:
-        half = cells * cell / 2
-        b = np.stack([centres[:, 0] - half, centres[:, 1] - half, centres[:, 0] + half, centres[:, 1] + half], axis=1)
-        boxes.append(np.clip(b, 0, [width, height, width, height]))
-        owners.append(centres)
-    all_boxes, all_centres = np.concatenate(boxes), np.concatenate(owners)
-    _, first = np.unique(np.round(all_boxes, 3), axis=0, return_index=True)  # large boxes clip to the same square
-    first = np.sort(first)
-    return all_boxes[first], all_centres[first]
-
-
-def box_grid_automask(engine: Any, embedding: Any, hw: tuple[int, int], params: AutomaskParams, *, select: str,
-                      multimask: bool) -> list[Mask2D]:
-    """SAM's automatic-mask filtering (predicted IoU, stability, box NMS, small regions) on a box grid."""
-    height, width = hw
-    boxes, centres = _grid_boxes(height, width, params.points_per_side)
-    kept_masks, kept_iou, kept_stab, kept_pts = [], [], [], []
-    for start in range(0, len(boxes), params.points_per_batch):
-        batch = boxes[start : start + params.points_per_batch]
-        logits, ious, _ = engine.predict_logits_2d(embedding, batch, multimask=multimask)  # (B, N, H, W), (B, N)
-        n = logits.shape[1]
-        logits = logits.flatten(0, 1)
-        ious_t = torch.as_tensor(ious.reshape(-1))
-        groups = np.repeat(np.arange(start, start + len(batch)), n)
-        keep = ious_t > params.pred_iou_thresh
-        stability = calculate_stability_score(logits, 0.0, params.stability_score_offset)
-        if params.stability_score_thresh > 0:
-            keep &= stability >= params.stability_score_thresh
-        masks = logits > 0.0
-        keep &= masks.flatten(1).any(1)
-        idx = torch.nonzero(keep).flatten().numpy()
-        if idx.size == 0:
-            continue
-        areas = masks[idx].flatten(1).sum(1).numpy()
-        chosen = idx[keep_one_per_prompt(groups[idx][:, None], areas, ious_t[idx].numpy(), select)]
-        kept_masks.append(masks[chosen])
-        kept_iou.append(ious_t[chosen])
-        kept_stab.append(stability[chosen])
-        kept_pts.append(centres[groups[chosen]])
-    if not kept_masks:
-        return []
-    masks_t, iou_t = torch.cat(kept_masks), torch.cat(kept_iou)
-    order = batched_nms(batched_mask_to_box(masks_t).float(), iou_t.float(), torch.zeros(len(iou_t)), params.box_nms_thresh)
-    stab, points = torch.cat(kept_stab), np.concatenate(kept_pts)
-    out = []
-    for i in order.tolist():
-        mask = masks_t[i].numpy()
-        if params.min_mask_region_area > 0:
-            mask, _ = remove_small_regions(mask, params.min_mask_region_area, mode="holes")
-            mask, _ = remove_small_regions(mask, params.min_mask_region_area, mode="islands")
-        out.append(Mask2D(np.asarray(mask, dtype=bool), float(iou_t[i]), len(out), float(stab[i]), points[i].tolist()))
-    return out

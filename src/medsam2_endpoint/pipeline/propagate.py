@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -11,12 +10,14 @@ import numpy as np
 from scipy import ndimage, sparse
 from scipy.sparse import csgraph
 
-from medsam2_endpoint.engines.base import VolumeEngine
-from medsam2_endpoint.base.errors import DeadlineExceeded
+from medsam2_endpoint.base.budget import Budget
 from medsam2_endpoint.base.heap import release_if_grown
+from medsam2_endpoint.engines.base import VolumeEngine
 
 Direction = Literal["both", "up", "down"]
 FULL_CONNECTIVITY = np.ones((3, 3, 3), dtype=bool)
+
+ADVICE = "send a smaller volume, set max_slices, or raise MEDSAM2_REQUEST_DEADLINE_S"
 
 
 @dataclass(frozen=True)
@@ -170,18 +171,15 @@ def segment_object(
     box: np.ndarray,
     shape: tuple[int, int, int],
     options: PropagationOptions = PropagationOptions(),
-    deadline: float | None = None,
+    budget: Budget | None = None,
 ) -> ObjectResult:
-    """Propagate one box prompt through the volume. `deadline` is a time.monotonic() value."""
+    """Propagate one box prompt through the volume, checking `budget` before every slice."""
     mask = np.zeros(shape, dtype=np.uint8)
     processed = 0
 
     def check_deadline(done: int) -> None:
-        if deadline is not None and time.monotonic() > deadline:
-            raise DeadlineExceeded(
-                f"the request's time budget ran out after {done} slices (slices_processed={done}); "
-                "send a smaller volume, set max_slices, or raise MEDSAM2_REQUEST_DEADLINE_S"
-            )
+        if budget is not None:
+            budget.check(done, "slices_processed", advice=ADVICE)
 
     bool_view = mask.view(bool)
     logits: dict[int, np.ndarray] = {}

@@ -14,11 +14,12 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 
+from medsam2_endpoint.base.budget import Budget
 from medsam2_endpoint.base.errors import InvalidRequest
+from medsam2_endpoint.engines.base import VolumeEngine
 from medsam2_endpoint.io.images import to_grey_u8
 from medsam2_endpoint.pipeline.prompt2d import Prompt2D, Prompter, check_prompt
 from medsam2_endpoint.pipeline.propagate import PropagationOptions, segment_object
@@ -67,11 +68,12 @@ def _key_box(prompter: Prompter, model: str, volume: np.ndarray, prompt: ObjectP
 def track_objects(
     prompter: Prompter,
     model: str,
+    engine: VolumeEngine,
     volume: np.ndarray,
     prompts: list[ObjectPrompt],
     *,
     max_frames_per_direction: int | None = None,
-    deadline: float | None = None,
+    budget: Budget | None = None,
 ) -> dict[int, np.ndarray]:
     """obj_id -> bool (Z, H, W) mask. Prompts are checked (frame range, geometry, model) before anything runs.
 
@@ -86,7 +88,6 @@ def track_objects(
             Prompt2D(p.points, p.labels, p.box), width=width, height=height, engine=engine2d,
             where=lambda column, p=p: f"{p.where}.{column}", models_with_points=prompter.models_with_points(),
         )
-    engine = prompter.engines[model]
     started = time.perf_counter()
     state = engine.start(volume)
     options = PropagationOptions(max_slices=None if max_frames_per_direction is None else max_frames_per_direction + 1)
@@ -96,7 +97,7 @@ def track_objects(
         box = _key_box(prompter, model, volume, p)
         # The 3D route's box convention: truncated to whole pixels, as MedSAM2's reference does.
         box = np.array([int(float(v)) for v in box], dtype=np.int64)
-        result = segment_object(engine, state, key_index=p.frame, box=box, shape=volume.shape, options=options, deadline=deadline)
+        result = segment_object(engine, state, key_index=p.frame, box=box, shape=volume.shape, options=options, budget=budget)
         steps += result.slices_processed
         masks[p.obj_id] = masks.get(p.obj_id, np.zeros(volume.shape, dtype=bool)) | result.mask.astype(bool)
     log.info(
@@ -104,10 +105,3 @@ def track_objects(
         model, depth, width, height, len(masks), len(prompts), steps, (time.perf_counter() - started) * 1000,
     )
     return masks
-
-
-def plane_of(axes: str, frame: int, plane_position: int) -> dict[str, Any]:
-    """samapi's geometry.plane for a frame: XYZ frames are z positions, XYT frames are time points."""
-    if axes == "XYZ":
-        return {"c": -1, "z": frame, "t": plane_position}
-    return {"c": -1, "z": plane_position, "t": frame}

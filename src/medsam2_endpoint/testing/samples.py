@@ -190,7 +190,7 @@ def decode_mask(mask: Any, mask_format: str, shape: list[int]) -> np.ndarray:
     if mask_format == "rle":
         return rle_decode(mask["counts"], tuple(mask["size"]))
     if mask_format == "nifti":
-        from medsam2_endpoint.core.settings import Limits
+        from medsam2_endpoint.io.limits import Limits
         from medsam2_endpoint.io.volume import read_nifti
 
         return read_nifti(base64.b64decode(mask), field="mask", limits=Limits()).array

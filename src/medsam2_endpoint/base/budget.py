@@ -1,0 +1,55 @@
+"""A request's budget: one deadline and one cancel flag, checked by every loop that can run long.
+
+Core makes one per request (its deadline from settings, capped by the platform's limit); the loops
+below it (slices, grid batches, frames, fetch reads) call `check` between steps. Defined here, at the
+bottom layer, because the pipeline and io layers check it and may not import core.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+
+from medsam2_endpoint.base.errors import DeadlineExceeded
+
+
+class Cancelled(DeadlineExceeded):
+    """The client went away (or the server is stopping): the work stops, nobody waits for the answer."""
+
+    code = "cancelled"
+
+
+class Budget:
+    def __init__(self, seconds: float | None, *, clock=time.monotonic) -> None:
+        self._clock = clock
+        self.deadline = None if seconds is None else clock() + seconds
+        self.seconds = seconds
+        self._cancel = threading.Event()
+
+    @classmethod
+    def unlimited(cls) -> Budget:
+        return cls(None)
+
+    def cancel(self) -> None:
+        self._cancel.set()
+
+    @property
+    def cancelled(self) -> bool:
+        return self._cancel.is_set()
+
+    def remaining(self) -> float | None:
+        return None if self.deadline is None else self.deadline - self._clock()
+
+    def expired(self) -> bool:
+        return self.deadline is not None and self._clock() > self.deadline
+
+    def check(self, done: int, unit: str, *, advice: str = "") -> None:
+        """Raise when the budget is spent or cancelled; `done` and `unit` say how far the work got."""
+        if self._cancel.is_set():
+            raise Cancelled(f"the request was cancelled after {done} {unit}", detail={unit: done})
+        if self.expired():
+            hint = f"; {advice}" if advice else ""
+            raise DeadlineExceeded(
+                f"the request's time budget of {self.seconds:g} s ran out after {done} {unit} ({unit}={done}){hint}",
+                detail={unit: done},
+            )

@@ -1,0 +1,139 @@
+"""The 3D route's steps: decode -> window -> check prompts (every error before any inference) -> propagate -> metadata."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from medsam2_endpoint.base.budget import Budget
+from medsam2_endpoint.base.errors import InvalidRequest
+from medsam2_endpoint.contract.score3d import VolumeItem
+from medsam2_endpoint.engines.base import VolumeEngine
+from medsam2_endpoint.io.fetch import FetchPolicy
+from medsam2_endpoint.io.limits import Limits
+from medsam2_endpoint.io.sources import source_bytes
+from medsam2_endpoint.io.volume import Volume, base64_chunks, read_nifti
+from medsam2_endpoint.pipeline.propagate import PropagationOptions, merge_objects, segment_object
+from medsam2_endpoint.pipeline.window import parse_box, window_to_uint8
+
+log = logging.getLogger("azmlinfsrv.medsam2")
+
+
+@dataclass(frozen=True)
+class PreparedObject:
+    id: int
+    key_index: int  # inside the volume (key_slice_idx - slice_offset)
+    box: np.ndarray  # int64 [x_min, y_min, x_max, y_max]
+
+
+@dataclass(frozen=True)
+class PreparedItem:
+    item: VolumeItem
+    windowed: Volume  # uint8 windowed voxels with the source geometry (the raw voxels are let go)
+    volume_key: str  # content hash of what the model sees: same volume + same window -> same features
+    engine_name: str
+    objects: tuple[PreparedObject, ...]
+    decode_ms: float
+    window_ms: float
+
+
+def load_volume(item: VolumeItem, *, policy: FetchPolicy, limits: Limits) -> Volume:
+    """The item's `nii_image`: base64 (decoded in chunks) or a URL (fetched), read as NIfTI."""
+    field = item.field("nii_image")
+    data = source_bytes(item.image, field=field, policy=policy,
+                        decode=lambda text: base64_chunks(text, field=field, limits=limits))
+    return read_nifti(data, field=field, limits=limits)
+
+
+def prepare(item: VolumeItem, volume: Volume, engine_name: str, *, decode_ms: float = 0.0) -> PreparedItem:
+    """Window and check the prompts: every error a request can cause is raised here, before any inference."""
+    started = time.perf_counter()
+    windowed = volume.with_array(window_to_uint8(volume.array, item.dicom_window, field=item.field("dicom_window")))
+    del volume  # the raw voxels (often int16, twice the windowed bytes) are not needed past this point
+    volume_key = hashlib.blake2b(windowed.array.data, digest_size=16).hexdigest() + str(windowed.array.shape)
+    depth, height, width = windowed.array.shape
+    objects = []
+    for spec in item.objects:
+        key_index = spec.key_slice_idx - item.slice_offset
+        if not 0 <= key_index < depth:
+            raise InvalidRequest(
+                f"{spec.key_field}: key slice {spec.key_slice_idx} minus slice_offset {item.slice_offset} "
+                f"is {key_index}, outside the volume's {depth} slices (0..{depth - 1})"
+            )
+        box = parse_box(spec.bbox, width=width, height=height, field=spec.bbox_field)
+        objects.append(PreparedObject(spec.id, key_index, box))
+    return PreparedItem(item, windowed, volume_key, engine_name, tuple(objects), decode_ms=decode_ms,
+                        window_ms=(time.perf_counter() - started) * 1000)
+
+
+def run(p: PreparedItem, engine: VolumeEngine, budget: Budget) -> tuple[np.ndarray, dict[str, Any]]:
+    """Encode each visited slice once (shared by all objects), propagate each object; (mask, metadata)."""
+    item, volume = p.item, p.windowed
+    windowed = volume.array
+    t1 = time.perf_counter()
+    options = PropagationOptions(
+        direction=item.propagation, stop_after_empty=item.stop_after_empty, max_slices=item.max_slices, keep_logits=item.multi_object
+    )
+    results = []
+    processed = 0
+    state = engine.start(windowed, p.volume_key)  # one state for the item: its objects share the slices it caches
+    for obj in p.objects:
+        result = segment_object(engine, state, key_index=obj.key_index, box=obj.box, shape=windowed.shape, options=options, budget=budget)
+        processed += result.slices_processed
+        results.append((obj, result))
+    mask = results[0][1].mask if not item.multi_object else merge_objects([(o.id, r) for o, r in results], windowed.shape)
+    t2 = time.perf_counter()
+    voxels = int(np.count_nonzero(mask))
+    timing = {"decode": round(p.decode_ms, 1), "window": round(p.window_ms, 1), "inference": round((t2 - t1) * 1000, 1)}
+    timing["total"] = round(sum(timing.values()), 1)
+    log.info(
+        "route=3d item=%d model=%s size=%s objects=%d slices_processed=%d voxels=%d ms=%.0f",
+        item.index, p.engine_name, "x".join(map(str, volume.itk_size)), len(p.objects), processed, voxels, timing["total"],
+    )
+    info = engine.info
+    metadata: dict[str, Any] = {
+        "shape": volume.itk_size,
+        "mask_shape": list(mask.shape),
+        "axis_order": "zyx",
+        "mask_format": item.mask_format,
+        "slice_offset": item.slice_offset,
+        "dicom_window": list(item.dicom_window) if item.dicom_window else None,
+        "spacing": list(volume.spacing),
+        "origin": list(volume.origin),
+        "direction": list(volume.direction),
+        "model": {"name": info.name, "family": info.family, "checkpoint": info.checkpoint, "sha256": info.sha256},
+        "propagation": item.propagation,
+        "stop_after_empty": item.stop_after_empty or 0,
+        "max_slices": item.max_slices,
+        "slices_processed": processed,
+        "voxel_count": voxels,
+        "volume_ml": round(voxels * volume.voxel_ml, 4),
+        "timing_ms": timing,
+    }
+    if item.multi_object:
+        metadata["objects"] = [
+            {
+                "id": obj.id,
+                "key_slice_index": obj.key_index + item.slice_offset,
+                "adjusted_key_slice_index": obj.key_index,
+                "bbox_used": obj.box.tolist(),
+                "slices_processed": result.slices_processed,
+                "voxel_count": int(np.count_nonzero(mask == obj.id)),
+                "volume_ml": round(int(np.count_nonzero(mask == obj.id)) * volume.voxel_ml, 4),
+            }
+            for obj, result in results
+        ]
+    else:
+        obj, spec = p.objects[0], item.objects[0]
+        metadata.update(
+            key_slice_index=spec.key_slice_idx,
+            adjusted_key_slice_index=obj.key_index,
+            bbox=spec.bbox,
+            bbox_used=obj.box.tolist(),
+        )
+    return mask, metadata

@@ -1,0 +1,23 @@
+"""A column that holds either an http(s) URL or base64 text: one dispatch for every route."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from typing import TypeVar
+
+from medsam2_endpoint.io.fetch import FetchPolicy, fetch_bytes
+
+T = TypeVar("T", bytes, Iterable[bytes])
+
+
+def is_url(text: str) -> bool:
+    head = text[:8].lower()
+    return head.startswith("https://") or head.startswith("http://")
+
+
+def source_bytes(text: str, *, field: str, policy: FetchPolicy, decode: Callable[[str], T]) -> bytes | T:
+    """The bytes a column names: fetched (SSRF-safe) when it is a URL, else `decode(text)` of the base64."""
+    stripped = text.strip()
+    if is_url(stripped):
+        return fetch_bytes(stripped, policy, field=field)
+    return decode(stripped)
