@@ -24,13 +24,14 @@ serve: $(STAMP)
 	$(VENV)/bin/azmlinfsrv --entry_script score.py --model_dir $(MODEL_DIR) --port $(PORT)
 
 serve-qupath: $(STAMP)
-	$(VENV)/bin/medsam2-endpoint serve-samapi --port $(SAMAPI_PORT)
+	$(VENV)/bin/medsam2-endpoint serve-samapi --port $(SAMAPI_PORT) --model-dir $(MODEL_DIR)
 
-test: $(STAMP)
+test: $(STAMP) lint
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check src tests benchmarks score.py
+	$(VENV)/bin/ruff check src tests benchmarks score.py batch_score.py
+	$(VENV)/bin/mypy src/medsam2_endpoint score.py batch_score.py
 
 samples: $(STAMP)
 	$(VENV)/bin/medsam2-endpoint samples --out sample_requests

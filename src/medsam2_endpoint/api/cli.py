@@ -8,14 +8,15 @@ import os
 import sys
 from pathlib import Path
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
+# The online endpoint's entry functions ship inside the package: no checkout is needed to serve.
+ENTRY_SCRIPT = Path(__file__).resolve().with_name("score_entry.py")
 
 
 def _serve(args: argparse.Namespace) -> int:
     model_dir = str(Path(args.model_dir).resolve())
     command = [
         str(Path(sys.executable).with_name("azmlinfsrv")),
-        "--entry_script", str(REPO_ROOT / "score.py"),
+        "--entry_script", str(ENTRY_SCRIPT),
         "--model_dir", model_dir,
         "--port", str(args.port),
     ]
@@ -72,14 +73,14 @@ def main(argv: list[str] | None = None) -> int:
     samapi = sub.add_parser("serve-samapi", help="run the samapi-compatible server for the QuPath SAM extension")
     samapi.add_argument("--host", default="127.0.0.1")
     samapi.add_argument("--port", type=int, default=8000)
-    samapi.add_argument("--model-dir", default=os.environ.get("MEDSAM2_MODEL_DIR", str(REPO_ROOT / "model")))
+    samapi.add_argument("--model-dir", default=None, help="model folder (default: MEDSAM2_MODEL_DIR or AZUREML_MODEL_DIR)")
     samapi.set_defaults(func=_serve_samapi)
     serve = sub.add_parser("serve", help="run the local Azure ML inference server (azmlinfsrv) on score.py")
-    serve.add_argument("--model-dir", default=str(REPO_ROOT / "model"))
+    serve.add_argument("--model-dir", default="model")
     serve.add_argument("--port", type=int, default=5001)
     serve.set_defaults(func=_serve)
     samples = sub.add_parser("samples", help="regenerate sample_requests/ from phantoms")
-    samples.add_argument("--out", default=str(REPO_ROOT / "sample_requests"))
+    samples.add_argument("--out", default="sample_requests")
     samples.set_defaults(func=_samples)
     check = sub.add_parser("check-sample", help="post a sample request and print Dice against its ground truth")
     check.add_argument("sample")

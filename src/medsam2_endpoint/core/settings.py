@@ -163,3 +163,7 @@ def settings_table() -> str:
         shown = "unset" if default is None or default == "" else str(default).lower() if isinstance(default, bool) else str(default)
         rows.append(f"| `{PREFIX}{name.upper()}` | {shown} | {field.description} |")
     return "\n".join(rows)
+
+
+if __name__ == "__main__":
+    print(settings_table())
