@@ -7,7 +7,6 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
-from medsam2_endpoint.io.limits import Limits
 from medsam2_endpoint.io import encode
 from medsam2_endpoint.io.encode import (
     RawJSON,
@@ -18,6 +17,7 @@ from medsam2_endpoint.io.encode import (
     rle_decode,
     value_rle,
 )
+from medsam2_endpoint.io.limits import Limits
 from medsam2_endpoint.io.volume import Volume, read_nifti
 
 

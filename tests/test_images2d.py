@@ -14,8 +14,8 @@ import SimpleITK as sitk
 from PIL import Image
 
 from medsam2_endpoint.base.errors import InvalidRequest, PayloadTooLarge, UnsupportedMedia
-from medsam2_endpoint.io.limits import Limits
 from medsam2_endpoint.io.images import decode_base64, read_picture, to_grey_u8, to_rgb_u8
+from medsam2_endpoint.io.limits import Limits
 
 LIMITS = Limits()
 RNG = np.random.default_rng(7)

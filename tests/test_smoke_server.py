@@ -58,9 +58,10 @@ def test_sample_request(server, sample):
 def test_errors_are_json_with_status(server):
     url = server["url"] + "/score"
     bad_json = requests.post(url, data=b"{not json", headers={"Content-Type": "application/json"}, timeout=30)
-    assert bad_json.status_code == 400 and bad_json.json() == {"error": bad_json.json()["error"], "status": 400}
+    assert bad_json.status_code == 400
+    assert bad_json.json() == {"error": bad_json.json()["error"], "status": 400, "code": "invalid_request"}
     unknown_model = requests.post(url, json={"input_data": {"nii_image": ["AAAA"], "bbox": [[1, 1, 5, 5]], "key_slice_idx": [0], "model": ["nope"]}}, timeout=30)
-    assert unknown_model.status_code == 400
+    assert unknown_model.status_code == 400 and unknown_model.json()["code"] == "invalid_request"
     assert "lite-medsam" in unknown_model.json()["error"] and "input_data.model[0]" in unknown_model.json()["error"]
     assert requests.get(url, timeout=30).status_code == 405
 

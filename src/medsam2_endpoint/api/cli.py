@@ -7,6 +7,7 @@ import json
 import os
 import sys
 from pathlib import Path
+from typing import cast
 
 # The online endpoint's entry functions ship inside the package: no checkout is needed to serve.
 ENTRY_SCRIPT = Path(__file__).resolve().with_name("score_entry.py")
@@ -88,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
     check.add_argument("--timeout", type=float, default=600)
     check.set_defaults(func=_check_sample)
     args = parser.parse_args(argv)
-    return args.func(args)
+    return cast(int, args.func(args))
 
 
 if __name__ == "__main__":

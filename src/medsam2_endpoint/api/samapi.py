@@ -24,7 +24,7 @@ import uuid
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from typing import Annotated, Any
+from typing import Annotated, Any, cast
 
 import numpy as np
 from fastapi import APIRouter, Depends, FastAPI, File, Form, Query, Request, UploadFile
@@ -71,7 +71,7 @@ class SamapiState:
 
 
 def get_state(request: Request) -> SamapiState:
-    return request.app.state.samapi
+    return cast(SamapiState, request.app.state.samapi)
 
 
 State = Annotated[SamapiState, Depends(get_state)]

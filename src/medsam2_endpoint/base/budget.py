@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Callable
 
 from medsam2_endpoint.base.errors import DeadlineExceeded
 
@@ -20,7 +21,7 @@ class Cancelled(DeadlineExceeded):
 
 
 class Budget:
-    def __init__(self, seconds: float | None, *, clock=time.monotonic) -> None:
+    def __init__(self, seconds: float | None, *, clock: Callable[[], float] = time.monotonic) -> None:
         self._clock = clock
         self.deadline = None if seconds is None else clock() + seconds
         self.seconds = seconds

@@ -13,11 +13,12 @@ import ctypes.util
 import os
 import sys
 import threading
+from collections.abc import Callable
 
 GROWTH_SLACK_BYTES = 64 * 1024 * 1024
 
 
-def _load_malloc_trim():
+def _load_malloc_trim() -> Callable[[int], int] | None:
     if not sys.platform.startswith("linux"):
         return None
     try:

@@ -21,14 +21,14 @@ import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import SimpleITK as sitk
 
 from medsam2_endpoint.client.transport import KEY_ENV, ClientError, EndpointError, post_request
-from medsam2_endpoint.io.limits import Limits
 from medsam2_endpoint.io.encode import rle_decode
+from medsam2_endpoint.io.limits import Limits
 from medsam2_endpoint.io.volume import read_nifti, write_nifti
 
 __all__ = ["PRESETS", "ClientError", "EndpointError", "ObjectPrompt", "SegmentationResult", "predict_main", "segment"]
@@ -108,17 +108,23 @@ def read_dicom_series(folder: Path, *, series_uid: str | None = None) -> sitk.Im
     if not uids:
         raise ClientError(f"{folder}: no DICOM series found in this folder")
     if series_uid is None and len(uids) > 1:
-        listed = ", ".join(f"{uid} ({len(sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), uid))} files)" for uid in uids)
+        listed = ", ".join(f"{uid} ({len(_series_file_names(folder, uid))} files)" for uid in uids)
         raise ClientError(f"{folder}: {len(uids)} DICOM series; choose one with --series: {listed}")
     uid = series_uid or uids[0]
     if uid not in uids:
         raise ClientError(f"{folder}: no series {uid}; found {', '.join(uids)}")
     reader = sitk.ImageSeriesReader()
-    reader.SetFileNames(sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), uid))
+    reader.SetFileNames(_series_file_names(folder, uid))
     try:
-        return reader.Execute()
+        return cast(sitk.Image, reader.Execute())
     except RuntimeError as exc:
         raise ClientError(f"{folder}: cannot read DICOM series {uid}: {str(exc).strip().splitlines()[-1]}") from None
+
+
+def _series_file_names(folder: Path, uid: str) -> tuple[str, ...]:
+    """The files of DICOM series `uid` in `folder`, in GDCM's slice order."""
+    names = sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), uid)
+    return cast("tuple[str, ...]", names)
 
 
 def resolve_window(image: sitk.Image, window: Sequence[float] | None, preset: str | None) -> tuple[float, float] | None:
@@ -184,7 +190,9 @@ def check_objects(objects: Sequence[ObjectPrompt]) -> None:
 
 def _decode_mask(entry: dict[str, Any], shape: tuple[int, ...]) -> np.ndarray:
     """The mask as the server sent it: 0/1, or object ids for several objects."""
+    mask: Any  # JSON: a dict (rle), a base64 string (nifti) or nested lists
     mask, fmt = entry.get("mask"), entry.get("metadata", {}).get("mask_format", "list")
+    array: np.ndarray
     if fmt == "rle" and "values" in mask:  # label map: runs of values
         array = np.repeat(np.asarray(mask["values"]), mask["counts"]).reshape(tuple(mask["size"]), order="F")
     elif fmt == "rle":
@@ -224,7 +232,10 @@ def segment(
         raise ClientError(f"mask_format must be nifti or rle, got {mask_format!r}")
     image = volume if isinstance(volume, sitk.Image) else read_volume(volume, series_uid=series_uid)
     if image.GetDimension() != 3 or image.GetNumberOfComponentsPerPixel() != 1:
-        raise ClientError(f"expected a 3D scalar volume, got {image.GetDimension()}D with {image.GetNumberOfComponentsPerPixel()} components")
+        raise ClientError(
+            f"expected a 3D scalar volume, got {image.GetDimension()}D with "
+            f"{image.GetNumberOfComponentsPerPixel()} components"
+        )
     width, height, depth = image.GetSize()
     for o in objects:  # cheap checks before uploading a large volume; the server checks everything again
         if not 0 <= o.key_slice < depth:
@@ -252,7 +263,8 @@ def segment(
     labels = _decode_mask(entry, (depth, height, width))
     labels = labels.astype(np.uint8 if max(o.object_id for o in objects) <= 255 else np.uint16)
     mask = sitk.GetImageFromArray(labels)
-    mask.CopyInformation(image)  # exact source geometry, not the NIfTI round trip's float32 copy
+    # exact source geometry, not the NIfTI round trip's float32 copy
+    mask.CopyInformation(image)
     metadata = entry.get("metadata", {})
     return SegmentationResult(mask, metadata.get("objects") or [metadata], objects, image, win)
 

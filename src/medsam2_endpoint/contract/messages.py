@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-from typing import Any
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, TypeVar
 
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
+
+from medsam2_endpoint.base.errors import InvalidRequest
 
 # What a list-shaped field must hold, for too-short/too-long errors.
 EXPECTED = {
@@ -24,7 +26,7 @@ def location(loc: Sequence[Any]) -> str:
     return text
 
 
-def describe(error: dict[str, Any], allowed: Callable[[tuple[Any, ...]], str]) -> str:
+def describe(error: Mapping[str, Any], allowed: Callable[[tuple[Any, ...]], str]) -> str:
     loc = tuple(error["loc"])
     where = location(loc) or "body"
     kind = error["type"]
@@ -46,3 +48,32 @@ def validation_message(errors: ValidationError | Sequence[dict[str, Any]],
     found = errors.errors(include_url=False) if isinstance(errors, ValidationError) else list(errors)
     shown = "; ".join(describe(e, allowed) for e in found[:SHOWN])
     return shown + (f" (and {len(found) - SHOWN} more)" if len(found) > SHOWN else "")
+
+
+RequestT = TypeVar("RequestT", bound=BaseModel)
+
+
+def validate_columns(body: Any, model: type[RequestT], *, first: str, max_items: int,
+                     allowed: Callable[[tuple[Any, ...]], str]) -> tuple[RequestT, int]:
+    """A column-format body `{"input_data": {...}}` validated by `model`: (request, item count).
+
+    Every column must have one entry per item; `first` is the column that sets the count."""
+    if not isinstance(body, dict):
+        raise InvalidRequest('body: expected a JSON object {"input_data": {...}}')
+    try:
+        request = model.model_validate(body)
+    except ValidationError as exc:
+        raise InvalidRequest(validation_message(exc, allowed)) from None
+    cols = dict(request)["input_data"]  # each route's model has its columns there
+    count = len(getattr(cols, first))
+    if count > max_items:
+        raise InvalidRequest(
+            f"input_data.{first}: {count} items exceed the limit of {max_items} per request (MEDSAM2_MAX_ITEMS); split the request"
+        )
+    for name in type(cols).model_fields:
+        column = getattr(cols, name)
+        if column is not None and len(column) != count:
+            raise InvalidRequest(
+                f"input_data.{name}: has {len(column)} entries but {first} has {count}; give one entry per item in every column"
+            )
+    return request, count

@@ -12,10 +12,10 @@ import math
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictStr, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, StrictStr
 
 from medsam2_endpoint.base.errors import InvalidRequest
-from medsam2_endpoint.contract.messages import validation_message
+from medsam2_endpoint.contract.messages import validate_columns
 
 Number = float
 MAX_MASK_LOGIT = 1e4  # SAM's logits live within a few tens; anything far beyond is a mistake (and overflows float32)
@@ -33,17 +33,17 @@ class AutomaskOptions(BaseModel):
 
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
-    points_per_side: int = Field(32, ge=1, le=128)
-    points_per_batch: int = Field(64, ge=1, le=1024)
-    pred_iou_thresh: float = Field(0.88, ge=0.0, le=1.0)
-    stability_score_thresh: float = Field(0.95, ge=0.0, le=1.0)
-    stability_score_offset: float = Field(1.0, ge=0.0)
-    box_nms_thresh: float = Field(0.7, ge=0.0, le=1.0)
-    crop_n_layers: int = Field(0, ge=0, le=3)
-    crop_nms_thresh: float = Field(0.7, ge=0.0, le=1.0)
-    crop_overlap_ratio: float = Field(512 / 1500, ge=0.0, lt=1.0)
-    crop_n_points_downscale_factor: int = Field(1, ge=1)
-    min_mask_region_area: int = Field(0, ge=0)
+    points_per_side: int = Field(default=32, ge=1, le=128)
+    points_per_batch: int = Field(default=64, ge=1, le=1024)
+    pred_iou_thresh: float = Field(default=0.88, ge=0.0, le=1.0)
+    stability_score_thresh: float = Field(default=0.95, ge=0.0, le=1.0)
+    stability_score_offset: float = Field(default=1.0, ge=0.0)
+    box_nms_thresh: float = Field(default=0.7, ge=0.0, le=1.0)
+    crop_n_layers: int = Field(default=0, ge=0, le=3)
+    crop_nms_thresh: float = Field(default=0.7, ge=0.0, le=1.0)
+    crop_overlap_ratio: float = Field(default=512 / 1500, ge=0.0, lt=1.0)
+    crop_n_points_downscale_factor: int = Field(default=1, ge=1)
+    min_mask_region_area: int = Field(default=0, ge=0)
     include_image_edge: bool = False
 
 
@@ -129,20 +129,8 @@ def _output_type(i: int, output_type: str | None, multimask: bool | None) -> tup
 
 def parse_image_request(body: Any, *, max_items: int) -> list[ImageItem]:
     """Validate the whole 2D request (every item's columns) before anything is decoded or run."""
-    if not isinstance(body, dict):
-        raise InvalidRequest('body: expected a JSON object {"input_data": {...}}')
-    try:
-        request = ImageRequest.model_validate(body)
-    except ValidationError as exc:
-        raise InvalidRequest(validation_message(exc, _allowed)) from None
+    request, count = validate_columns(body, ImageRequest, first="image", max_items=max_items, allowed=_allowed)
     cols = request.input_data
-    count = len(cols.image)
-    if count > max_items:
-        raise InvalidRequest(f"input_data.image: {count} items exceed the limit of {max_items} per request (MEDSAM2_MAX_ITEMS); split the request")
-    for name in ImageColumns.model_fields:
-        column = getattr(cols, name)
-        if column is not None and len(column) != count:
-            raise InvalidRequest(f"input_data.{name}: has {len(column)} entries but image has {count}; give one entry per item in every column")
 
     def cell(name: str, i: int) -> Any:
         column = getattr(cols, name)

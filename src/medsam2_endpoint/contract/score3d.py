@@ -9,10 +9,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictStr, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, StrictStr
 
 from medsam2_endpoint.base.errors import InvalidRequest
-from medsam2_endpoint.contract.messages import validation_message
+from medsam2_endpoint.contract.messages import validate_columns
 
 # Pixel coordinates beyond +-1e9 cannot fall inside any slice; bounding them keeps int64 conversion safe.
 Coordinate = Annotated[float, Field(ge=-1e9, le=1e9)]
@@ -80,7 +80,7 @@ class VolumeItem:
     slice_offset: int
     model: str | None
     mask_format: str
-    propagation: str
+    propagation: Direction
     stop_after_empty: int | None
     max_slices: int | None
 
@@ -95,22 +95,8 @@ def _allowed(loc: tuple[Any, ...]) -> str:
 
 def parse_request(body: Any, *, max_items: int) -> list[VolumeItem]:
     """Validate the whole request (every item) before anything runs."""
-    if not isinstance(body, dict):
-        raise InvalidRequest('body: expected a JSON object {"input_data": {...}}')
-    try:
-        request = ScoreRequest.model_validate(body)
-    except ValidationError as exc:
-        raise InvalidRequest(validation_message(exc, _allowed)) from None
+    request, count = validate_columns(body, ScoreRequest, first="nii_image", max_items=max_items, allowed=_allowed)
     cols = request.input_data
-    count = len(cols.nii_image)
-    if count > max_items:
-        raise InvalidRequest(f"input_data.nii_image: {count} items exceed the limit of {max_items} per request (MEDSAM2_MAX_ITEMS); split the request")
-    for name in VolumeColumns.model_fields:
-        column = getattr(cols, name)
-        if column is not None and len(column) != count:
-            raise InvalidRequest(
-                f"input_data.{name}: has {len(column)} entries but nii_image has {count}; give one entry per item in every column"
-            )
     items = []
     for i in range(count):
         objects = _objects(cols, i)
@@ -119,7 +105,8 @@ def parse_request(body: Any, *, max_items: int) -> list[VolumeItem]:
             raise InvalidRequest(
                 f"input_data.dicom_window[{i}]: lower bound {window[0]} must be below upper bound {window[1]}"
             )
-        offset = cols.slice_offset[i] if cols.slice_offset and cols.slice_offset[i] is not None else 0
+        given = cols.slice_offset[i] if cols.slice_offset else None
+        offset = given if given is not None else 0
         if offset < 0:
             raise InvalidRequest(f"input_data.slice_offset[{i}]: must be 0 or more, got {offset}")
         stop = _entry(cols.stop_after_empty, i)

@@ -20,7 +20,7 @@ import shutil
 import tempfile
 import threading
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from medsam2_endpoint.base.errors import Conflict, Forbidden, InvalidRequest, ServiceError
 from medsam2_endpoint.core.registry import ModelRegistry
@@ -137,7 +137,7 @@ class WeightRegistrar:
                 return None
         if "error" in outcome:
             raise outcome["error"]
-        return outcome["data"]
+        return cast(bytes, outcome["data"])
 
     def _register(self, sam_type: str, name: str, url: str, shown: str) -> str:
         cancelled = f"Cancelled to register {name} ({shown})."

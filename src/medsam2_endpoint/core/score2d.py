@@ -96,7 +96,7 @@ def run(prompter: Prompter, p: Prepared2D, budget: Budget) -> dict[str, Any]:
             "output_type": item.prompt.output_type,
             "multimask_output": item.multimask_output and engine.multimask_outputs,
             "mask_format": item.mask_format,
-            "model": {"name": info.name, "family": info.family, "checkpoint": info.checkpoint, "sha256": info.sha256},
+            "model": info.as_metadata(),
             "low_res_size": engine.low_res_size,
             "embedding_cached": result.embedding_cached,
             "timing_ms": timing,

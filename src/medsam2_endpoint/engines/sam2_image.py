@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import cv2
 import numpy as np
@@ -43,7 +43,7 @@ class SAM2Embedding:
     nbytes: int
 
 
-class MedSAM2ImagePredictor(SAM2ImagePredictor):
+class MedSAM2ImagePredictor(SAM2ImagePredictor):  # type: ignore[misc]  # sam2 is untyped
     """`SAM2ImagePredictor` for any `image_size`, able to take precomputed features.
 
     `embed_fn`, when given, replaces the encoder in `set_image` (the automatic mask generator calls
@@ -87,7 +87,7 @@ def keep_one_per_prompt(groups: np.ndarray, areas: np.ndarray, scores: np.ndarra
     return keep
 
 
-class MedSAM2MaskGenerator(SAM2AutomaticMaskGenerator):
+class MedSAM2MaskGenerator(SAM2AutomaticMaskGenerator):  # type: ignore[misc]  # sam2 is untyped
     """sam2's automatic mask generator on a MedSAM2 predictor, with two additions.
 
     - `select`: with multimask output, which of each grid point's masks to keep ("all", "largest",
@@ -103,7 +103,10 @@ class MedSAM2MaskGenerator(SAM2AutomaticMaskGenerator):
         self.select = select
         self.min_region = min_mask_region_area
 
-    def _process_batch(self, points, im_size, crop_box, orig_size, normalize=False) -> MaskData:
+    def _process_batch(
+        self, points: np.ndarray, im_size: tuple[int, ...], crop_box: list[int], orig_size: tuple[int, ...],
+        normalize: bool = False,
+    ) -> MaskData:
         data = super()._process_batch(points, im_size, crop_box, orig_size, normalize=normalize)
         if self.select != "all" and len(data["rles"]) > 0:
             areas = np.array([area_from_rle(rle) for rle in data["rles"]])
@@ -183,4 +186,4 @@ class SAM2ImageEngine:
             predictor, select=select, min_mask_region_area=min_mask_region_area, multimask_output=multimask, **params
         )
         with torch.inference_mode(), bf16_autocast(self.device):
-            return generator.generate(rgb_u8)
+            return cast("list[dict[str, Any]]", generator.generate(rgb_u8))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import json
+from typing import cast
 
 import numpy as np
 
@@ -82,7 +83,7 @@ def rle_counts(mask: np.ndarray) -> list[int]:
     if mask.size == 0:
         return []
     values, lengths = _runs(mask, by_value=False)
-    return ([0] if values[0] else []) + lengths.tolist()
+    return ([0] if values[0] else []) + cast("list[int]", lengths.tolist())
 
 
 def rle_decode(counts: list[int], shape: tuple[int, ...]) -> np.ndarray:
@@ -91,7 +92,7 @@ def rle_decode(counts: list[int], shape: tuple[int, ...]) -> np.ndarray:
     return np.repeat(values, counts).reshape(shape, order="F")
 
 
-def value_rle(labels: np.ndarray) -> dict:
+def value_rle(labels: np.ndarray) -> dict[str, list[int]]:
     """Runs of equal values over the array in column-major order: {"values": [...], "counts": [...]}.
 
     For label maps (several objects); decode with `np.repeat(values, counts).reshape(size, order="F")`.

@@ -127,7 +127,7 @@ def classify_address(ip: str) -> str | None:
 
 
 @functools.lru_cache(maxsize=32)
-def parse_networks(cidrs: tuple[str, ...]) -> tuple:
+def parse_networks(cidrs: tuple[str, ...]) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
     return tuple(ipaddress.ip_network(c, strict=False) for c in cidrs)
 
 
@@ -214,7 +214,9 @@ def _upstream_error(exc: Exception, field: str, shown: str, host: str, policy: F
     return exc
 
 
-def _open(parts: urllib.parse.SplitResult, ips: list[str], policy: FetchPolicy, field: str, deadline: float):
+def _open(
+    parts: urllib.parse.SplitResult, ips: list[str], policy: FetchPolicy, field: str, deadline: float
+) -> tuple[urllib3.HTTPConnectionPool, urllib3.BaseHTTPResponse]:
     """Send GET to the first vetted IP that accepts a connection; returns (pool, unread response).
 
     Pinning: the pool's host is the checked IP (urllib3 connects to it as given, no DNS), while
@@ -230,6 +232,7 @@ def _open(parts: urllib.parse.SplitResult, ips: list[str], policy: FetchPolicy, 
     for ip in ips:
         if time.monotonic() > deadline:
             break
+        pool: urllib3.HTTPConnectionPool
         if parts.scheme == "https":
             pool = urllib3.HTTPSConnectionPool(
                 ip, port, timeout=timeout, retries=False, maxsize=1, cert_reqs="CERT_REQUIRED",
@@ -252,7 +255,7 @@ def _open(parts: urllib.parse.SplitResult, ips: list[str], policy: FetchPolicy, 
     raise FetchFailed(f"{field}: {shown}: {failure} ({host} port {port}); try again later", code=code)
 
 
-def _read_capped(resp, policy: FetchPolicy, field: str, shown: str, deadline: float) -> bytes:
+def _read_capped(resp: urllib3.BaseHTTPResponse, policy: FetchPolicy, field: str, shown: str, deadline: float) -> bytes:
     """The body, refusing early on a Content-Length over the cap and stopping once the cap is exceeded."""
     limit = f"the {policy.max_bytes} byte limit (MEDSAM2_FETCH_MAX_MB)"
     length = (resp.headers.get("Content-Length") or "").strip()

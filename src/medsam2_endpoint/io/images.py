@@ -24,6 +24,7 @@ import math
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import cast
 
 import cv2
 import nibabel as nib
@@ -108,10 +109,11 @@ def _read_png(data: bytes, *, field: str, limits: Limits) -> Picture:
 def _read_pillow(data: bytes, *, field: str, limits: Limits) -> np.ndarray:
     """PNG or JPEG through Pillow: the size is read lazily from the header, checked, then decoded."""
     try:
-        image = Image.open(io.BytesIO(data))
+        image: Image.Image = Image.open(io.BytesIO(data))
         _check_pixels(image.width, image.height, field=field, limits=limits)
-        if getattr(image, "n_frames", 1) > 1:
-            raise InvalidRequest(f"{field}: animated image with {image.n_frames} frames; send a single image")
+        frames = getattr(image, "n_frames", 1)
+        if frames > 1:
+            raise InvalidRequest(f"{field}: animated image with {frames} frames; send a single image")
         image.load()
     except Image.DecompressionBombError:
         raise PayloadTooLarge(f"{field}: the image declares more pixels than the limit allows") from None
@@ -205,7 +207,7 @@ def _scale(values: np.ndarray, window: tuple[float, float] | None, *, field: str
             f"{field}: the image is constant {where} (every pixel is {low}), so it cannot be scaled to 8 bits; "
             "choose a window that covers the image's intensities"
         )
-    return np.uint8((data - low) / (high - low) * 255.0)
+    return cast(np.ndarray, np.uint8((data - low) / (high - low) * 255.0))
 
 
 def to_rgb_u8(picture: Picture, window: tuple[float, float] | None = None, *, field: str = "image") -> np.ndarray:

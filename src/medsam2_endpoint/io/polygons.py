@@ -21,6 +21,7 @@ negative. Rings are closed (first vertex repeated last), as GeoJSON requires.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import cv2
 import numpy as np
@@ -178,7 +179,7 @@ def _number(v: float) -> float | int:
     return int(v) if float(v).is_integer() else float(v)
 
 
-def parts_to_geometry(parts: list[Part]) -> dict:
+def parts_to_geometry(parts: list[Part]) -> dict[str, Any]:
     """GeoJSON geometry: a Polygon for one part, a MultiPolygon for several, an empty Polygon for none."""
     rings = [[_closed(p.exterior)] + [_closed(h) for h in p.holes] for p in parts]
     if len(rings) == 1:
@@ -188,7 +189,9 @@ def parts_to_geometry(parts: list[Part]) -> dict:
     return {"type": "MultiPolygon", "coordinates": rings}
 
 
-def mask_to_geometry(mask: np.ndarray, *, simplify_tolerance: float = 0.0, offset: tuple[float, float] = (0.0, 0.0)) -> dict:
+def mask_to_geometry(
+    mask: np.ndarray, *, simplify_tolerance: float = 0.0, offset: tuple[float, float] = (0.0, 0.0)
+) -> dict[str, Any]:
     """A bool (H, W) mask as a GeoJSON Polygon/MultiPolygon in pixel-corner coordinates (+ offset)."""
     parts = simplify_parts(mask_to_parts(mask), simplify_tolerance)
     if offset != (0.0, 0.0):
@@ -197,7 +200,7 @@ def mask_to_geometry(mask: np.ndarray, *, simplify_tolerance: float = 0.0, offse
     return parts_to_geometry(parts)
 
 
-def geometry_area(geometry: dict) -> float:
+def geometry_area(geometry: dict[str, Any]) -> float:
     """Area of a Polygon/MultiPolygon geometry from this module (holes subtracted)."""
     polygons = [geometry["coordinates"]] if geometry["type"] == "Polygon" else geometry["coordinates"]
     total = 0.0

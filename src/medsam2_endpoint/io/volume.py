@@ -15,7 +15,7 @@ import tempfile
 import zlib
 from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import BinaryIO
+from typing import BinaryIO, cast
 
 import nibabel as nib
 import numpy as np
@@ -26,6 +26,7 @@ from medsam2_endpoint.io.limits import Limits
 
 GZIP_MAGIC = b"\x1f\x8b"
 _SUPPORTED_DTYPES = {np.dtype(t) for t in ("uint8", "int8", "uint16", "int16", "uint32", "int32", "float32", "float64")}
+_XYZ = tuple[float, float, float]  # spacing or origin, ITK order
 _DATA_URL = re.compile(r"^data:[\w/.+-]*;base64,", re.IGNORECASE)
 
 
@@ -60,8 +61,8 @@ class Volume:
         array.flags.writeable = False
         return cls(
             array=array,
-            spacing=tuple(float(v) for v in image.GetSpacing()),
-            origin=tuple(float(v) for v in image.GetOrigin()),
+            spacing=cast(_XYZ, tuple(float(v) for v in image.GetSpacing())),
+            origin=cast(_XYZ, tuple(float(v) for v in image.GetOrigin())),
             direction=tuple(float(v) for v in image.GetDirection()),
             owner=image,
         )
@@ -121,7 +122,7 @@ class CappedGunzip:
         self.written = 0
         self._decompressor = zlib.decompressobj(wbits=16 + zlib.MAX_WBITS)
 
-    def feed(self, data: bytes) -> None:
+    def feed(self, data: bytes | memoryview) -> None:
         if self._decompressor.eof:
             return  # trailing bytes after the gzip member are ignored, as gzip tools do
         try:
@@ -158,7 +159,7 @@ def gunzip_capped(data: bytes, *, field: str, limit: int) -> bytes:
     return sink.getvalue()
 
 
-def _spool(chunks: Iterable[bytes], handle: BinaryIO, *, field: str, limits: Limits) -> None:
+def _spool(chunks: Iterable[bytes | memoryview], handle: BinaryIO, *, field: str, limits: Limits) -> None:
     """Write the file's bytes to `handle`, gunzipping when they start with the gzip magic; size-capped."""
     gunzip: CappedGunzip | None = None
     received = 0
@@ -187,7 +188,8 @@ def _header(raw: bytes | np.ndarray, *, field: str) -> nib.Nifti1Header:
     else:
         raise UnsupportedMedia(f"{field}: not a NIfTI file (no NIfTI magic); send a .nii or .nii.gz volume")
     try:
-        return header_class.from_fileobj(io.BytesIO(raw[: header_class.sizeof_hdr]))
+        header = header_class.from_fileobj(io.BytesIO(raw[: header_class.sizeof_hdr]))
+        return cast(nib.Nifti1Header, header)
     except Exception:
         raise InvalidRequest(f"{field}: the NIfTI header is malformed") from None
 
@@ -232,7 +234,9 @@ def check_header(raw: bytes | np.ndarray, *, field: str, limits: Limits) -> nib.
         )
     if dtype.kind == "f":
         # SimpleITK's NIfTI reader turns NaN into 0 silently, so look at the raw voxels (a view, no copy).
-        voxels_raw = np.frombuffer(raw, dtype=dtype, count=voxels, offset=int(header.get_data_offset()))
+        voxels_raw = np.frombuffer(
+            raw, dtype=dtype, count=voxels, offset=int(header.get_data_offset())
+        )
         if not np.isfinite(voxels_raw).all():
             raise InvalidRequest(f"{field}: the volume contains NaN or infinite values; replace them before sending")
     return header
@@ -274,7 +278,7 @@ def read_nifti(data: bytes | Iterable[bytes], *, field: str, limits: Limits) -> 
 
 
 def _check_geometry(image: sitk.Image | sitk.ImageFileReader, *, field: str) -> None:
-    geometry = (*image.GetSpacing(), *image.GetOrigin(), *image.GetDirection())
+    geometry = (*image.GetSpacing(), *image.GetOrigin(), *image.GetDirection())  # type: ignore[no-untyped-call]
     if not all(math.isfinite(v) for v in geometry):
         raise InvalidRequest(
             f"{field}: the NIfTI geometry (spacing, origin or direction from pixdim/qform/sform) has NaN or "
@@ -308,11 +312,13 @@ def _read_plain(path: Path, header: nib.Nifti1Header, *, field: str) -> Volume |
         return None
     _check_geometry(reader, field=field)
     x, y, z = (int(v) for v in header.get_data_shape())
-    array = np.fromfile(path, dtype=dtype, count=x * y * z, offset=int(header.get_data_offset())).reshape(z, y, x)
+    array = np.fromfile(
+        path, dtype=dtype, count=x * y * z, offset=int(header.get_data_offset())
+    ).reshape(z, y, x)
     return Volume(
         array=array,
-        spacing=tuple(float(v) for v in reader.GetSpacing()),
-        origin=tuple(float(v) for v in reader.GetOrigin()),
+        spacing=cast(_XYZ, tuple(float(v) for v in reader.GetSpacing())),
+        origin=cast(_XYZ, tuple(float(v) for v in reader.GetOrigin())),
         direction=tuple(float(v) for v in reader.GetDirection()),
     )
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -13,7 +13,7 @@ from torchvision.ops.boxes import batched_nms
 
 from medsam2_endpoint.base.errors import InvalidRequest
 from medsam2_endpoint.engines.base import ImageEngine
-from medsam2_endpoint.engines.sam2_image import keep_one_per_prompt
+from medsam2_endpoint.engines.sam2_image import SAM2ImageEngine, keep_one_per_prompt
 from medsam2_endpoint.pipeline.prompt2d import Mask2D, Prompter, Result2D
 
 # Box-only models get a grid of boxes instead of points: at each grid point, squares of 2, 4 and 8
@@ -72,7 +72,7 @@ def automask(prompter: Prompter, name: str, rgb_u8: np.ndarray, params: Automask
                 cached_flags.append(hit)
                 return value
 
-            records = engine.automask_2d(
+            records = cast(SAM2ImageEngine, engine).automask_2d(  # only SAM 2 engines accept points
                 rgb_u8, embed=embed, select=select, multimask=multimask,
                 min_mask_region_area=params.min_mask_region_area, params=generator_params,
             )
@@ -145,7 +145,7 @@ def box_grid_automask(engine: Any, embedding: Any, hw: tuple[int, int], params: 
     masks_t, iou_t = torch.cat(kept_masks), torch.cat(kept_iou)
     order = batched_nms(batched_mask_to_box(masks_t).float(), iou_t.float(), torch.zeros(len(iou_t)), params.box_nms_thresh)
     stab, points = torch.cat(kept_stab), np.concatenate(kept_pts)
-    out = []
+    out: list[Mask2D] = []
     for i in order.tolist():
         mask = masks_t[i].numpy()
         if params.min_mask_region_area > 0:

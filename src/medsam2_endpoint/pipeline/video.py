@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass
+from typing import cast
 
 import numpy as np
 
@@ -56,7 +57,7 @@ def frames_to_volume(frames: list[np.ndarray], *, field: str) -> np.ndarray:
 def _key_box(prompter: Prompter, model: str, volume: np.ndarray, prompt: ObjectPrompt) -> np.ndarray:
     """The box that starts the propagation: the prompt's own box, or the 2D mask's box when points are given."""
     if prompt.points is None:
-        return prompt.box
+        return cast(np.ndarray, prompt.box)  # check_prompt refused prompts with neither points nor box
     rgb = np.repeat(volume[prompt.frame][:, :, None], 3, axis=2)
     result = prompter.segment(model, rgb, Prompt2D(prompt.points, prompt.labels, prompt.box, None, "single"))
     bbox = result.masks[0].bbox() if result.masks else None
@@ -84,9 +85,13 @@ def track_objects(
     for p in prompts:
         if not 0 <= p.frame < depth:
             raise InvalidRequest(f"{p.where}: frame {p.frame} is outside the {depth} frames (0..{depth - 1})")
+
+        def where(column: str, p: ObjectPrompt = p) -> str:
+            return f"{p.where}.{column}"
+
         check_prompt(
             Prompt2D(p.points, p.labels, p.box), width=width, height=height, engine=engine2d,
-            where=lambda column, p=p: f"{p.where}.{column}", models_with_points=prompter.models_with_points(),
+            where=where, models_with_points=prompter.models_with_points(),
         )
     started = time.perf_counter()
     state = engine.start(volume)

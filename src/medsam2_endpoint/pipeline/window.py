@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import cast
+
 import numpy as np
 
 from medsam2_endpoint.base.errors import InvalidRequest
@@ -42,7 +44,7 @@ def window_to_uint8(array: np.ndarray, window: tuple[float, float] | None, *, fi
     def scale(values: np.ndarray) -> np.ndarray:
         values = np.clip(values, *lo_hi) if lo_hi is not None else values.astype(np.float64)
         # Same expression as the reference so numpy picks the same dtypes (float32 stays float32).
-        return np.uint8((values - vmin) / (vmax - vmin) * 255.0)
+        return cast(np.ndarray, np.uint8((values - vmin) / (vmax - vmin) * 255.0))
 
     table = None
     if array.dtype.kind in "iu" and array.dtype.itemsize <= 2:

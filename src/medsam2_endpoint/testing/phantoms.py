@@ -19,8 +19,9 @@ from __future__ import annotations
 import math
 import os
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any, cast
 
 import numpy as np
 import SimpleITK as sitk
@@ -47,6 +48,9 @@ LESION_HOST = {"ellipsoid": "liver", "lobulated": "liver", "low_contrast": "live
 _SMOOTH_SIGMA = 0.6  # in-plane pixels: softens edges without moving them
 _MR_NOISE = 12.0
 _LIVER_MIN_SCALE = 0.9
+
+#: One ellipsoid of a lesion: ``(dz, dy, dx, rz, ry, rx, deg)`` in voxels around its anchor.
+_Ellipsoid = tuple[float, float, float, float, float, float, float]
 
 
 @dataclass(frozen=True)
@@ -80,7 +84,7 @@ class Phantom:
         """Boolean ``(z, y, x)`` mask of the lesion with this label."""
         if label not in {les.label for les in self.lesions}:
             raise ValueError(f"no lesion with label {label}; labels are {[les.label for les in self.lesions]}")
-        return self.labels == label
+        return cast(np.ndarray, self.labels == label)
 
     def nifti_bytes(self, compressed: bool = True) -> bytes:
         """The image as NIfTI file bytes (``.nii.gz`` if ``compressed`` else ``.nii``), written by SimpleITK."""
@@ -108,12 +112,12 @@ def _anatomy(h: int, w: int, liver_scale: float = 1.0) -> np.ndarray:
     xx = ((np.arange(w, dtype=np.float32) - (w - 1) / 2) / w)[None, :]
     s_min = min(h, w)
 
-    def ell(cx, cy, ax, ay, deg=0.0):
+    def ell(cx: float, cy: float, ax: float, ay: float, deg: float = 0.0) -> np.ndarray:
         c, s = math.cos(math.radians(deg)), math.sin(math.radians(deg))
         u, v = (xx - cx) * w, (yy - cy) * h  # pixels, so rotation is geometric
         return ((c * u + s * v) / (ax * w)) ** 2 + ((-s * u + c * v) / (ay * h)) ** 2 <= 1.0
 
-    def disc(cx, cy, r):
+    def disc(cx: float, cy: float, r: float) -> np.ndarray:
         return ell(cx, cy, r * s_min / w, r * s_min / h)
 
     m = np.zeros((h, w), np.uint8)
@@ -144,7 +148,7 @@ def _half_z(nz: int) -> float:
     return min(max(0.2 * nz, 3.2), 7.3, (nz - 3) / 2 + 0.2)
 
 
-def _lesion_parts(kind: str, s: int, hz: float, rng: np.random.Generator) -> list[list[tuple]]:
+def _lesion_parts(kind: str, s: int, hz: float, rng: np.random.Generator) -> list[list[_Ellipsoid]]:
     """Ellipsoids ``(dz, dy, dx, rz, ry, rx, deg)`` in voxels around an anchor; one list per label (pair: 2)."""
     ang = float(rng.uniform(0, 180))
     if kind == "ellipsoid":
@@ -156,7 +160,7 @@ def _lesion_parts(kind: str, s: int, hz: float, rng: np.random.Generator) -> lis
         return [[(0, 0, 0, 0.9 * hz, 0.06 * s, 0.065 * s, ang)]]
     if kind == "lobulated":
         r, rz = 0.065 * s, 0.75 * hz
-        parts = [(0, 0, 0, rz, r, r, 0.0)]
+        parts: list[_Ellipsoid] = [(0, 0, 0, rz, r, r, 0.0)]
         for k in range(4):  # satellites centred inside the main body: the union stays one piece
             th = 2 * math.pi * k / 4 + rng.uniform(-0.5, 0.5)
             parts.append((rng.uniform(-0.3, 0.3) * rz, 0.75 * r * math.sin(th), 0.75 * r * math.cos(th),
@@ -171,7 +175,7 @@ def _lesion_parts(kind: str, s: int, hz: float, rng: np.random.Generator) -> lis
     raise ValueError(f"unknown lesion kind {kind!r}; choose from {LESION_KINDS}")
 
 
-def _rasterise(parts: list[list[tuple]]) -> np.ndarray:
+def _rasterise(parts: list[list[_Ellipsoid]]) -> np.ndarray:
     """Local uint8 ``(z, y, x)`` array, cropped to the lesion: value k for part k (1, or 1 and 2 for a pair)."""
     ext = np.zeros(3)
     for part in parts:
@@ -191,16 +195,18 @@ def _rasterise(parts: list[list[tuple]]) -> np.ndarray:
         if n > 1:  # guarantee one 26-connected component
             m = lab == (np.argmax(np.bincount(lab.ravel())[1:]) + 1)
         local[m & (local == 0)] = idx
-    return local[ndimage.find_objects((local > 0).astype(np.uint8))[0]]
+    return cast(np.ndarray, local[ndimage.find_objects((local > 0).astype(np.uint8))[0]])
 
 
 def _correlate(image: np.ndarray, kernel: np.ndarray) -> np.ndarray:
     """Sum of ``image`` under ``kernel`` for every window position fully inside the image (top-left index)."""
     k = kernel[::-1, ::-1].astype(np.float32)
-    return signal.fftconvolve(image.astype(np.float32), k, mode="valid")
+    return cast(np.ndarray, signal.fftconvolve(image.astype(np.float32), k, mode="valid"))
 
 
-def _place(kinds: Sequence[str], shape: tuple[int, int, int], rng: np.random.Generator):
+def _place(
+    kinds: Sequence[str], shape: tuple[int, int, int], rng: np.random.Generator
+) -> list[tuple[str, np.ndarray, tuple[int, int, int]]]:
     """Rasterise and place lesions; returns ``[(kind, local_array, (z0, y0, x0))]`` in request order.
 
     Each lesion's in-plane footprint, widened by ``margin`` pixels of free tissue, must lie in its host
@@ -234,7 +240,7 @@ def _place(kinds: Sequence[str], shape: tuple[int, int, int], rng: np.random.Gen
             _, local, dil, in_host = items[i]
             dz = local.shape[0]
             for z0 in rng.permutation(np.arange(1, nz - dz)):  # never on the first or last slice
-                ok = in_host & (_correlate(occupied[max(z0 - 1, 0): z0 + dz + 1].any(0), dil) < 0.5)
+                ok = in_host & (_correlate(cast(np.ndarray, occupied[max(z0 - 1, 0): z0 + dz + 1].any(0)), dil) < 0.5)
                 cand = np.argwhere(ok)
                 if len(cand) == 0:
                     continue
@@ -256,8 +262,12 @@ def _place(kinds: Sequence[str], shape: tuple[int, int, int], rng: np.random.Gen
 # --------------------------------------------------------------------------------------------- building
 
 
-def _build(modality: str, shape_zyx, spacing, origin, direction, dtype, lesions, seed, noise, name, margin):
-    shape = tuple(int(v) for v in shape_zyx)
+def _build(
+    modality: str, shape_zyx: Sequence[int], spacing: Sequence[float], origin: Sequence[float],
+    direction: Sequence[float] | None, dtype: str, lesions: str | Sequence[str], seed: int, noise: float,
+    name: str | None, margin: int,
+) -> Phantom:
+    shape = cast("tuple[int, int, int]", tuple(int(v) for v in shape_zyx))
     if len(shape) != 3 or min(shape) < 1:
         raise ValueError(f"shape_zyx must be 3 positive ints (z, y, x), got {shape_zyx}")
     if dtype not in ("int16", "float32"):
@@ -275,6 +285,9 @@ def _build(modality: str, shape_zyx, spacing, origin, direction, dtype, lesions,
     rng = np.random.default_rng(seed)
     nz, h, w = shape
     labels = np.zeros(shape, np.uint8)
+    names: dict[int, str]
+    boxes: dict[int, tuple[slice, slice, slice]]
+    value_of: dict[int, float]
     names, boxes, value_of = {}, {}, {}  # per label; boxes bound the lesion so no full-volume scans
     for kind, local, (z0, y0, x0) in _place(lesions, shape, rng):
         box = (slice(z0, z0 + local.shape[0]), slice(y0, y0 + local.shape[1]), slice(x0, x0 + local.shape[2]))
@@ -297,12 +310,16 @@ def _build(modality: str, shape_zyx, spacing, origin, direction, dtype, lesions,
     return Phantom(name, modality, image, labels, out, window)
 
 
-def _render(shape, labels, boxes, value_of, lut, noise, bias, dtype, rng) -> np.ndarray:
+def _render(
+    shape: tuple[int, int, int], labels: np.ndarray, boxes: dict[int, tuple[slice, slice, slice]],
+    value_of: dict[int, float], lut: np.ndarray, noise: float, bias: np.ndarray | None, dtype: str,
+    rng: np.random.Generator,
+) -> np.ndarray:
     """Slice by slice (bounded memory): smoothed anatomy + smoothed lesion delta, bias, noise, cast."""
     nz, h, w = shape
     out = np.empty(shape, np.int16 if dtype == "int16" else np.float32)
     pad = int(math.ceil(4 * _SMOOTH_SIGMA)) + 1  # crop margin so the cropped smoothing equals the full one
-    cache = {}
+    cache: dict[float, tuple[np.ndarray, np.ndarray]] = {}
     if bias is not None:
         yb = np.linspace(-1, 1, h, dtype=np.float32)[:, None]
         xb = np.linspace(-1, 1, w, dtype=np.float32)[None, :]
@@ -346,9 +363,10 @@ def _describe(labels: np.ndarray, label: int, name: str, box: tuple[slice, ...],
     return Lesion(label, name, key + box[0].start, bbox, (int(zs[0]), int(zs[-1])), int(area.sum()))
 
 
-def ct_phantom(shape_zyx=(16, 64, 64), *, spacing=(0.8, 0.8, 2.5), origin=(-100.0, -120.0, 50.0),
-               direction=None, dtype="int16", lesions=("ellipsoid",), seed=0, noise_hu=8.0, name=None,
-               margin=2) -> Phantom:
+def ct_phantom(shape_zyx: Sequence[int] = (16, 64, 64), *, spacing: Sequence[float] = (0.8, 0.8, 2.5),
+               origin: Sequence[float] = (-100.0, -120.0, 50.0), direction: Sequence[float] | None = None,
+               dtype: str = "int16", lesions: str | Sequence[str] = ("ellipsoid",), seed: int = 0,
+               noise_hu: float = 8.0, name: str | None = None, margin: int = 2) -> Phantom:
     """Abdominal CT phantom in HU (see ``CT_HU``); ``lesions`` are kinds from ``LESION_KINDS``.
 
     ``shape_zyx`` is the array shape ``(z, y, x)``; spacing/origin/direction are ITK order; ``direction``
@@ -358,8 +376,10 @@ def ct_phantom(shape_zyx=(16, 64, 64), *, spacing=(0.8, 0.8, 2.5), origin=(-100.
     return _build("CT", shape_zyx, spacing, origin, direction, dtype, lesions, seed, noise_hu, name, margin)
 
 
-def mri_phantom(shape_zyx=(16, 64, 64), *, spacing=(1.0, 1.0, 3.0), origin=(0.0, 0.0, 0.0), direction=None,
-                dtype="float32", lesions=("ellipsoid",), seed=0, name=None, margin=2) -> Phantom:
+def mri_phantom(shape_zyx: Sequence[int] = (16, 64, 64), *, spacing: Sequence[float] = (1.0, 1.0, 3.0),
+                origin: Sequence[float] = (0.0, 0.0, 0.0), direction: Sequence[float] | None = None,
+                dtype: str = "float32", lesions: str | Sequence[str] = ("ellipsoid",), seed: int = 0,
+                name: str | None = None, margin: int = 2) -> Phantom:
     """T2-like abdominal MR phantom (see ``MR_SIGNAL``): positive intensities, bright lesions, bias field.
 
     Same conventions and lesion kinds as ``ct_phantom``; ``window`` is None.
@@ -369,7 +389,7 @@ def mri_phantom(shape_zyx=(16, 64, 64), *, spacing=(1.0, 1.0, 3.0), origin=(0.0,
 
 # --------------------------------------------------------------------------------------------- sets
 
-_SETS = {
+_SETS: dict[str, tuple[tuple[str, Callable[..., Phantom], dict[str, Any]], ...]] = {
     "tiny": (
         ("tiny_ct_ellipsoid", ct_phantom, dict(shape_zyx=(16, 64, 64), lesions=("ellipsoid",), seed=1)),
         ("tiny_mr_ellipsoid", mri_phantom, dict(shape_zyx=(16, 64, 64), lesions=("ellipsoid",), seed=2)),

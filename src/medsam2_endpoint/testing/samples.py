@@ -19,6 +19,9 @@ from medsam2_endpoint.io.encode import rle_counts, rle_decode
 from medsam2_endpoint.testing.metrics import dice
 from medsam2_endpoint.testing.phantoms import Phantom, ct_phantom, mri_phantom, oblique_direction
 
+#: A sample: the request body and what its response must satisfy.
+_Case = tuple[dict[str, Any], dict[str, Any]]
+
 
 def _item(phantom: Phantom, lesion_index: int = 0, *, slice_offset: int = 0) -> dict[str, Any]:
     lesion = phantom.lesions[lesion_index]
@@ -58,22 +61,22 @@ def _expect_ok(phantoms: list[tuple[Phantom, int]], *, min_dice: float | None, m
     return {"status": 200, "items": items, "min_dice_applies_to": ["lite-medsam"]}
 
 
-def _builders() -> dict[str, Callable[[], tuple[dict[str, Any], dict[str, Any]]]]:
-    def ct_liver_lesion():
+def _builders() -> dict[str, Callable[[], _Case]]:
+    def ct_liver_lesion() -> _Case:
         p = ct_phantom((20, 96, 96), spacing=(0.8, 0.8, 2.5), direction=oblique_direction(12.0), lesions=("ellipsoid",), seed=1, name="ct_liver_lesion")
         return _columns([_item(p)]), _expect_ok([(p, 0)], min_dice=0.85)
 
-    def ct_two_items_offset():
+    def ct_two_items_offset() -> _Case:
         a = ct_phantom((20, 96, 96), lesions=("lobulated",), seed=2, name="a")
         b = mri_phantom((20, 96, 112), lesions=("ellipsoid",), seed=3, name="b")
         body = _columns([_item(a, slice_offset=40), _item(b)])
         return body, _expect_ok([(a, 0), (b, 0)], min_dice=0.8)
 
-    def ct_mask_rle():
+    def ct_mask_rle() -> _Case:
         p = ct_phantom((20, 96, 96), lesions=("ellipsoid",), seed=4, dtype="float32", name="rle")
         return _columns([_item(p)], mask_format=["rle"], model=["lite-medsam"]), _expect_ok([(p, 0)], min_dice=0.8, mask_format="rle")
 
-    def ct_objects_pair():
+    def ct_objects_pair() -> _Case:
         p = ct_phantom((20, 96, 96), lesions=("pair",), seed=8, name="objects")
         body = _columns([_item(p)], mask_format=["rle"])
         cols = body["input_data"]
@@ -83,7 +86,7 @@ def _builders() -> dict[str, Callable[[], tuple[dict[str, Any], dict[str, Any]]]
         expect["items"][0]["objects"] = {str(10 * (i + 1)): rle_counts(p.labels == les.label) for i, les in enumerate(p.lesions)}
         return body, expect
 
-    def ct_mask_nifti():
+    def ct_mask_nifti() -> _Case:
         p = ct_phantom((20, 96, 96), lesions=("ellipsoid",), seed=9, name="nifti")
         return _columns([_item(p)], mask_format=["nifti"]), _expect_ok([(p, 0)], min_dice=0.8, mask_format="nifti")
 
@@ -111,17 +114,17 @@ def _builders() -> dict[str, Callable[[], tuple[dict[str, Any], dict[str, Any]]]
                 "mask_shape": list(truth.shape), "min_dice": min_dice, "requires_model": requires_model,
                 "min_dice_applies_to": ["lite-medsam"]}
 
-    def box_2d_rle():
+    def box_2d_rle() -> _Case:
         p0 = ct_phantom((12, 96, 112), lesions=("ellipsoid",), seed=10)
         body, p, z = image_case(bbox=[float(v) for v in p0.lesions[0].bbox], model="lite-medsam", mask_format="rle")
         return body, expect_2d(p, z, min_dice=0.8, mask_format="rle")
 
-    def box_2d_polygons():
+    def box_2d_polygons() -> _Case:
         p0 = ct_phantom((12, 96, 112), lesions=("ellipsoid",), seed=10)
         body, p, z = image_case(bbox=[float(v) for v in p0.lesions[0].bbox], model="lite-medsam", mask_format="polygons")
         return body, expect_2d(p, z, min_dice=None, mask_format="polygons")
 
-    def points_2d_medsam2():
+    def points_2d_medsam2() -> _Case:
         p0 = ct_phantom((12, 96, 112), lesions=("ellipsoid",), seed=10)
         x0, y0, x1, y1 = p0.lesions[0].bbox
         # background point first, as the QuPath extension sends them
@@ -129,14 +132,14 @@ def _builders() -> dict[str, Callable[[], tuple[dict[str, Any], dict[str, Any]]]
                                 output_type="best_quality", model="MedSAM2_latest", mask_format="rle")
         return body, expect_2d(p, z, min_dice=None, mask_format="rle", requires_model="MedSAM2_latest")
 
-    def automask_2d():
+    def automask_2d() -> _Case:
         body, p, z = image_case(task="automask", model="lite-medsam", mask_format="rle",
                                 automask={"points_per_side": 4, "stability_score_thresh": 0.7, "pred_iou_thresh": 0.5})
         expect = expect_2d(p, z, min_dice=None, mask_format="rle")
         expect["min_masks"] = 0
         return body, expect
 
-    def url_form_refused():
+    def url_form_refused() -> _Case:
         # The URL form of nii_image. A static sample cannot point at a server that exists wherever it is
         # posted, so it shows the form with a private address, which the SSRF guard refuses before any
         # connection; tests/test_service.py fetches a real volume over a loopback URL.
@@ -145,13 +148,13 @@ def _builders() -> dict[str, Callable[[], tuple[dict[str, Any], dict[str, Any]]]
         body["input_data"]["nii_image"] = ["https://10.1.2.3/volumes/ct.nii.gz?sv=2024&sig=SECRETSIGNATURE"]
         return body, {"status": 400, "error_contains": ["input_data.nii_image[0]", "private"], "error_excludes": ["SECRETSIGNATURE"]}
 
-    def error_bbox_outside():
+    def error_bbox_outside() -> _Case:
         p = ct_phantom((16, 64, 64), lesions=("ellipsoid",), seed=5, name="bad")
         body = _columns([_item(p)])
         body["input_data"]["bbox"] = [[10.0, 10.0, 600.0, 40.0]]
         return body, {"status": 400, "error_contains": ["input_data.bbox[0]", "600", "width 64"]}
 
-    def error_key_slice_outside():
+    def error_key_slice_outside() -> _Case:
         p = ct_phantom((16, 64, 64), lesions=("ellipsoid",), seed=6, name="bad")
         body = _columns([_item(p)])
         body["input_data"]["key_slice_idx"] = [40]
