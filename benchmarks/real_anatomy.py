@@ -1,0 +1,226 @@
+"""Quality on real scans (../shared/data/real): the served 3D answer against its per-slice ceiling.
+
+For each structure: one box (the label's bounding box) on its largest slice, sent through the Service
+as a user's request would be (LiteMedSAM unless --model). Reported per structure: Dice and NSD (2 mm)
+of the 3D answer; the per-slice ceiling (every labelled slice segmented alone with its own box); the
+key slice alone; the label's and the answer's slice ranges; the time of the 3D answer.
+
+    .venv/bin/python benchmarks/real_anatomy.py [--only ct,mr,lesion] [--json benchmarks/out/real.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import json
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import SimpleITK as sitk
+from scipy import ndimage
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "src"))
+
+from medsam2_endpoint.contract.score3d import parse_request  # noqa: E402
+from medsam2_endpoint.core.service import Service  # noqa: E402
+from medsam2_endpoint.core.settings import Settings  # noqa: E402
+from medsam2_endpoint.engines.tracking import TrackRule  # noqa: E402
+from medsam2_endpoint.io.encode import rle_decode  # noqa: E402
+from medsam2_endpoint.io.volume import write_nifti  # noqa: E402
+from medsam2_endpoint.pipeline.window import window_to_uint8  # noqa: E402
+from medsam2_endpoint.testing.metrics import dice, nsd  # noqa: E402
+
+DATA = REPO.parent / "shared" / "data" / "real"
+SOFT_TISSUE = (-160.0, 240.0)
+BONE = (-500.0, 1300.0)
+MR_PERCENTILES = (0.5, 99.5)
+
+
+@dataclass(frozen=True)
+class Structure:
+    scan: str  # "ct", "mr" or a lesion file stem
+    name: str
+    label: int
+    window: tuple[float, float] | None  # None: the MR percentile window
+    one_component: bool = False  # the label holds several separate objects (vertebrae): take the key slice's one
+
+
+STRUCTURES = [
+    Structure("ct", "liver", 5, SOFT_TISSUE),
+    Structure("ct", "stomach", 6, SOFT_TISSUE),
+    Structure("ct", "pancreas", 7, SOFT_TISSUE),
+    Structure("ct", "aorta", 52, SOFT_TISSUE),
+    Structure("ct", "vertebra T12", 32, BONE),
+    Structure("ct", "colon", 20, SOFT_TISSUE),
+    Structure("mr", "liver", 5, None),
+    Structure("mr", "spleen", 1, None),
+    Structure("mr", "kidney right", 2, None),
+    Structure("mr", "kidney left", 3, None),
+    Structure("mr", "vertebra", 19, None, one_component=True),
+    Structure("mr", "iliopsoas left", 48, None),
+]
+
+
+def read_scans() -> dict[str, tuple[sitk.Image, np.ndarray]]:
+    """scan name -> (image, label array (Z, Y, X))."""
+    reader = sitk.ImageSeriesReader()
+    reader.SetFileNames(reader.GetGDCMSeriesFileNames(str(DATA / "ct_dicom")))
+    scans = {
+        "ct": (reader.Execute(), sitk.GetArrayFromImage(sitk.ReadImage(str(DATA / "ct_dicom_labels.nii.gz")))),
+        "mr": (sitk.ReadImage(str(DATA / "mr.nii.gz")), sitk.GetArrayFromImage(sitk.ReadImage(str(DATA / "mr_labels.nii.gz")))),
+    }
+    for path in sorted((DATA / "lesions").glob("CT_Lesion_*_label.nii.gz")):
+        stem = path.name[: -len("_label.nii.gz")]
+        image = sitk.ReadImage(str(path.with_name(stem + ".nii.gz")))
+        scans[stem] = (image, sitk.GetArrayFromImage(sitk.ReadImage(str(path))))
+    return scans
+
+
+def lesion_structures(scans: dict[str, tuple[sitk.Image, np.ndarray]]) -> list[Structure]:
+    return [Structure(name, f"lesion {name.split('_')[2]}", 1, (0.0, 255.0)) for name in scans if name.startswith("CT_Lesion")]
+
+
+def mr_window(image: sitk.Image) -> tuple[float, float]:
+    values = sitk.GetArrayViewFromImage(image)
+    lo, hi = np.percentile(values[values != 0], MR_PERCENTILES)
+    return float(lo), float(hi)
+
+
+def truth_of(labels: np.ndarray, s: Structure) -> np.ndarray:
+    truth = labels == s.label
+    if s.one_component:  # the connected object through the largest slice's largest region
+        key = int(np.argmax(truth.sum(axis=(1, 2))))
+        parts, _ = ndimage.label(truth, structure=np.ones((3, 3, 3)))
+        ids, counts = np.unique(parts[key][parts[key] > 0], return_counts=True)
+        truth = parts == ids[np.argmax(counts)]
+    return truth
+
+
+def box_of(mask2d: np.ndarray) -> list[float]:
+    ys, xs = np.nonzero(mask2d)
+    return [float(xs.min()), float(ys.min()), float(xs.max() + 1), float(ys.max() + 1)]
+
+
+def span(mask: np.ndarray) -> str:
+    zs = np.flatnonzero(mask.any(axis=(1, 2)))
+    return "-" if zs.size == 0 else f"{zs[0]}-{zs[-1]}"
+
+
+def span_ends(mask: np.ndarray) -> tuple[int, int] | None:
+    zs = np.flatnonzero(mask.any(axis=(1, 2)))
+    return None if zs.size == 0 else (int(zs[0]), int(zs[-1]))
+
+
+def volume_key(windowed: np.ndarray) -> str:
+    """The Service's content key of a windowed volume (core/volumes.prepare), so the ceiling reuses its embeddings."""
+    import hashlib
+
+    return hashlib.blake2b(windowed.data, digest_size=16).hexdigest() + str(windowed.shape)
+
+
+def ceiling_of(service: Service, model: str, image: sitk.Image, truth: np.ndarray, window: tuple[float, float]) -> np.ndarray:
+    """Every labelled slice segmented alone with the label's own box there."""
+    engine = service.registry.get(model)
+    windowed = window_to_uint8(sitk.GetArrayFromImage(image), window)
+    state = engine.start(windowed, volume_key(windowed))
+    ceiling = np.zeros_like(truth)
+    for z in np.flatnonzero(truth.any(axis=(1, 2))):
+        ceiling[z] = engine.segment_slice(state, int(z), box_of(truth[z]))[0]
+    return ceiling
+
+
+def answer_of(service: Service, model: str, image: sitk.Image, truth: np.ndarray, window: tuple[float, float],
+              extra: dict[str, object]) -> tuple[np.ndarray, float, int]:
+    """The served 3D answer to one box on the label's largest slice: (mask, seconds, slices processed)."""
+    key = int(np.argmax(truth.sum(axis=(1, 2))))
+    body = {"input_data": {
+        "nii_image": [base64.b64encode(write_nifti(image)).decode()], "bbox": [box_of(truth[key])], "key_slice_idx": [key],
+        "dicom_window": [list(window)], "model": [model], "mask_format": ["rle"],
+        **{k: [v] for k, v in extra.items()},
+    }}
+    items = parse_request(body, max_items=1)
+    started = time.perf_counter()
+    (result,) = service.score_3d(items)
+    seconds = time.perf_counter() - started
+    answer = rle_decode(result["mask"]["counts"], tuple(result["mask"]["size"])).astype(bool)
+    return answer, seconds, int(result["metadata"]["slices_processed"])
+
+
+def _ends_within(answer: np.ndarray, truth: np.ndarray, tolerance: int) -> bool:
+    a, t = span_ends(answer), span_ends(truth)
+    return a is not None and t is not None and abs(a[0] - t[0]) <= tolerance and abs(a[1] - t[1]) <= tolerance
+
+
+RULES: dict[str, dict[str, object]] = {
+    "iou0.8": {"min_iou": 0.8},  # the rule before this benchmark existed
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="lite-medsam")
+    parser.add_argument("--only", default="ct,mr,lesion", help="comma-separated: ct, mr, lesion")
+    parser.add_argument("--model-dir", default=None, help="MedSAM2 checkpoints (default: none, LiteMedSAM only)")
+    parser.add_argument("--rules", default="default", help=f"comma-separated LiteMedSAM tracking rules: default, {', '.join(RULES)}")
+    parser.add_argument("--stop-after-empty", type=int, default=None)
+    parser.add_argument("--json", default=None, help="write the rows here too")
+    args = parser.parse_args(argv)
+    settings = Settings.from_env({"MEDSAM2_WARMUP": "0"}, model_dir=args.model_dir or str(REPO / "benchmarks" / "no-models"))
+    service = Service.from_settings(settings)
+    engine = service.registry.get(args.model)
+    scans = read_scans()
+    wanted = set(args.only.split(","))
+    structures = [s for s in STRUCTURES if s.scan in wanted] + (lesion_structures(scans) if "lesion" in wanted else [])
+    extra: dict[str, object] = {} if args.stop_after_empty is None else {"stop_after_empty": args.stop_after_empty}
+    rules = args.rules.split(",")
+    rows: list[dict[str, object]] = []
+    header = "| rule | scan | structure | 3D Dice | NSD 2 mm | ceiling Dice | key slice alone | label slices | answer slices | time (s) |"
+    print(header)
+    print("| --- " * (header.count("|") - 1) + "|")
+    default_rule = getattr(engine, "rule", None)
+    for s in structures:
+        image, labels = scans[s.scan]
+        truth = truth_of(labels, s)
+        window = s.window or mr_window(image)
+        spacing_zyx = tuple(float(v) for v in reversed(image.GetSpacing()))
+        answers = {}
+        for rule in rules:  # the first rule's answer on a scan's first structure is a cold (first) request
+            if default_rule is not None:
+                engine.rule = default_rule if rule == "default" else TrackRule(**RULES[rule])  # type: ignore[attr-defined]
+            answers[rule] = answer_of(service, args.model, image, truth, window, extra)
+        ceiling = ceiling_of(service, args.model, image, truth, window)
+        key = int(np.argmax(truth.sum(axis=(1, 2))))
+        key_alone = np.zeros_like(truth)
+        key_alone[key] = ceiling[key]
+        for rule in rules:
+            answer, seconds, processed = answers[rule]
+            row = {"rule": rule, "scan": "ct lesion" if s.scan.startswith("CT_Lesion") else s.scan, "structure": s.name,
+                   "dice": dice(answer, truth), "nsd": nsd(answer, truth, spacing_zyx), "ceiling": dice(ceiling, truth),
+                   "key_alone": dice(key_alone, truth), "label_slices": span(truth), "answer_slices": span(answer),
+                   "ends_within_1": _ends_within(answer, truth, 1), "seconds": seconds, "slices_processed": processed}
+            rows.append(row)
+            print(f"| {rule} | {row['scan']} | {s.name} | {row['dice']:.3f} | {row['nsd']:.3f} | {row['ceiling']:.3f} "
+                  f"| {row['key_alone']:.3f} | {row['label_slices']} | {row['answer_slices']} | {seconds:.1f} |", flush=True)
+    print()
+    for rule in rules:
+        mine = [r for r in rows if r["rule"] == rule]
+        mean = float(np.mean([r["dice"] for r in mine]))
+        ceiling_mean = float(np.mean([r["ceiling"] for r in mine]))
+        worst = max(mine, key=lambda r: float(r["ceiling"]) - float(r["dice"]))  # type: ignore[arg-type]
+        ends = sum(bool(r["ends_within_1"]) for r in mine)
+        print(f"{rule}: mean 3D Dice {mean:.3f}, NSD {float(np.mean([r['nsd'] for r in mine])):.3f}, mean ceiling "
+              f"{ceiling_mean:.3f} (gap {ceiling_mean - mean:.3f}); largest gap {float(worst['ceiling']) - float(worst['dice']):.3f} "
+              f"({worst['scan']} {worst['structure']}); ends within 1 slice: {ends}/{len(mine)}; "
+              f"3D time {sum(float(r['seconds']) for r in mine):.0f} s")
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(rows, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,71 @@
+"""When slice-by-slice tracking of a 2D model (LiteMedSAM) goes on, and with which box.
+
+A box model fills any box it is given, so past a structure's end it still returns a mask; and a box
+grown from the previous mask can walk into a neighbour of the same intensity. Each step is judged
+from signals measured on that slice against the key slice and the previous accepted slice:
+
+- the decoder's predicted IoU: below an absolute floor, or below a share of the key slice's;
+- the mask's area against the previous slice's (a jump is a leak, a collapse an end);
+- the mask's centroid shift against the previous slice's size (a jump sideways is a neighbour);
+- the mean intensity inside the mask against the key slice's object (in the key's spread).
+
+A rejected slice ends the walk unless `lookahead` later slices, prompted with the last accepted box,
+are accepted: then the walk goes on (the structure was only unclear there) and the rejected slices
+keep their masks.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class SliceStats:
+    iou: float
+    area: int
+    centroid: tuple[float, float]  # (y, x)
+    mean: float  # intensity inside the mask
+    std: float
+
+    @classmethod
+    def of(cls, mask: np.ndarray, image: np.ndarray, iou: float) -> SliceStats:
+        area = int(mask.sum())
+        if area == 0:
+            return cls(iou, 0, (0.0, 0.0), 0.0, 0.0)
+        ys, xs = np.nonzero(mask)
+        values = image[mask].astype(np.float64)
+        return cls(iou, area, (float(ys.mean()), float(xs.mean())), float(values.mean()), float(values.std()))
+
+
+@dataclass(frozen=True)
+class TrackRule:
+    """Acceptance of one tracked slice. None switches a test off."""
+
+    min_iou: float = 0.8  # absolute predicted-IoU floor
+    relative_iou: float | None = None  # reject when iou < relative_iou * the key slice's iou
+    max_area_growth: float | None = None  # reject when area > growth x the previous accepted slice's
+    min_area_ratio: float | None = None  # reject when area < ratio x the previous accepted slice's
+    max_shift: float | None = None  # reject when the centroid moves more than this x sqrt(previous area)
+    intensity_z: float | None = None  # reject when |mean - key mean| > intensity_z x the key's std
+    lookahead: int = 0  # slices tried past a rejected one before the walk ends
+
+    def accepts(self, step: SliceStats, key: SliceStats, previous: SliceStats) -> bool:
+        if step.area == 0:
+            return False
+        if step.iou < self.min_iou:
+            return False
+        if self.relative_iou is not None and step.iou < self.relative_iou * key.iou:
+            return False
+        if self.max_area_growth is not None and step.area > self.max_area_growth * previous.area:
+            return False
+        if self.min_area_ratio is not None and step.area < self.min_area_ratio * previous.area:
+            return False
+        if self.max_shift is not None:
+            shift = float(np.hypot(step.centroid[0] - previous.centroid[0], step.centroid[1] - previous.centroid[1]))
+            if shift > self.max_shift * float(np.sqrt(max(previous.area, 1))):
+                return False
+        if self.intensity_z is not None and abs(step.mean - key.mean) > self.intensity_z * max(key.std, 1.0):
+            return False
+        return True
