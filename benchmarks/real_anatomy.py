@@ -31,13 +31,12 @@ from medsam2_endpoint.core.settings import Settings  # noqa: E402
 from medsam2_endpoint.engines.tracking import TrackRule  # noqa: E402
 from medsam2_endpoint.io.encode import rle_decode  # noqa: E402
 from medsam2_endpoint.io.volume import write_nifti  # noqa: E402
-from medsam2_endpoint.pipeline.window import window_to_uint8  # noqa: E402
+from medsam2_endpoint.pipeline.window import percentile_window, window_to_uint8  # noqa: E402
 from medsam2_endpoint.testing.metrics import dice, nsd  # noqa: E402
 
 DATA = REPO.parent / "shared" / "data" / "real"
 SOFT_TISSUE = (-160.0, 240.0)
 BONE = (-500.0, 1300.0)
-MR_PERCENTILES = (0.5, 99.5)
 
 
 @dataclass(frozen=True)
@@ -45,7 +44,7 @@ class Structure:
     scan: str  # "ct", "mr" or a lesion file stem
     name: str
     label: int
-    window: tuple[float, float] | None  # None: the MR percentile window
+    window: tuple[float, float] | None  # None: sent as modality MR without a window (the server's percentile window)
     one_component: bool = False  # the label holds several separate objects (vertebrae): take the key slice's one
 
 
@@ -84,12 +83,6 @@ def lesion_structures(scans: dict[str, tuple[sitk.Image, np.ndarray]]) -> list[S
     return [Structure(name, f"lesion {name.split('_')[2]}", 1, (0.0, 255.0)) for name in scans if name.startswith("CT_Lesion")]
 
 
-def mr_window(image: sitk.Image) -> tuple[float, float]:
-    values = sitk.GetArrayViewFromImage(image)
-    lo, hi = np.percentile(values[values != 0], MR_PERCENTILES)
-    return float(lo), float(hi)
-
-
 def truth_of(labels: np.ndarray, s: Structure) -> np.ndarray:
     truth = labels == s.label
     if s.one_component:  # the connected object through the largest slice's largest region
@@ -122,10 +115,11 @@ def volume_key(windowed: np.ndarray) -> str:
     return hashlib.blake2b(windowed.data, digest_size=16).hexdigest() + str(windowed.shape)
 
 
-def ceiling_of(service: Service, model: str, image: sitk.Image, truth: np.ndarray, window: tuple[float, float]) -> np.ndarray:
-    """Every labelled slice segmented alone with the label's own box there."""
+def ceiling_of(service: Service, model: str, image: sitk.Image, truth: np.ndarray, window: tuple[float, float] | None) -> np.ndarray:
+    """Every labelled slice segmented alone with the label's own box there (windowed as the server does)."""
     engine = service.registry.get(model)
-    windowed = window_to_uint8(sitk.GetArrayFromImage(image), window)
+    array = sitk.GetArrayFromImage(image)
+    windowed = window_to_uint8(array, window if window is not None else percentile_window(array))
     state = engine.start(windowed, volume_key(windowed))
     ceiling = np.zeros_like(truth)
     for z in np.flatnonzero(truth.any(axis=(1, 2))):
@@ -133,13 +127,14 @@ def ceiling_of(service: Service, model: str, image: sitk.Image, truth: np.ndarra
     return ceiling
 
 
-def answer_of(service: Service, model: str, image: sitk.Image, truth: np.ndarray, window: tuple[float, float],
+def answer_of(service: Service, model: str, image: sitk.Image, truth: np.ndarray, window: tuple[float, float] | None,
               extra: dict[str, object]) -> tuple[np.ndarray, float, int]:
     """The served 3D answer to one box on the label's largest slice: (mask, seconds, slices processed)."""
     key = int(np.argmax(truth.sum(axis=(1, 2))))
     body = {"input_data": {
         "nii_image": [base64.b64encode(write_nifti(image)).decode()], "bbox": [box_of(truth[key])], "key_slice_idx": [key],
-        "dicom_window": [list(window)], "model": [model], "mask_format": ["rle"],
+        **({"dicom_window": [list(window)]} if window is not None else {"modality": ["MR"]}),
+        "model": [model], "mask_format": ["rle"],
         **{k: [v] for k, v in extra.items()},
     }}
     items = parse_request(body, max_items=1)
@@ -157,6 +152,15 @@ def _ends_within(answer: np.ndarray, truth: np.ndarray, tolerance: int) -> bool:
 
 RULES: dict[str, dict[str, object]] = {
     "iou0.8": {"min_iou": 0.8},  # the rule before this benchmark existed
+    "iou0.5": {"min_iou": 0.5},
+    "iou0.8+la1": {"min_iou": 0.8, "lookahead": 1},
+    "iou0.8+la2": {"min_iou": 0.8, "lookahead": 2},
+    "rel0.85": {"min_iou": 0.5, "relative_iou": 0.85},
+    "rel0.85+la1": {"min_iou": 0.5, "relative_iou": 0.85, "lookahead": 1},
+    "iou0.5+area": {"min_iou": 0.5, "max_area_growth": 1.5, "min_area_ratio": 0.3},
+    "iou0.5+int": {"min_iou": 0.5, "intensity_z": 1.5},
+    "iou0.5+shift": {"min_iou": 0.5, "max_shift": 0.5},
+    "combo": {"min_iou": 0.6, "relative_iou": 0.8, "max_area_growth": 1.6, "intensity_z": 2.0, "max_shift": 0.5, "lookahead": 1},
 }
 
 
@@ -185,7 +189,7 @@ def main(argv: list[str] | None = None) -> int:
     for s in structures:
         image, labels = scans[s.scan]
         truth = truth_of(labels, s)
-        window = s.window or mr_window(image)
+        window = s.window
         spacing_zyx = tuple(float(v) for v in reversed(image.GetSpacing()))
         answers = {}
         for rule in rules:  # the first rule's answer on a scan's first structure is a cold (first) request

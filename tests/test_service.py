@@ -8,6 +8,7 @@ import pickle
 
 import numpy as np
 import pytest
+import SimpleITK as sitk
 import torch
 
 from conftest import request_for, serving_bytes
@@ -20,7 +21,8 @@ from medsam2_endpoint.core.settings import Settings
 from medsam2_endpoint.engines.base import ModelInfo
 from medsam2_endpoint.engines.medsam2 import CheckpointError, MedSAM2Engine, find_checkpoints
 from medsam2_endpoint.io.encode import dumps
-from medsam2_endpoint.testing.phantoms import ct_phantom
+from medsam2_endpoint.pipeline.window import window_to_uint8
+from medsam2_endpoint.testing.phantoms import ct_phantom, mri_phantom
 
 
 class BoxEngine:
@@ -177,3 +179,34 @@ def test_base64_of_garbage_is_a_clear_error(phantom):
     with pytest.raises(Exception, match=r"input_data.nii_image\[0\]: not a NIfTI file") as err:
         score_body(service, body)
     assert http_status(err.value) == 415
+
+
+class RecordingEngine(BoxEngine):
+    """A BoxEngine that keeps the windowed volume it was given."""
+
+    def start(self, volume, volume_key=None):
+        self.volume = volume
+        return super().start(volume, volume_key)
+
+
+def test_mr_without_a_window_gets_the_percentile_window():
+    phantom = mri_phantom((12, 40, 48), lesions=("ellipsoid",), seed=5)
+    engine = RecordingEngine()
+    service = make_service({"box": engine})
+    body = request_for(phantom)
+    body["input_data"].pop("dicom_window", None)
+    (plain,) = score_body(service, body)
+    plain_volume = engine.volume
+    body["input_data"]["modality"] = ["MR"]
+    (mr,) = score_body(service, body)
+    values = sitk.GetArrayFromImage(phantom.image)
+    lo, hi = np.percentile(values[values != 0], (0.5, 99.5))
+    assert mr["metadata"]["window_used"] == pytest.approx([lo, hi], abs=1e-3) and mr["metadata"]["modality"] == "MR"
+    assert np.array_equal(engine.volume, window_to_uint8(values, (float(lo), float(hi))))
+    assert plain["metadata"]["window_used"] is None and np.array_equal(plain_volume, window_to_uint8(values, None))
+    body["input_data"]["dicom_window"] = [[0.0, 100.0]]  # an explicit window wins
+    (given,) = score_body(service, body)
+    assert given["metadata"]["window_used"] == [0.0, 100.0]
+    body["input_data"]["modality"] = ["PET"]
+    with pytest.raises(InvalidRequest, match=r"input_data.modality\[0\]"):
+        score_body(service, body)

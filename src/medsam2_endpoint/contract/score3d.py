@@ -20,6 +20,7 @@ Box = Annotated[list[Coordinate], Field(min_length=4, max_length=4)]
 Window = Annotated[list[float], Field(min_length=2, max_length=2)]
 MaskFormat = Literal["list", "rle", "nifti"]
 Direction = Literal["both", "up", "down"]
+Modality = Literal["CT", "MR"]
 DEFAULT_STOP_AFTER_EMPTY = 2
 
 
@@ -43,6 +44,8 @@ class VolumeColumns(BaseModel):
     key_slice_idx: list[int | None] | None = Field(default=None, description="key slice index in the full series")
     objects: list[list[ObjectPrompt] | None] | None = Field(default=None, description="several objects per item (instead of bbox/key_slice_idx)")
     dicom_window: list[Window | None] | None = Field(default=None, description="[lower, upper] intensity window")
+    modality: list[Modality | None] | None = Field(
+        default=None, description="CT or MR; without a dicom_window, MR is windowed to the 0.5-99.5th percentiles of its nonzero voxels")
     slice_offset: list[int | None] | None = Field(default=None, description="index of the volume's first slice in the series")
     model: list[StrictStr | None] | None = Field(default=None, description="registry name of the model")
     mask_format: list[MaskFormat | None] | None = Field(default=None, description="list (default), rle or nifti")
@@ -77,6 +80,7 @@ class VolumeItem:
     objects: tuple[ObjectSpec, ...]
     multi_object: bool
     dicom_window: tuple[float, float] | None
+    modality: str | None
     slice_offset: int
     model: str | None
     mask_format: str
@@ -117,6 +121,7 @@ def parse_request(body: Any, *, max_items: int) -> list[VolumeItem]:
                 objects=objects,
                 multi_object=_entry(cols.objects, i) is not None,
                 dicom_window=(float(window[0]), float(window[1])) if window is not None else None,
+                modality=_entry(cols.modality, i),
                 slice_offset=offset,
                 model=_entry(cols.model, i),
                 mask_format=_entry(cols.mask_format, i) or "list",

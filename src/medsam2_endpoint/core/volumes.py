@@ -19,7 +19,7 @@ from medsam2_endpoint.io.limits import Limits
 from medsam2_endpoint.io.sources import source_bytes
 from medsam2_endpoint.io.volume import Volume, base64_chunks, read_nifti
 from medsam2_endpoint.pipeline.propagate import PropagationOptions, merge_objects, segment_object
-from medsam2_endpoint.pipeline.window import parse_box, window_to_uint8
+from medsam2_endpoint.pipeline.window import parse_box, percentile_window, window_to_uint8
 
 log = logging.getLogger("azmlinfsrv.medsam2")
 
@@ -38,6 +38,7 @@ class PreparedItem:
     volume_key: str  # content hash of what the model sees: same volume + same window -> same features
     engine_name: str
     objects: tuple[PreparedObject, ...]
+    window: tuple[float, float] | None  # the window applied: the request's, the MR percentiles, or None (min-max)
     decode_ms: float
     window_ms: float
 
@@ -53,7 +54,10 @@ def load_volume(item: VolumeItem, *, policy: FetchPolicy, limits: Limits) -> Vol
 def prepare(item: VolumeItem, volume: Volume, engine_name: str, *, decode_ms: float = 0.0) -> PreparedItem:
     """Window and check the prompts: every error a request can cause is raised here, before any inference."""
     started = time.perf_counter()
-    windowed = volume.with_array(window_to_uint8(volume.array, item.dicom_window, field=item.field("dicom_window")))
+    window = item.dicom_window
+    if window is None and item.modality == "MR":
+        window = percentile_window(volume.array)
+    windowed = volume.with_array(window_to_uint8(volume.array, window, field=item.field("dicom_window")))
     del volume  # the raw voxels (often int16, twice the windowed bytes) are not needed past this point
     volume_key = hashlib.blake2b(windowed.array.data, digest_size=16).hexdigest() + str(windowed.array.shape)
     depth, height, width = windowed.array.shape
@@ -67,7 +71,7 @@ def prepare(item: VolumeItem, volume: Volume, engine_name: str, *, decode_ms: fl
             )
         box = parse_box(spec.bbox, width=width, height=height, field=spec.bbox_field)
         objects.append(PreparedObject(spec.id, key_index, box))
-    return PreparedItem(item, windowed, volume_key, engine_name, tuple(objects), decode_ms=decode_ms,
+    return PreparedItem(item, windowed, volume_key, engine_name, tuple(objects), window, decode_ms=decode_ms,
                         window_ms=(time.perf_counter() - started) * 1000)
 
 
@@ -103,6 +107,8 @@ def run(p: PreparedItem, engine: VolumeEngine, budget: Budget) -> tuple[np.ndarr
         "mask_format": item.mask_format,
         "slice_offset": item.slice_offset,
         "dicom_window": list(item.dicom_window) if item.dicom_window else None,
+        "modality": item.modality,
+        "window_used": [round(v, 4) for v in p.window] if p.window else None,
         "spacing": list(volume.spacing),
         "origin": list(volume.origin),
         "direction": list(volume.direction),

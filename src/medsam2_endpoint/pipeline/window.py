@@ -11,6 +11,19 @@ from medsam2_endpoint.base.errors import InvalidRequest
 _CHUNK_SLICES = 16
 
 
+MR_PERCENTILES = (0.5, 99.5)  # MedSAM2's MRI script: of the nonzero voxels
+
+
+def percentile_window(array: np.ndarray, percentiles: tuple[float, float] = MR_PERCENTILES) -> tuple[float, float] | None:
+    """The window an MR volume gets without one: the given percentiles of its nonzero voxels (None when
+    there are none, or they span no range: plain min-max then applies)."""
+    nonzero = array[array != 0]
+    if nonzero.size == 0:
+        return None
+    lo, hi = (float(v) for v in np.percentile(nonzero, percentiles))
+    return (lo, hi) if lo < hi else None
+
+
 def window_to_uint8(array: np.ndarray, window: tuple[float, float] | None, *, field: str = "input_data.dicom_window") -> np.ndarray:
     """Clip to the window, min-max scale by the clipped volume's own min and max, truncate to uint8.
 
