@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import base64
+import dataclasses
 import json
 import sys
 import time
@@ -21,25 +22,30 @@ from pathlib import Path
 import numpy as np
 
 from medsam2_endpoint.api.azure import score as score_body
+from medsam2_endpoint.core.registry import ModelRegistry
 from medsam2_endpoint.core.service import Service, configure_threads
 from medsam2_endpoint.core.settings import Settings
-from medsam2_endpoint.engines.lite import LiteMedSAMEngine
+from medsam2_endpoint.engines.lite import DEFAULT_RULE, LiteMedSAMEngine
 from medsam2_endpoint.engines.medsam2 import MedSAM2Engine, find_checkpoints
 from medsam2_endpoint.io.encode import dumps, rle_decode
 from medsam2_endpoint.testing.metrics import dice, hd95
 from medsam2_endpoint.testing.phantoms import phantom_set
 
 
-def build_service(model_dir: Path | None, lite_modes: list[str], lite_min_iou: float | None = None) -> Service:
+def build_service(model_dir: Path | None, lite_modes: list[str], lite_min_iou: float | None = None,
+                  lite_intensity_z: float | None = None) -> Service:
     engines = {}
     for path in find_checkpoints(model_dir):
         engines[path.stem] = MedSAM2Engine(path)
     for mode in lite_modes:
         name = "lite-medsam" if len(lite_modes) == 1 else f"lite-medsam[{mode}]"
-        options = {} if lite_min_iou is None else {"min_iou": lite_min_iou}
+        rule = DEFAULT_RULE if lite_min_iou is None else dataclasses.replace(DEFAULT_RULE, min_iou=lite_min_iou)
+        if lite_intensity_z is not None:
+            rule = dataclasses.replace(rule, intensity_z=lite_intensity_z or None)
+        options = {"rule": rule}
         engines[name] = LiteMedSAMEngine(resize_mode=mode, **options)
     settings = Settings.from_env({"MEDSAM2_WARMUP": "0", "MEDSAM2_REQUEST_DEADLINE_S": "3600"})
-    return Service(settings, engines, next(iter(engines)))
+    return Service(settings, ModelRegistry(engines, next(iter(engines))))
 
 
 def evaluate(service: Service, set_name: str, stops: list[int] = (2,)) -> list[dict]:
@@ -104,10 +110,12 @@ def main() -> None:
     parser.add_argument("--model-dir", type=Path, default=None, help="folder with MedSAM2 checkpoints (optional)")
     parser.add_argument("--lite-modes", default="pad", help="LiteMedSAM preprocessing modes to run: pad, stretch or both")
     parser.add_argument("--stop-after-empty", default="2", help="stop rule values to compare, e.g. 0,2 (0: off; default 2, the service's)")
-    parser.add_argument("--lite-min-iou", type=float, help="LiteMedSAM's own IoU stop threshold (0 turns it off; default 0.8)")
+    parser.add_argument("--lite-min-iou", type=float, help="LiteMedSAM's IoU floor while tracking (0 turns it off; default 0.5)")
+    parser.add_argument("--lite-intensity-z", type=float,
+                        help="LiteMedSAM's intensity rule (0 turns it off; default 1.5). --lite-min-iou 0.8 --lite-intensity-z 0: the old rule")
     args = parser.parse_args()
     configure_threads(0)
-    service = build_service(args.model_dir, [m for m in args.lite_modes.split(",") if m], args.lite_min_iou)
+    service = build_service(args.model_dir, [m for m in args.lite_modes.split(",") if m], args.lite_min_iou, args.lite_intensity_z)
     print(markdown(evaluate(service, args.set, [int(v) for v in args.stop_after_empty.split(",")])))
 
 

@@ -47,7 +47,7 @@ def main() -> None:
         make_random_checkpoint(checkpoint, seed=0)
     case = speed.write_case(args.size, work)
     service = speed._service("medsam2", checkpoint)
-    (engine,) = [e for e in service.engines.values() if e.info.family == "medsam2"]
+    (engine,) = [e for e in service.registry.snapshot().values() if e.info.family == "medsam2"]
     rows = []
     for label, (dz, dx) in (("cold (first request)", (0, 0)), ("warm (second request)", (1, 2))):
         spent = timed(engine.predictor)

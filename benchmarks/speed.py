@@ -125,7 +125,7 @@ def run_one(config: dict) -> dict:
 
             np.save(Path(config["mask_out"]), rle_decode(result["mask"]["counts"], tuple(result["mask"]["size"])))
         if config.get("second"):
-            caches = [engine.features for engine in service.engines.values()]
+            caches = [engine.features for engine in service.registry.snapshot().values()]
             misses = sum(c.misses for c in caches)
             started = time.perf_counter()
             (second,) = score_body(service, _body(case, [_shifted(case, 1, 2)], stop_after_empty=stop, mask_format="rle"))
@@ -134,7 +134,7 @@ def run_one(config: dict) -> dict:
             out["second_encoded"] = sum(c.misses for c in caches) - misses  # slices the image encoder ran on again
         if config.get("objects"):
             fresh = service
-            for engine in fresh.engines.values():  # empty the feature caches: the 3 objects start cold, as the first run
+            for engine in fresh.registry.snapshot().values():  # empty the feature caches: the 3 objects start cold, as the first run
                 engine.features = type(engine.features)(engine.features.max_bytes)
             three = [boxes[0], _shifted(case, 1, 3), _shifted(case, -1, -3)]
             body = _body(case, three, stop_after_empty=stop, mask_format="rle")

