@@ -174,10 +174,10 @@ class FakeFrontEnd:
         self.httpd.server_close()
 
 
-def error(status: int, message: str, *, azure: bool = False, headers: dict | None = None) -> Responder:
+def error(status: int, message: str, *, azure: bool = False, headers: dict | None = None, code: str | None = None) -> Responder:
     """Our service's JSON error; `azure`: as a managed endpoint relays it (424 + original status header)."""
     extra = {"ms-azureml-model-error-statuscode": str(status)} if azure else {}
-    payload = json.dumps({"error": message, "status": status}).encode()
+    payload = json.dumps({"error": message, "status": status, **({"code": code} if code else {})}).encode()
     return lambda body, hdrs: (424 if azure else status, {**extra, **(headers or {})}, payload)
 
 
@@ -227,17 +227,17 @@ def test_retries_then_succeeds(first, small_volume):
 
 
 def test_retries_are_bounded_and_honour_retry_after(small_volume):
-    with FakeFrontEnd([error(503, "busy", headers={"Retry-After": "0"})]) as fake:
+    with FakeFrontEnd([error(503, "busy", headers={"Retry-After": "0"}, code="busy")]) as fake:
         with pytest.raises(EndpointError) as caught:
             segment(small_volume, bbox=[2, 3, 10, 12], key_slice=2, endpoint=fake.url, retries=2, backoff_s=30)
     assert len(fake.requests) == 3 and caught.value.status == 503  # Retry-After 0 beat the 30 s back-off
 
 
-def test_time_budget_503_is_not_retried(small_volume):
-    with FakeFrontEnd([error(503, "the request's time budget ran out after 40 slices", azure=True)]) as fake:
-        with pytest.raises(EndpointError, match="time budget"):
+def test_a_deadline_503_is_not_retried_decided_by_its_code(small_volume):
+    with FakeFrontEnd([error(503, "ran out after 40 slices", azure=True, code="deadline")]) as fake:
+        with pytest.raises(EndpointError, match="ran out") as caught:
             segment(small_volume, bbox=[2, 3, 10, 12], key_slice=2, endpoint=fake.url, backoff_s=0.01)
-    assert len(fake.requests) == 1
+    assert len(fake.requests) == 1 and caught.value.code == "deadline"
 
 
 def test_424_reports_original_status_and_json_and_sends_bearer_key(small_volume, tmp_path, monkeypatch, capsys):

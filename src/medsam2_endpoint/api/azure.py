@@ -19,7 +19,7 @@ import flask
 from azureml_inference_server_http.api.aml_request import AMLRequest
 from azureml_inference_server_http.api.aml_response import AMLResponse
 
-from medsam2_endpoint.api.errors import body_of, error_body, http_status
+from medsam2_endpoint.api.errors import body_of, error_body, headers_of, http_status
 from medsam2_endpoint.base.errors import ServiceError
 from medsam2_endpoint.contract.score2d import parse_image_request
 from medsam2_endpoint.contract.score3d import parse_request
@@ -112,7 +112,7 @@ class ScoreApp:
         try:
             results = score(service, body)
         except ServiceError as exc:
-            return AMLResponse(json.dumps(body_of(exc)), http_status(exc), JSON), route, items, exc.message
+            return AMLResponse(json.dumps(body_of(exc)), http_status(exc), {**JSON, **headers_of(exc)}), route, items, exc.message
         except TimeoutError:  # azmlinfsrv's SIGALRM (SCORING_TIMEOUT_MS) raised inside our code
             message = "the request ran past the server's time limit (SCORING_TIMEOUT_MS); send a smaller volume or fewer items"
             return _error(503, message, "deadline"), route, items, message

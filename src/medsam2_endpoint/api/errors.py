@@ -42,3 +42,10 @@ def body_of(exc: ServiceError) -> dict[str, Any]:
     if exc.detail:
         body["detail"] = exc.detail
     return body
+
+
+def headers_of(exc: ServiceError) -> dict[str, str]:
+    """HTTP headers an error needs: Retry-After for `busy`."""
+    if exc.code == "busy":
+        return {"Retry-After": str(int(exc.detail.get("retry_after_s", 5)))}
+    return {}

@@ -30,10 +30,12 @@ import numpy as np
 from fastapi import APIRouter, Depends, FastAPI, File, Form, Query, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import PlainTextResponse, Response
+from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from medsam2_endpoint import __version__
-from medsam2_endpoint.api.errors import body_of, error_body, http_status
+from medsam2_endpoint.api.cancel import run_until_disconnected
+from medsam2_endpoint.api.errors import body_of, error_body, headers_of, http_status
 from medsam2_endpoint.api.samapi_types import ModelTypes
 from medsam2_endpoint.api.uploads import UploadStore
 from medsam2_endpoint.base.errors import InvalidRequest, ServiceError, Unauthorized
@@ -133,21 +135,26 @@ def progress(state: State) -> Response:
 
 
 @router.post("/")
-def predict(body: SamPromptBody, state: State) -> Response:
+async def predict(body: SamPromptBody, state: State, request: Request) -> Response:
     """One prompt object on the field of view: one Feature per mask (1, or 3 with multimask_output)."""
     sam_type, name = state.types.resolve(body.type, body.checkpoint_url)
     prompt = ImagePrompt(points=body.point_coords, labels=body.point_labels, box=body.bbox,
                          output_type="all" if body.multimask_output else "single")
-    result = state.service.segment_image(name, body.b64img, prompt, mask_b64=body.b64mask)
+    budget = state.service.budget()
+    result = await run_until_disconnected(
+        request, budget, lambda: state.service.segment_image(name, body.b64img, prompt, mask_b64=body.b64mask, budget=budget))
     # Empty masks have no outline: they are left out, and object_idx keeps each mask's own index.
     return _json([feature(m.mask, object_idx=m.index, quality=m.quality, sam_model=sam_type) for m in result.masks if m.area])
 
 
 @router.post("/automask/")
-def automask(body: SamAutomaskBody, state: State) -> Response:
+async def automask(body: SamAutomaskBody, state: State, request: Request) -> Response:
     """Masks of everything in the field of view; output_type picks among each grid point's masks."""
     sam_type, name = state.types.resolve(body.type, body.checkpoint_url)
-    result = state.service.automask_image(name, body.b64img, body, samapi_output_type(body.output_type))
+    output_type = samapi_output_type(body.output_type)
+    budget = state.service.budget()
+    result = await run_until_disconnected(
+        request, budget, lambda: state.service.automask_image(name, body.b64img, body, output_type, budget=budget))
     return _json([feature(m.mask, object_idx=m.index, quality=m.quality, sam_model=sam_type) for m in result.masks])
 
 
@@ -165,17 +172,19 @@ def _video_frames(state: SamapiState, body: SamVideoBody) -> list[Frame]:
 
 
 @router.post("/video/")
-def video(body: SamVideoBody, state: State) -> Response:
+async def video(body: SamVideoBody, state: State, request: Request) -> Response:
     """Objects tracked through a z-stack (axes XYZ) or time series (XYT) from prompts on some frames."""
     try:
         sam_type, name = state.types.resolve(body.type, body.checkpoint_url)
-        frames = _video_frames(state, body)
+        frames = await run_in_threadpool(_video_frames, state, body)
     finally:
         if body.dirname and not body.b64imgs:
             state.uploads.remove(body.dirname)  # as samapi: an uploaded sequence is used once
     start = body.start_frame_idx or 0
-    masks = state.service.track_video(name, frames, video_prompts(body), start=start,
-                                      max_frames_per_direction=body.max_frame_num_to_track)
+    prompts = video_prompts(body)
+    budget = state.service.budget()
+    masks = await run_until_disconnected(request, budget, lambda: state.service.track_video(
+        name, frames, prompts, start=start, max_frames_per_direction=body.max_frame_num_to_track, budget=budget))
     depth = next(iter(masks.values())).shape[0] if masks else 0
     features = []
     for z in range(depth):
@@ -198,7 +207,7 @@ def _install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(ServiceError)
     async def service_error(request: Request, exc: ServiceError) -> Response:
         status = http_status(exc)
-        headers = {"WWW-Authenticate": "Bearer"} if status == 401 else None
+        headers = {"WWW-Authenticate": "Bearer"} if status == 401 else headers_of(exc)
         log.info("route=samapi path=%s status=%d code=%s error=%s", request.url.path, status, exc.code, exc.message)
         return _json(body_of(exc), status, headers)
 

@@ -84,3 +84,9 @@ class DeadlineExceeded(ServiceError):
     """The per-request time budget ran out; the message (and `detail`) say how far the work got."""
 
     code = "deadline"
+
+
+class Busy(ServiceError):
+    """Every inference slot of the model is taken; `detail["retry_after_s"]` says when to try again."""
+
+    code = "busy"

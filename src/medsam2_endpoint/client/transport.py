@@ -34,6 +34,8 @@ class EndpointError(ClientError):
     def __init__(self, status: int, message: str, *, http_status: int, body: Any = None) -> None:
         super().__init__(message)
         self.status, self.message, self.http_status, self.body = status, message, http_status, body
+        # the service's machine-readable kind of error (README: Errors), when the body carries one
+        self.code = str(body["code"]) if isinstance(body, dict) and body.get("code") else None
 
     def __str__(self) -> str:
         via = f" (reported by Azure as HTTP {self.http_status})" if self.http_status != self.status else ""
@@ -99,6 +101,9 @@ def _check_transport(endpoint: str, key: str | None) -> None:
             raise ClientError(f"refusing to send the endpoint key over plain http to {host}; use https")
 
 
+NOT_RETRIED = ("deadline", "cancelled")
+
+
 def _error_of(response: requests.Response) -> EndpointError:
     original = response.headers.get(AZURE_STATUS_HEADER)
     try:
@@ -123,7 +128,7 @@ def post_request(
     """POST a request body; the parsed JSON answer. Retries 429/503 (also when wrapped in a 424) with back-off.
 
     Waits `backoff_s * 2**attempt` (or the server's Retry-After), capped at `max_backoff_s`, at most `retries`
-    times. A 503 saying the request's time budget ran out is not retried: the same request would run out again.
+    times. A 503 whose `code` is `deadline` or `cancelled` is not retried: the same request would run out again.
     """
     _check_transport(endpoint, key)
     data = json.dumps(body, separators=(",", ":")).encode()
@@ -148,7 +153,7 @@ def post_request(
             except ValueError:
                 raise EndpointError(200, "the answer is not JSON", http_status=200, body=response.text[:500]) from None
         error = _error_of(response)
-        if error.status not in RETRY_STATUSES or attempt == retries or "time budget" in error.message:
+        if error.status not in RETRY_STATUSES or attempt == retries or error.code in NOT_RETRIED:
             raise error
         retry_after = response.headers.get("Retry-After", "")
         delay = float(retry_after) if retry_after.isdigit() else backoff_s * 2**attempt * random.uniform(0.8, 1.2)

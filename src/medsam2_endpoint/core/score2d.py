@@ -67,7 +67,8 @@ def run(prompter: Prompter, p: Prepared2D, budget: Budget) -> dict[str, Any]:
     if item.task == "automask":
         assert item.automask is not None
         params = automask_params(item.automask, item.prompt.output_type)
-        result: Result2D = automask(prompter, p.model, p.rgb, params, where=lambda col: f"{item.field('automask')}.{col}")
+        result: Result2D = automask(prompter, p.model, p.rgb, params, where=lambda col: f"{item.field('automask')}.{col}",
+                                    budget=budget)
     else:
         result = prompter.segment(p.model, p.rgb, p.prompt)
     t1 = time.perf_counter()

@@ -15,6 +15,7 @@ typed `ServiceError` with a `code`, raised before inference where the request ca
 from __future__ import annotations
 
 import logging
+import os
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -22,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
 from medsam2_endpoint.base.budget import Budget
 from medsam2_endpoint.base.errors import InvalidRequest, PayloadTooLarge
@@ -34,6 +36,7 @@ from medsam2_endpoint.core.images import automask_params, load_rgb, mask_logits,
 from medsam2_endpoint.core.registration import WeightRecords, WeightRegistrar
 from medsam2_endpoint.core.registry import ModelRegistry, choose_device, configure_threads
 from medsam2_endpoint.core.settings import Settings
+from medsam2_endpoint.core.slots import InferenceSlots
 from medsam2_endpoint.engines.base import ModelInfo
 from medsam2_endpoint.io.encode import encode_mask
 from medsam2_endpoint.io.volume import read_nifti, write_nifti
@@ -72,6 +75,9 @@ class Service:
         samapi = settings.samapi
         self.records = records or WeightRecords(samapi.weights_dir)
         self.registrar = WeightRegistrar(registry, self.records, samapi, settings.fetch)
+        threads = torch.get_num_threads()
+        slots = settings.inference_slots or max(1, (os.cpu_count() or 1) // max(1, threads))
+        self.slots = InferenceSlots(slots, settings.busy_wait_s, settings.retry_after_s)
 
     @classmethod
     def from_settings(cls, settings: Settings) -> Service:
@@ -127,7 +133,8 @@ class Service:
         prepared = [self._prepare_3d(item) for item in items]
         results = []
         for p in prepared:
-            mask, metadata = volumes.run(p, self.registry.get(p.engine_name), budget)
+            with self.slots.hold(p.engine_name):
+                mask, metadata = volumes.run(p, self.registry.get(p.engine_name), budget)
             t0 = time.perf_counter()
             encoded = encode_mask(mask, p.windowed, p.item.mask_format, label_map=p.item.multi_object)
             metadata["timing_ms"]["encode"] = round((time.perf_counter() - t0) * 1000, 1)
@@ -143,7 +150,8 @@ class Service:
         started = time.perf_counter()
         volume = read_nifti(path.read_bytes(), field=path.name, limits=self.settings.limits)
         prepared = volumes.prepare(item, volume, name, decode_ms=(time.perf_counter() - started) * 1000)
-        mask, metadata = volumes.run(prepared, self.registry.get(name), budget or self.budget())
+        with self.slots.hold(name):
+            mask, metadata = volumes.run(prepared, self.registry.get(name), budget or self.budget())
         return FileResult(write_nifti(prepared.windowed.image_like(mask)), metadata)
 
     # ---------------------------------------------------------------- 2D
@@ -156,9 +164,14 @@ class Service:
                             policy=self.settings.fetch, limits=self.settings.limits)
             for item in items
         ]
-        return [score2d.run(self.prompter, p, budget) for p in prepared]
+        results = []
+        for p in prepared:
+            with self.slots.hold(p.model):
+                results.append(score2d.run(self.prompter, p, budget))
+        return results
 
-    def segment_image(self, model: str, image_b64: str, prompt: ImagePrompt, *, mask_b64: str | None = None) -> Result2D:
+    def segment_image(self, model: str, image_b64: str, prompt: ImagePrompt, *, mask_b64: str | None = None,
+                      budget: Budget | None = None) -> Result2D:
         """One prompt on one image (samapi): errors name samapi's fields (b64img, bbox, point_coords, b64mask)."""
         limits, policy = self.settings.limits, self.settings.fetch
         _, rgb = load_rgb(image_b64, field="b64img", policy=policy, limits=limits)
@@ -171,15 +184,20 @@ class Service:
         check_prompt(typed, width=rgb.shape[1], height=rgb.shape[0], engine=engine, where=lambda column: column,
                      models_with_points=self.prompter.models_with_points())
         started = time.perf_counter()
-        result = self.prompter.segment(model, rgb, typed)
+        (budget or self.budget()).check(0, "prompts")  # a client gone before the model ran gets nothing computed
+        with self.slots.hold(model):
+            result = self.prompter.segment(model, rgb, typed)
         log.info("route=samapi model=%s size=%dx%d masks=%d embedding_cached=%s ms=%.0f", model, rgb.shape[1], rgb.shape[0],
                  len(result.masks), result.embedding_cached, (time.perf_counter() - started) * 1000)
         return result
 
-    def automask_image(self, model: str, image_b64: str, options: AutomaskOptions, output_type: str) -> Result2D:
+    def automask_image(self, model: str, image_b64: str, options: AutomaskOptions, output_type: str,
+                       budget: Budget | None = None) -> Result2D:
         _, rgb = load_rgb(image_b64, field="b64img", policy=self.settings.fetch, limits=self.settings.limits)
         started = time.perf_counter()
-        result = automask(self.prompter, model, rgb, automask_params(options, output_type), where=lambda column: column)
+        with self.slots.hold(model):
+            result = automask(self.prompter, model, rgb, automask_params(options, output_type), where=lambda column: column,
+                              budget=budget or self.budget())
         log.info("route=samapi-automask model=%s size=%dx%d masks=%d ms=%.0f", model, rgb.shape[1], rgb.shape[0],
                  len(result.masks), (time.perf_counter() - started) * 1000)
         return result
@@ -216,8 +234,9 @@ class Service:
                 np.asarray(p.labels, dtype=np.int64) if p.labels else None,
                 p.where,
             ))
-        return track_objects(self.prompter, model, self.registry.get(model), volume[start:], typed,
-                             max_frames_per_direction=max_frames_per_direction, budget=budget or self.budget())
+        with self.slots.hold(model):
+            return track_objects(self.prompter, model, self.registry.get(model), volume[start:], typed,
+                                 max_frames_per_direction=max_frames_per_direction, budget=budget or self.budget())
 
     # ---------------------------------------------------------------- registered weights
 

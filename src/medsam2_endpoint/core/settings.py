@@ -55,6 +55,9 @@ class Settings(BaseSettings):
     enable_lite: bool = Field(True, description="serve LiteMedSAM (`lite-medsam`, the embedded default)")
     request_deadline_s: float = Field(
         170.0, gt=0, description="per-request time budget in seconds (below the managed endpoint's 180 s)")
+    inference_slots: int = Field(0, ge=0, description="requests a model computes at once per worker; 0: CPU count / torch threads (at least 1)")
+    busy_wait_s: float = Field(2.0, ge=0, description="how long a request waits for a free inference slot before a 503 `busy` with Retry-After")
+    retry_after_s: float = Field(5.0, gt=0, description="the Retry-After a `busy` answer suggests, seconds")
     feature_cache_mb: int = Field(256, ge=0, description="per model per worker: 3D slice features reused across objects and requests")
     embedding_cache_mb: int = Field(256, ge=0, description="2D image embeddings shared by the 2D route and the samapi server; 0 disables")
     max_items: int = Field(16, ge=1, description="items per request")

@@ -97,8 +97,11 @@ class MedSAM2MaskGenerator(SAM2AutomaticMaskGenerator):  # type: ignore[misc]  #
       smaller than the area removed, then NMS again).
     """
 
-    def __init__(self, predictor: MedSAM2ImagePredictor, *, select: str, min_mask_region_area: int, **params: Any) -> None:
+    def __init__(self, predictor: MedSAM2ImagePredictor, *, select: str, min_mask_region_area: int,
+                 before_batch: Callable[[int], None] | None = None, **params: Any) -> None:
         super().__init__(predictor.model, min_mask_region_area=0, **params)
+        self.before_batch = before_batch  # called with the grid points done so far; may raise to stop the work
+        self.points_done = 0
         self.predictor = predictor  # replaces the base class's predictor, which assumes a 1024-px model
         self.select = select
         self.min_region = min_mask_region_area
@@ -107,7 +110,10 @@ class MedSAM2MaskGenerator(SAM2AutomaticMaskGenerator):  # type: ignore[misc]  #
         self, points: np.ndarray, im_size: tuple[int, ...], crop_box: list[int], orig_size: tuple[int, ...],
         normalize: bool = False,
     ) -> MaskData:
+        if self.before_batch is not None:
+            self.before_batch(self.points_done)
         data = super()._process_batch(points, im_size, crop_box, orig_size, normalize=normalize)
+        self.points_done += len(points)
         if self.select != "all" and len(data["rles"]) > 0:
             areas = np.array([area_from_rle(rle) for rle in data["rles"]])
             keep = keep_one_per_prompt(data["points"].cpu().numpy(), areas, data["iou_preds"].float().cpu().numpy(), self.select)
@@ -174,7 +180,7 @@ class SAM2ImageEngine:
 
     def automask_2d(
         self, rgb_u8: np.ndarray, *, embed: Callable[[np.ndarray], SAM2Embedding], select: str, multimask: bool,
-        min_mask_region_area: int, params: dict[str, Any],
+        min_mask_region_area: int, params: dict[str, Any], before_batch: Callable[[int], None] | None = None,
     ) -> list[dict[str, Any]]:
         """sam2's automatic masks; `params` are the generator's own keyword arguments (points_per_side, ...).
 
@@ -183,7 +189,8 @@ class SAM2ImageEngine:
         """
         predictor = MedSAM2ImagePredictor(self.model, embed_fn=embed)
         generator = MedSAM2MaskGenerator(
-            predictor, select=select, min_mask_region_area=min_mask_region_area, multimask_output=multimask, **params
+            predictor, select=select, min_mask_region_area=min_mask_region_area, multimask_output=multimask,
+            before_batch=before_batch, **params,
         )
         with torch.inference_mode(), bf16_autocast(self.device):
             return cast("list[dict[str, Any]]", generator.generate(rgb_u8))

@@ -11,6 +11,7 @@ import torch
 from sam2.utils.amg import batched_mask_to_box, calculate_stability_score, remove_small_regions
 from torchvision.ops.boxes import batched_nms
 
+from medsam2_endpoint.base.budget import Budget
 from medsam2_endpoint.base.errors import InvalidRequest
 from medsam2_endpoint.engines.base import ImageEngine
 from medsam2_endpoint.engines.sam2_image import SAM2ImageEngine, keep_one_per_prompt
@@ -52,7 +53,11 @@ def touches_border(mask: np.ndarray) -> bool:
     return bool(mask[0].any() or mask[-1].any() or mask[:, 0].any() or mask[:, -1].any())
 
 
-def automask(prompter: Prompter, name: str, rgb_u8: np.ndarray, params: AutomaskParams, *, where: Callable[[str], str]) -> Result2D:
+ADVICE = "lower points_per_side or crop_n_layers, or raise MEDSAM2_REQUEST_DEADLINE_S"
+
+
+def automask(prompter: Prompter, name: str, rgb_u8: np.ndarray, params: AutomaskParams, *, where: Callable[[str], str],
+             budget: Budget | None = None) -> Result2D:
         """Masks of everything in the image (SAM's automatic mask generator, or a box grid for box-only models)."""
         engine = prompter.image_engine(name)
         select = "all" if params.output_type == "single" else params.output_type
@@ -75,6 +80,7 @@ def automask(prompter: Prompter, name: str, rgb_u8: np.ndarray, params: Automask
             records = cast(SAM2ImageEngine, engine).automask_2d(  # only SAM 2 engines accept points
                 rgb_u8, embed=embed, select=select, multimask=multimask,
                 min_mask_region_area=params.min_mask_region_area, params=generator_params,
+                before_batch=None if budget is None else lambda done: budget.check(done, "grid_points", advice=ADVICE),
             )
             masks = [
                 Mask2D(r["segmentation"].astype(bool), float(r["predicted_iou"]), i, float(r["stability_score"]),
@@ -85,7 +91,8 @@ def automask(prompter: Prompter, name: str, rgb_u8: np.ndarray, params: Automask
         else:
             check_automask(params, engine=engine, where=where)
             embedding, cached = prompter.embedding(name, rgb_u8)
-            masks = box_grid_automask(engine, embedding, rgb_u8.shape[:2], params, select=select, multimask=multimask)
+            masks = box_grid_automask(engine, embedding, rgb_u8.shape[:2], params, select=select, multimask=multimask,
+                                      budget=budget)
         masks = [m for m in masks if m.area > 0]  # an empty mask has no outline to report
         if not params.include_image_edge:
             masks = [m for m in masks if not touches_border(m.mask)]
@@ -113,12 +120,14 @@ def _grid_boxes(height: int, width: int, per_side: int) -> tuple[np.ndarray, np.
 
 
 def box_grid_automask(engine: Any, embedding: Any, hw: tuple[int, int], params: AutomaskParams, *, select: str,
-                      multimask: bool) -> list[Mask2D]:
+                      multimask: bool, budget: Budget | None = None) -> list[Mask2D]:
     """SAM's automatic-mask filtering (predicted IoU, stability, box NMS, small regions) on a box grid."""
     height, width = hw
     boxes, centres = _grid_boxes(height, width, params.points_per_side)
     kept_masks, kept_iou, kept_stab, kept_pts = [], [], [], []
     for start in range(0, len(boxes), params.points_per_batch):
+        if budget is not None:
+            budget.check(start, "grid_boxes", advice=ADVICE)
         batch = boxes[start : start + params.points_per_batch]
         logits, ious, _ = engine.predict_logits_2d(embedding, batch, multimask=multimask)  # (B, N, H, W), (B, N)
         n = logits.shape[1]

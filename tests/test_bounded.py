@@ -1,0 +1,112 @@
+"""Bounded work on the samapi server (real uvicorn on loopback): work stops when its client leaves, a model
+whose slots are taken answers 503 busy with Retry-After, and cheap routes answer meanwhile."""
+
+from __future__ import annotations
+
+import json
+import socket
+import threading
+import time
+
+import numpy as np
+import pytest
+import requests
+
+from medsam2_endpoint.api.samapi import create_app
+from medsam2_endpoint.base.budget import Budget, Cancelled
+from medsam2_endpoint.contract.score2d import AutomaskOptions
+from test_prompt2d import LITE, phantom_slice
+from test_samapi import HEADERS, live, post, rgb_png, with_settings
+
+
+class SlowDecoder:
+    """Wraps LiteMedSAM's batched decoder: counts calls and sleeps in each, so a grid takes long."""
+
+    def __init__(self, original, delay_s: float) -> None:
+        self.original, self.delay_s, self.calls = original, delay_s, 0
+
+    def __call__(self, *args, **kwargs):
+        self.calls += 1
+        time.sleep(self.delay_s)
+        return self.original(*args, **kwargs)
+
+
+def raw_post(url: str, body: dict) -> socket.socket:
+    """Send a POST and leave the socket open without reading: a client that will walk away."""
+    host, port_path = url.removeprefix("http://").split(":", 1)
+    port, path = port_path.split("/", 1)
+    data = json.dumps(body).encode()
+    sock = socket.create_connection((host, int(port)))
+    head = f"POST /{path} HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\nContent-Length: {len(data)}\r\n\r\n"
+    sock.sendall(head.encode() + data)
+    return sock
+
+
+def test_automask_stops_soon_after_its_client_disconnects(service, monkeypatch, tmp_path):
+    engine = service.registry.get(LITE)
+    slow = SlowDecoder(engine.predict_logits_2d, 0.2)
+    monkeypatch.setattr(engine, "predict_logits_2d", slow)
+    grey, _, _ = phantom_slice()
+    body = {"type": "vit_t", "b64img": rgb_png(grey), "points_per_side": 16, "points_per_batch": 4, "output_type": "Single Mask"}
+    with live(create_app(with_settings(service, samapi_weights_dir=tmp_path))) as url:
+        sock = raw_post(url + "automask/", body)
+        deadline = time.monotonic() + 60
+        while slow.calls < 3 and time.monotonic() < deadline:  # the grid is being decoded
+            time.sleep(0.05)
+        assert slow.calls >= 3
+        sock.close()  # the client gives up (QuPath's read timeout)
+        time.sleep(2.0)  # polling every 0.25 s, the work stops at its next batch
+        stopped_at = slow.calls
+        time.sleep(2.0)
+        assert slow.calls == stopped_at, "work went on after the client left"
+        assert stopped_at < 100, "the whole grid (about 190 batches) ran"
+        assert requests.get(url + "version/", timeout=10).status_code == 200
+
+
+def test_a_model_with_every_slot_taken_answers_busy_with_retry_after(service, monkeypatch, tmp_path):
+    engine = service.registry.get(LITE)
+    entered, release = threading.Event(), threading.Event()
+    original = engine.predict_2d
+
+    def held(*args, **kwargs):
+        entered.set()
+        release.wait(60)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(engine, "predict_2d", held)
+    busy = with_settings(service, samapi_weights_dir=tmp_path, inference_slots=1, busy_wait_s=0.2, retry_after_s=3)
+    grey, _, box = phantom_slice()
+    with live(create_app(busy)) as url:
+        first: list[requests.Response] = []
+        worker = threading.Thread(target=lambda: first.append(post(url, type="vit_t", bbox=list(box), b64img=rgb_png(grey))))
+        worker.start()
+        try:
+            assert entered.wait(60)
+            second = post(url, type="vit_t", bbox=list(box), b64img=rgb_png(grey))
+            assert second.status_code == 503 and second.headers["Retry-After"] == "3"
+            assert second.json()["code"] == "busy" and "lite-medsam is busy" in second.json()["error"]
+            assert requests.get(url + "weights/", timeout=10, headers=HEADERS).status_code == 200  # cheap routes answer
+        finally:
+            release.set()
+            worker.join(60)
+        assert first[0].status_code == 200
+
+
+def test_a_cancelled_budget_stops_the_box_grid_between_batches(service):
+    grey, _, _ = phantom_slice()
+    budget = Budget(None)
+    budget.cancel()
+    with pytest.raises(Cancelled) as caught:
+        service.automask_image(LITE, rgb_png(grey), AutomaskOptions(points_per_side=4), "single", budget=budget)
+    assert caught.value.detail == {"grid_boxes": 0}
+
+
+def test_a_spent_budget_answers_deadline_with_what_was_done(service):
+    grey, _, _ = phantom_slice()
+    clock = iter(np.arange(0.0, 1000.0, 1.0))  # every look at the clock is one second later
+    budget = Budget(2.5, clock=lambda: float(next(clock)))
+    with pytest.raises(Exception) as caught:
+        service.automask_image(LITE, rgb_png(grey), AutomaskOptions(points_per_side=8, points_per_batch=16), "single",
+                               budget=budget)
+    assert caught.value.code == "deadline" and caught.value.detail["grid_boxes"] > 0
+    assert "grid_boxes" in caught.value.message and "points_per_side" in caught.value.message
