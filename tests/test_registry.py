@@ -22,7 +22,8 @@ REGISTERED = ("W1", "W2", "W3")
 
 def own_service(service: Service, weights_dir) -> Service:
     """A Service over a copy of the shared registry (registration grows this copy only)."""
-    settings = service.settings.model_copy(update={"samapi_allow_weight_registration": True, "samapi_weights_dir": weights_dir})
+    settings = service.settings.model_copy(update={"samapi_allow_weight_registration": True, "samapi_weights_dir": weights_dir,
+                                                   "inference_slots": 4})  # the readers share the model: no busy answers here
     return Service(settings, ModelRegistry(service.registry.snapshot(), service.default, feature_cache_mb=8))
 
 
