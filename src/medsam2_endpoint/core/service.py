@@ -34,7 +34,7 @@ from medsam2_endpoint.contract.score3d import VolumeItem
 from medsam2_endpoint.core import score2d, volumes
 from medsam2_endpoint.core.images import automask_params, load_rgb, mask_logits, read_rgb, typed_prompt
 from medsam2_endpoint.core.registration import WeightRecords, WeightRegistrar
-from medsam2_endpoint.core.registry import ModelRegistry, choose_device, configure_threads
+from medsam2_endpoint.core.registry import ModelRegistry, choose_device, choose_runtime, configure_threads
 from medsam2_endpoint.core.settings import Settings
 from medsam2_endpoint.core.slots import InferenceSlots
 from medsam2_endpoint.engines.base import ModelInfo
@@ -83,12 +83,14 @@ class Service:
     def from_settings(cls, settings: Settings) -> Service:
         device = choose_device(settings.device)
         threads = configure_threads(settings.num_threads)
+        runtime = choose_runtime(settings.runtime, device)
         records = WeightRecords(settings.samapi.weights_dir)
         registry = ModelRegistry.build(
             model_dir=settings.model_dir, device=device, feature_cache_mb=settings.feature_cache_mb,
             enable_lite=settings.enable_lite, extra_checkpoints=records.checkpoints(),
+            lite_runtime=runtime, onnx_cache_dir=settings.onnx_cache_dir,
         )
-        log.info("device %s, %d threads, model folder %s", device, threads, settings.model_dir)
+        log.info("device %s, %d threads, LiteMedSAM runtime %s, model folder %s", device, threads, runtime, settings.model_dir)
         service = cls(settings, registry, records)
         if settings.warmup:
             service.warm_up()

