@@ -50,7 +50,8 @@ from medsam2_endpoint.contract.samapi import (
     video_prompts,
 )
 from medsam2_endpoint.contract.score2d import ImagePrompt
-from medsam2_endpoint.core.service import Frame, Service
+from medsam2_endpoint.core.images import Frame
+from medsam2_endpoint.core.service import Service
 from medsam2_endpoint.core.settings import SamapiOptions, Settings
 from medsam2_endpoint.io.polygons import mask_to_geometry
 

@@ -69,6 +69,11 @@ class Settings(BaseSettings):
     max_file_mb: int = Field(1024, ge=1, description="NIfTI size after decompression, MiB (gzip bombs stop here)")
     max_voxels: int = Field(512 * 512 * 1200, ge=1, description="voxels per volume (512 x 512 x 1200), checked from the header")
     max_slice_pixels: int = Field(2048 * 2048, ge=1, description="pixels per slice or 2D image, checked from the header")
+    max_request_voxels: int = Field(
+        2 * 512 * 512 * 1200, ge=1,
+        description="voxels of all items of one request together, summed from their NIfTI headers before any is decoded")
+    max_request_mb: int = Field(
+        1024, ge=1, description="base64 of all items of one request together, MiB; the body cap is this plus 1 MiB per item")
     fetch_allow_http: bool = Field(False, description="allow plain http URLs (development only)")
     fetch_host_allowlist: str = Field("", description="comma-separated host patterns URLs must match (e.g. `*.blob.core.windows.net`); empty: any public host")
     fetch_allow_networks: str = Field("", description="comma-separated CIDRs exempt from the non-public-address refusal (tests and development only)")
@@ -126,6 +131,7 @@ class Settings(BaseSettings):
         return Limits(
             max_items=self.max_items, max_base64_bytes=self.max_base64_mb * MB, max_file_bytes=self.max_file_mb * MB,
             max_voxels=self.max_voxels, max_slice_pixels=self.max_slice_pixels,
+            max_request_voxels=self.max_request_voxels, max_request_base64_bytes=self.max_request_mb * MB,
         )
 
     @property
