@@ -70,7 +70,9 @@ class SamapiState:
     @classmethod
     def build(cls, service: Service) -> SamapiState:
         options = service.settings.samapi
-        return cls(service, options, ModelTypes(service), UploadStore(options.max_upload_bytes, options.max_frames))
+        uploads = UploadStore(options.max_upload_bytes, options.max_frames, store_bytes=options.upload_store_bytes,
+                              store_files=options.upload_store_files, ttl_s=options.upload_ttl_s)
+        return cls(service, options, ModelTypes(service), uploads)
 
 
 def get_state(request: Request) -> SamapiState:

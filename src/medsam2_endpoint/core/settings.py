@@ -39,6 +39,9 @@ class SamapiOptions:
     max_weight_bytes: int = 512 * MB
     max_upload_bytes: int = 64 * MB
     max_frames: int = 1000
+    upload_store_bytes: int = 1024 * MB
+    upload_store_files: int = 5000
+    upload_ttl_s: float = 900.0
 
 
 class Settings(BaseSettings):
@@ -87,6 +90,10 @@ class Settings(BaseSettings):
     samapi_max_weight_mb: int = Field(512, ge=1, description="largest weight download, MiB")
     samapi_max_upload_mb: int = Field(64, ge=1, description="largest uploaded video frame, MiB")
     samapi_max_frames: int = Field(1000, ge=1, description="frames per video")
+    samapi_upload_store_mb: int = Field(1024, ge=1, description="all uploaded frames waiting for their video request together, MiB")
+    samapi_upload_store_files: int = Field(5000, ge=1, description="all uploaded frames waiting for their video request together, files")
+    samapi_upload_ttl_s: float = Field(
+        900.0, gt=0, description="an upload folder nobody wrote to for this long is removed, seconds (a video request removes its own at once)")
 
     @field_validator("fetch_allow_networks")
     @classmethod
@@ -161,6 +168,9 @@ class Settings(BaseSettings):
             max_weight_bytes=self.samapi_max_weight_mb * MB,
             max_upload_bytes=self.samapi_max_upload_mb * MB,
             max_frames=self.samapi_max_frames,
+            upload_store_bytes=self.samapi_upload_store_mb * MB,
+            upload_store_files=self.samapi_upload_store_files,
+            upload_ttl_s=self.samapi_upload_ttl_s,
         )
 
 
