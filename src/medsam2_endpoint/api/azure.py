@@ -20,6 +20,7 @@ from azureml_inference_server_http.api.aml_request import AMLRequest
 from azureml_inference_server_http.api.aml_response import AMLResponse
 
 from medsam2_endpoint.api.errors import body_of, error_body, headers_of, http_status
+from medsam2_endpoint.api.shutdown import cancel_on_signals
 from medsam2_endpoint.base.errors import ServiceError
 from medsam2_endpoint.contract.score2d import parse_image_request
 from medsam2_endpoint.contract.score3d import parse_request
@@ -84,6 +85,7 @@ class ScoreApp:
     def init(self) -> None:
         logging.getLogger("azmlinfsrv.medsam2").setLevel(logging.INFO)
         self.service = Service.from_settings(Settings.from_env())
+        cancel_on_signals(self.service.cancel_running)  # SIGTERM: running work stops, the worker exits within seconds
         log.info("ready: models %s, default %s", ", ".join(self.service.available_models()), self.service.default)
 
     def body_limit(self, service: Service) -> int:

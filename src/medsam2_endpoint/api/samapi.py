@@ -37,6 +37,7 @@ from medsam2_endpoint import __version__
 from medsam2_endpoint.api.cancel import run_until_disconnected
 from medsam2_endpoint.api.errors import body_of, error_body, headers_of, http_status
 from medsam2_endpoint.api.samapi_types import ModelTypes
+from medsam2_endpoint.api.shutdown import CancellingServer
 from medsam2_endpoint.api.uploads import UploadStore
 from medsam2_endpoint.base.errors import InvalidRequest, ServiceError, Unauthorized
 from medsam2_endpoint.contract.messages import validation_message
@@ -266,6 +267,17 @@ def serve(host: str, port: int, model_dir: str | None) -> int:
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
         logger.addHandler(handler)
     logger.setLevel(logging.INFO)
-    app = create_app(build_service=lambda: Service.from_settings(Settings.from_env(model_dir=model_dir)))
-    uvicorn.run(app, host=host, port=port, log_level="info")
+    built: list[Service] = []
+
+    def build() -> Service:
+        built.append(Service.from_settings(Settings.from_env(model_dir=model_dir)))
+        return built[0]
+
+    def cancel_running() -> int:
+        return built[0].cancel_running() if built else 0
+
+    app = create_app(build_service=build)
+    # One SIGTERM/Ctrl-C cancels the running work, then uvicorn waits at most a few seconds for the answers.
+    config = uvicorn.Config(app, host=host, port=port, log_level="info", timeout_graceful_shutdown=5)
+    CancellingServer(config, cancel_running).run()
     return 0
