@@ -3,7 +3,8 @@
 For `<name>.nii.gz` the prompt is `<name>.prompt.json` beside it, holding the 3D route's fields as scalars:
 {"bbox": [...], "key_slice_idx": 5, "dicom_window": [-160, 240], "slice_offset": 0, "model": "..."}.
 Writes `<name>_mask.nii.gz` (source geometry) to the output folder and returns one summary row per file;
-a failing file becomes a row with its error, never a lost mini-batch.
+a failing file becomes a row with its error, never a lost mini-batch; a file whose worker process dies
+(api/batch_worker.py) becomes an error row with `code: "worker_died"` and a new worker scores the rest.
 
 Every item of the mini-batch gets a row, prompt files included (status "skipped"): the batch driver
 counts the rows run() returns as the items that succeeded, so a missing row would count as a failed
@@ -21,6 +22,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from medsam2_endpoint.api.batch_worker import IsolatedScorer
 from medsam2_endpoint.base.errors import InvalidRequest, ServiceError
 from medsam2_endpoint.contract.score3d import VolumeItem, parse_request
 from medsam2_endpoint.core.service import Service
@@ -56,19 +58,27 @@ def empty_row(path: Path, status: str) -> dict[str, Any]:
 
 
 class BatchApp:
-    """What `batch_score.py` holds: the Service and the output folder, built in init()."""
+    """What `batch_score.py` holds: the output folder, and either the Service (in-process) or the child process
+    that scores the files (MEDSAM2_BATCH_WORKER_PROCESS, the default), built in init()."""
 
     def __init__(self) -> None:
         self.service: Service | None = None
+        self.scorer: IsolatedScorer | None = None
         self.output_dir = Path(".")
 
-    def init(self, argv: Sequence[str]) -> None:
+    def init(self, argv: Sequence[str], *, in_process: bool | None = None) -> None:
         parser = argparse.ArgumentParser(allow_abbrev=False)
         parser.add_argument("--output_dir", "--output-dir", default=os.environ.get("AZUREML_BI_OUTPUT_PATH", "."))
         args, _ = parser.parse_known_args(list(argv))
         self.output_dir = Path(args.output_dir)
         self.output_dir.mkdir(parents=True, exist_ok=True)
-        self.service = Service.from_settings(Settings.from_env())
+        settings = Settings.from_env()
+        if in_process is None:
+            in_process = not settings.batch_worker_process
+        if in_process:
+            self.service = Service.from_settings(settings)
+        else:
+            self.scorer = IsolatedScorer(self.output_dir)
 
     def score_one(self, path: Path) -> dict[str, Any]:
         started = time.perf_counter()
@@ -94,6 +104,13 @@ class BatchApp:
         rows = []
         for item in mini_batch:
             path = Path(item)
-            row = {**empty_row(path, "skipped"), "time_s": 0.0} if path.name.endswith(PROMPT_SUFFIX) else self.score_one(path)
+            if path.name.endswith(PROMPT_SUFFIX):
+                row = {**empty_row(path, "skipped"), "time_s": 0.0}
+            elif self.scorer is not None:
+                started = time.perf_counter()
+                row = self.scorer.score(path, empty_row(path, "error"))
+                row.setdefault("time_s", round(time.perf_counter() - started, 2))
+            else:
+                row = self.score_one(path)
             rows.append(json.dumps(row))
         return rows

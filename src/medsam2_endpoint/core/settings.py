@@ -84,6 +84,8 @@ class Settings(BaseSettings):
     fetch_connect_timeout_s: float = Field(5.0, gt=0, description="connect timeout per address, seconds")
     fetch_read_timeout_s: float = Field(30.0, gt=0, description="longest wait for the next bytes, seconds")
     fetch_total_timeout_s: float = Field(300.0, gt=0, description="whole download, seconds")
+    batch_worker_process: bool = Field(
+        True, description="batch endpoint: score the files in a child process, so a file that kills it (out of memory, a crash) costs that file only")
     samapi_token: SecretStr | None = Field(None, description="require `Authorization: Bearer <token>` on every samapi route")
     samapi_allow_weight_registration: bool = Field(False, description="allow *Register weights* (`POST weights/`): `sam2_t` checkpoints over https only")
     samapi_weights_dir: Path | None = Field(None, description="registered weights and their records; default `<model dir>/registered`")
