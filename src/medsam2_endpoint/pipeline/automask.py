@@ -20,9 +20,9 @@ from medsam2_endpoint.pipeline.prompt2d import Mask2D, Prompter, Result2D
 # Box-only models get a grid of boxes instead of points: at each grid point, squares of 2, 4 and 8
 # grid cells (a point grid's analogue of SAM's three mask granularities).
 BOX_GRID_CELLS = (2, 4, 8)
-# LiteMedSAM's decoder repeats the image embedding for every box: about 0.3 s a box on one CPU thread, and no
-# faster per box in batches over 4 (BENCHMARKS.md). The budget is checked every BOX_STEP boxes, so a request
-# whose client left (or whose server is stopping) stops within a second instead of finishing a 64-box batch.
+# LiteMedSAM's decoder repeats the image embedding for every box: 0.18 s a box on one CPU thread in steps of 2,
+# 0.34 s in batches of 64 (BENCHMARKS.md, "Box-grid decoding step"). The budget is checked every BOX_STEP boxes,
+# so a request whose client left (or whose server is stopping) stops within a second, not after a 64-box batch.
 BOX_STEP = 2
 
 
