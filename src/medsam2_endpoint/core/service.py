@@ -18,7 +18,7 @@ import logging
 import os
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -42,7 +42,7 @@ from medsam2_endpoint.io.encode import encode_mask
 from medsam2_endpoint.io.volume import read_nifti, write_nifti
 from medsam2_endpoint.pipeline.automask import automask
 from medsam2_endpoint.pipeline.embedding_cache import EmbeddingCache
-from medsam2_endpoint.pipeline.prompt2d import Prompter, Result2D, check_prompt
+from medsam2_endpoint.pipeline.prompt2d import Prompter, Result2D, check_prompt, clip_box
 from medsam2_endpoint.pipeline.propagate import segment_object
 from medsam2_endpoint.pipeline.video import ObjectPrompt, frames_to_volume, track_objects
 
@@ -182,13 +182,14 @@ class Service:
         if mask_b64 is not None:
             _, mask_rgb = load_rgb(mask_b64, field="b64mask", policy=policy, limits=limits)
             mask_input = mask_logits(engine, mask_rgb, rgb, field="b64mask")
-        typed = typed_prompt(prompt, mask_input=mask_input)
+        # samapi's clients send the viewer's rectangle unclipped (REFERENCE.md C2): clip it, as SAM sees it
+        typed, clipped = clip_box(typed_prompt(prompt, mask_input=mask_input), width=rgb.shape[1], height=rgb.shape[0])
         check_prompt(typed, width=rgb.shape[1], height=rgb.shape[0], engine=engine, where=lambda column: column,
                      models_with_points=self.prompter.models_with_points())
         started = time.perf_counter()
         (budget or self.budget()).check(0, "prompts")  # a client gone before the model ran gets nothing computed
         with self.slots.hold(model):
-            result = self.prompter.segment(model, rgb, typed)
+            result = replace(self.prompter.segment(model, rgb, typed), box_clipped_to=clipped)
         log.info("route=samapi model=%s size=%dx%d masks=%d embedding_cached=%s ms=%.0f", model, rgb.shape[1], rgb.shape[0],
                  len(result.masks), result.embedding_cached, (time.perf_counter() - started) * 1000)
         return result
