@@ -27,10 +27,12 @@ def read_back(data: bytes, tmp_path: Path) -> tuple[hd.seg.Segmentation, dict[tu
     path.write_bytes(data)
     seg = hd.seg.segread(path)
     pixels = pydicom.dcmread(path).pixel_array.reshape(-1, seg.Rows, seg.Columns)
+    shared = seg.SharedFunctionalGroupsSequence[0]
     frames = {}
     for i, group in enumerate(seg.PerFrameFunctionalGroupsSequence):
         source = group.DerivationImageSequence[0].SourceImageSequence[0].ReferencedSOPInstanceUID
-        number = int(group.SegmentIdentificationSequence[0].ReferencedSegmentNumber)
+        identification = group if "SegmentIdentificationSequence" in group else shared  # shared when one segment
+        number = int(identification.SegmentIdentificationSequence[0].ReferencedSegmentNumber)
         frames[(str(source), number)] = pixels[i].astype(bool)
     return seg, frames
 

@@ -38,6 +38,7 @@ from medsam2_endpoint.core.registry import ModelRegistry, choose_device, choose_
 from medsam2_endpoint.core.settings import Settings
 from medsam2_endpoint.core.slots import InferenceSlots
 from medsam2_endpoint.engines.base import ModelInfo
+from medsam2_endpoint.io.dicom_seg import read_series, series_files
 from medsam2_endpoint.io.encode import encode_mask
 from medsam2_endpoint.io.volume import read_nifti, write_nifti
 from medsam2_endpoint.pipeline.automask import automask
@@ -54,6 +55,8 @@ log = logging.getLogger("azmlinfsrv.medsam2")
 class FileResult:
     mask_nifti: bytes  # the mask with the source's geometry, gzip-compressed NIfTI
     metadata: dict[str, Any]
+    labels: np.ndarray | None = None  # the label map (Z, Y, X), for other encodings (DICOM SEG)
+    source_files: tuple[Path, ...] = ()  # a DICOM series' files in z order, when the input was one
 
 
 @dataclass(frozen=True)
@@ -147,14 +150,20 @@ class Service:
         return results
 
     def score_3d_file(self, item: VolumeItem, path: Path, budget: Budget | None = None) -> FileResult:
-        """One local NIfTI file with its validated prompt (the batch endpoint)."""
+        """One local NIfTI file, or DICOM series folder, with its validated prompt (the batch endpoint)."""
         name = self.registry.resolve(item.model, field=item.field("model"))
         started = time.perf_counter()
-        volume = read_nifti(path.read_bytes(), field=path.name, limits=self.settings.limits)
+        files: tuple[Path, ...] = ()
+        if path.is_dir():
+            files = tuple(series_files(path))
+            # through NIfTI bytes so that a series meets the same checks (size, dtype, finite voxels) as a file
+            volume = read_nifti(write_nifti(read_series(files)), field=path.name, limits=self.settings.limits)
+        else:
+            volume = read_nifti(path.read_bytes(), field=path.name, limits=self.settings.limits)
         prepared = volumes.prepare(item, volume, name, decode_ms=(time.perf_counter() - started) * 1000)
         with self.slots.hold(name):
             mask, metadata = volumes.run(prepared, self.registry.get(name), budget or self.budget())
-        return FileResult(write_nifti(prepared.windowed.image_like(mask)), metadata)
+        return FileResult(write_nifti(prepared.windowed.image_like(mask)), metadata, mask, files)
 
     # ---------------------------------------------------------------- 2D
 

@@ -67,8 +67,9 @@ def read_series(files: Sequence[Path]) -> sitk.Image:
 def _with_uids(sources: list[Any]) -> list[Any]:
     """The datasets with the UIDs a SEG must reference. De-identified exports (as the TotalSegmentator test
     series) may leave SOP Class/Instance UIDs empty in the data set while the file meta keeps them: those
-    are taken from the file meta. Missing Study/Series Instance UIDs are derived from the instances' own
-    UIDs (pydicom's generate_uid over them), so the same series always gets the same ones."""
+    are taken from the file meta. Missing Study/Series Instance and Frame of Reference UIDs are derived
+    from the instances' own UIDs (pydicom's generate_uid over them), so the same series always gets the
+    same ones (and the SEG shares them)."""
     from pydicom.uid import generate_uid
 
     for ds in sources:
@@ -80,7 +81,7 @@ def _with_uids(sources: list[Any]) -> list[Any]:
         if not ds.get("SOPClassUID") or not ds.get("SOPInstanceUID"):
             raise UnsupportedMedia("a DICOM file of the series has no SOP Class/Instance UID; a SEG cannot reference it")
     instances = [str(ds.SOPInstanceUID) for ds in sources]
-    for keyword in ("StudyInstanceUID", "SeriesInstanceUID"):
+    for keyword in ("StudyInstanceUID", "SeriesInstanceUID", "FrameOfReferenceUID"):
         if not all(ds.get(keyword) for ds in sources):
             derived = generate_uid(entropy_srcs=[keyword, *instances])
             for ds in sources:
@@ -121,13 +122,16 @@ def write_dicom_seg(labels: np.ndarray, source_files: Sequence[Path], segments: 
             algorithm_type=hd.seg.SegmentAlgorithmTypeValues.SEMIAUTOMATIC,  # prompted by a person's box
             algorithm_identification=identification, tracking_uid=hd.UID(), tracking_id=f"object {segment.value}",
         ))
-    seg = hd.seg.Segmentation(
-        source_images=sources, pixel_array=numbered, segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
-        segment_descriptions=descriptions, series_instance_uid=hd.UID(), series_number=int(sources[0].get("SeriesNumber") or 0) + 1000,
-        sop_instance_uid=hd.UID(), instance_number=1, manufacturer="medsam2-endpoint",
-        manufacturer_model_name=algorithm.name, software_versions=algorithm.version, device_serial_number="none",
-        series_description=series_description[:64],
-    )
+    try:
+        seg = hd.seg.Segmentation(
+            source_images=sources, pixel_array=numbered, segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
+            segment_descriptions=descriptions, series_instance_uid=hd.UID(),
+            series_number=int(sources[0].get("SeriesNumber") or 0) + 1000, sop_instance_uid=hd.UID(), instance_number=1,
+            manufacturer="medsam2-endpoint", manufacturer_model_name=algorithm.name, software_versions=algorithm.version,
+            device_serial_number="none", series_description=series_description[:64],
+        )
+    except ValueError as exc:  # highdicom's checks of the source images (geometry, IOD attributes)
+        raise UnsupportedMedia(f"cannot write a DICOM SEG over this series: {exc}") from None
     out = BytesIO()
     seg.save_as(out)
     return out.getvalue()
