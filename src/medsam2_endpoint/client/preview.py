@@ -99,10 +99,14 @@ def _planes(axes: Sequence[Any], voxels: np.ndarray, labels: np.ndarray, values:
     """Axial, coronal and sagittal planes through the labels' centre, each at its physical aspect."""
     z, y, x = centre(labels)
     sx, sy, sz = (float(v) for v in spacing)
+    depth, height, width = labels.shape
+    # a thin stack (20 slices of 2 mm under a 50 cm field) would be a strip: stretch z to a third of the width
+    stretch = max(1.0, (width * sx) / (3.0 * depth * sz))
+    note = f", z x{stretch:.1f}" if stretch > 1.0 else ""
     views = (
         (f"axial z = {z}", voxels[z], labels[z], sy / sx, "upper"),
-        (f"coronal y = {y}", voxels[:, y, :], labels[:, y, :], sz / sx, "lower"),
-        (f"sagittal x = {x}", voxels[:, :, x], labels[:, :, x], sz / sy, "lower"),
+        (f"coronal y = {y}{note}", voxels[:, y, :], labels[:, y, :], stretch * sz / sx, "lower"),
+        (f"sagittal x = {x}{note}", voxels[:, :, x], labels[:, :, x], stretch * sz / sy, "lower"),
     )
     for ax, (name, plane, plane_labels, aspect, origin) in zip(axes, views, strict=True):
         ax.imshow(plane, cmap="gray", vmin=grey[0], vmax=grey[1], aspect=aspect, origin=origin, interpolation="nearest")
