@@ -84,6 +84,16 @@ def test_seg_round_trip_on_the_real_series(tmp_path):
     assert len(frames) == sum(int((mask[z] == v).any()) for z in range(mask.shape[0]) for v in (3, 9))
 
 
+def test_series_size_is_checked_before_reading():
+    from medsam2_endpoint.base.errors import PayloadTooLarge
+    from medsam2_endpoint.io.limits import Limits
+
+    files = series_files(CT_DICOM)
+    with pytest.raises(PayloadTooLarge, match=r"the series \[512, 512, 20\] has 5242880 voxels, over the limit of 1000000"):
+        read_series(files, limits=Limits(max_voxels=1_000_000))
+    assert read_series(files, limits=Limits()).GetSize() == (512, 512, 20)
+
+
 def test_seg_refuses_a_mask_of_another_shape(tmp_path):
     files = series_files(CT_DICOM)
     with pytest.raises(InvalidRequest, match="the mask has 3 slices, the series 20 files"):

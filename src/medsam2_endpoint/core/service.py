@@ -157,7 +157,8 @@ class Service:
         if path.is_dir():
             files = tuple(series_files(path))
             # through NIfTI bytes so that a series meets the same checks (size, dtype, finite voxels) as a file
-            volume = read_nifti(write_nifti(read_series(files)), field=path.name, limits=self.settings.limits)
+            image = read_series(files, limits=self.settings.limits)
+            volume = read_nifti(write_nifti(image), field=path.name, limits=self.settings.limits)
         else:
             volume = read_nifti(path.read_bytes(), field=path.name, limits=self.settings.limits)
         prepared = volumes.prepare(item, volume, name, decode_ms=(time.perf_counter() - started) * 1000)

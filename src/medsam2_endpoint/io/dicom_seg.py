@@ -19,7 +19,8 @@ from typing import Any, cast
 import numpy as np
 import SimpleITK as sitk
 
-from medsam2_endpoint.base.errors import InvalidRequest, UnsupportedMedia
+from medsam2_endpoint.base.errors import InvalidRequest, PayloadTooLarge, UnsupportedMedia
+from medsam2_endpoint.io.limits import Limits
 
 SEG_SUFFIX = ".dcm"
 
@@ -54,8 +55,21 @@ def series_files(folder: Path, *, series_uid: str | None = None) -> list[Path]:
     return [Path(p) for p in sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), uid)]
 
 
-def read_series(files: Sequence[Path]) -> sitk.Image:
-    """The series' volume (rescale slope/intercept applied), slices in the order given."""
+def read_series(files: Sequence[Path], *, limits: Limits | None = None) -> sitk.Image:
+    """The series' volume (rescale slope/intercept applied), slices in the order given. With `limits`, the
+    size (files x the first file's rows x columns) is checked from the header before any pixel is read."""
+    if limits is not None:
+        header = sitk.ImageFileReader()
+        header.SetFileName(str(files[0]))
+        try:
+            header.ReadImageInformation()
+        except RuntimeError:
+            raise UnsupportedMedia(f"{files[0].name}: not a readable DICOM file") from None
+        width, height = header.GetSize()[:2]
+        voxels = width * height * len(files)
+        if voxels > limits.max_voxels:
+            raise PayloadTooLarge(f"{files[0].parent.name}: the series {[width, height, len(files)]} has {voxels} voxels, "
+                                  f"over the limit of {limits.max_voxels} (MEDSAM2_MAX_VOXELS)")
     reader = sitk.ImageSeriesReader()
     reader.SetFileNames([str(p) for p in files])
     try:
