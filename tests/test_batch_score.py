@@ -101,3 +101,42 @@ def test_batch_writes_good_masks_and_reports_bad_files(batch, cohort):
     assert "no prompt file no_prompt.prompt.json" in errors["no_prompt.nii.gz"]
     assert "expected a JSON object" in errors["list_prompt.nii.gz"]
     assert sorted(p.name for p in output.iterdir()) == ["case_ct_mask.nii.gz", "case_mr_mask.nii.gz"]
+
+
+def test_dicom_series_folder_gets_a_nifti_mask_and_a_seg(batch, tmp_path):
+    """A series folder with `<name>.prompt.json` beside it, handed out file by file as the driver does."""
+    from test_client import write_dicom_series
+    from test_dicom_seg import instance_uid, read_back
+
+    module, _ = batch
+    phantom = ct_phantom((12, 64, 64), lesions=("ellipsoid",), seed=4, name="dicom")
+    folder = tmp_path / "in" / "1.2.826.0.1.3680043.8.498.77"
+    write_dicom_series(phantom.image, folder)
+    lesion = phantom.lesions[0]
+    prompt = {"bbox": list(lesion.bbox), "key_slice_idx": lesion.key_slice, "dicom_window": phantom.window,
+              "segment_labels": {"1": "lesion"}}
+    (folder.parent / f"{folder.name}.prompt.json").write_text(json.dumps(prompt))
+    items = sorted(str(p) for p in folder.iterdir()) + [str(folder.parent / f"{folder.name}.prompt.json")]
+    out = tmp_path / "out"
+    out.mkdir()
+    module.app.output_dir = out
+    try:
+        rows = [json.loads(r) for r in module.run(items)]
+    finally:
+        module.app.output_dir = batch[1]
+    assert len(rows) == len(items) and [r["status"] for r in rows[:-1]] == ["skipped"] * (len(items) - 1)
+    row = rows[-1]
+    assert row["status"] == "ok", row
+    assert row["mask_file"] == f"{folder.name}_mask.nii.gz" and row["seg_file"] == f"{folder.name}_seg.dcm"
+    mask = sitk.GetArrayFromImage(sitk.ReadImage(str(out / row["mask_file"])))
+    assert dice(mask, phantom.mask(lesion.label)) >= 0.8
+    seg, frames = read_back((out / row["seg_file"]).read_bytes(), tmp_path)
+    assert [s.SegmentLabel for s in seg.SegmentSequence] == ["lesion"]
+    assert seg.SegmentSequence[0].SegmentationAlgorithmIdentificationSequence[0].AlgorithmName == "lite-medsam"
+    files = sorted(folder.iterdir(), key=lambda p: int(p.stem.rsplit("_", 1)[1]))  # s2_000.dcm ... in z order
+    for z, path in enumerate(files):
+        frame = frames.get((instance_uid(path), 1))
+        if frame is None:
+            assert not mask[z].any()
+        else:
+            np.testing.assert_array_equal(frame, mask[z] == 1)

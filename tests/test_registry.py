@@ -64,7 +64,7 @@ def test_registration_while_other_threads_list_and_use_models(service, medsam2_c
         for t in readers:
             t.join(300)
     assert not errors, errors
-    assert answers == [f"{n} (https://weights.example.org/{n}.pt) is registered." for n in REGISTERED]
+    assert answers == [f"{n} (https://weights.example.org/{n}.pt) is registered. Choose it in the weights list of type sam2_t." for n in REGISTERED]
     assert set(REGISTERED) <= set(own.available_models())  # nothing lost
     for counts in seen:
         assert counts == sorted(counts), "a reader saw a model disappear"

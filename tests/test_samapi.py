@@ -23,7 +23,7 @@ import uvicorn
 from pydantic import SecretStr
 
 from medsam2_endpoint import __version__
-from medsam2_endpoint.api.samapi import create_app
+from medsam2_endpoint.api.samapi import VERSION_TEXT, create_app
 from medsam2_endpoint.core import registration
 from medsam2_endpoint.core.registry import ModelRegistry
 from medsam2_endpoint.core.service import Service
@@ -92,7 +92,9 @@ def expected_mask(service, name: str, grey: np.ndarray, **prompt) -> np.ndarray:
 
 
 def test_version_weights_and_progress(base):
-    assert requests.get(base + "version/", timeout=30).text == __version__
+    answer = requests.get(base + "version/", timeout=30)
+    assert answer.text == VERSION_TEXT == f"0.7.1+medsam2-endpoint.{__version__}"
+    assert answer.headers["X-MedSAM2-Version"] == __version__ and answer.headers["X-Samapi-Protocol-Version"] == "0.7.1"
     listed = requests.get(base + "weights/", timeout=30).json()
     assert {"type": "vit_t", "name": LITE, "url": f"local://{LITE}"} in listed
     assert {"type": "sam2_t", "name": MEDSAM2, "url": f"local://{MEDSAM2}"} in listed
@@ -105,7 +107,54 @@ def test_version_weights_and_progress(base):
     }
     assert requests.get(base + "weights/", params={"type": "sam9"}, timeout=30).status_code == 400
     assert requests.get(base + "progress/", timeout=30).json() == {"message": None, "percent": -1}
-    assert requests.post(base + "weights/", json={"type": "sam2_t", "name": "x", "url": "https://e.org/x.pt"}, timeout=30).status_code == 403
+
+
+def test_version_is_a_version_clients_can_compare(base):
+    """Clients parse version/ as a version: the protocol's comes first, the package's is build metadata."""
+    from packaging.version import Version
+
+    assert Version(requests.get(base + "version/", timeout=30).text).public == "0.7.1"
+
+
+def test_sam3_is_an_unserved_type_like_any_other(base):
+    """samapi 0.7.1's sam3 type and routes, with the bodies the extension (v0.9.1) sends for them."""
+    grey, _, _ = phantom_slice()
+    listed = requests.get(base + "weights/?type=sam3", timeout=30)
+    assert listed.status_code == 404
+    assert listed.json()["error"] == f"type: sam3 is not available on this server; available types: vit_t ({LITE}); sam2_t ({MEDSAM2})"
+    assert all(w["type"] != "sam3" for w in requests.get(base + "weights/", timeout=30).json())
+    # SAM3DetectionTask's body (SAM3PromptParameters, Gson order, nulls left out)
+    prompt = post(base + "sam3/", type="sam3", b64img=rgb_png(grey), text_prompt="disk", positive_bboxes=[[10, 10, 40, 40]],
+                  negative_bboxes=[], reset_prompts=False, confidence_threshold=0.4)
+    assert prompt.status_code == 404 and prompt.json()["code"] == "not_found"
+    assert prompt.json()["error"].startswith(f"sam3/: SAM 3 (type sam3) is not available on this server; available types: vit_t ({LITE})")
+    video = post(base + "sam3video/", type="sam3", dirname="d-1", axes="XYZ", plane_position=0,
+                 objs={"0": [{"obj_id": 0, "text": "visual", "positive_bboxes": [[100, 70, 100, 100]]}]})
+    assert video.status_code == 404 and video.json()["error"].startswith("sam3video/: SAM 3 (type sam3) is not available")
+    same_route = post(base, type="sam3", bbox=[1, 1, 20, 20], b64img=rgb_png(grey), multimask_output=False)
+    assert same_route.status_code == 404 and "available types: vit_t" in same_route.json()["error"]
+    nowhere = requests.get(base + "nothing/", timeout=30).json()
+    assert nowhere["status"] == 404 and "samapi routes (under /sam/): GET version/" in nowhere["error"]
+
+
+@pytest.mark.parametrize(("sam_type", "name"), [("vit_t", LITE), ("sam2_t", MEDSAM2)])
+def test_box_past_the_field_of_view_is_clipped_as_sam_does(base, service, sam_type, name):
+    """The extension sends the drawn rectangle unclipped (SAMDetectionTask): past the right, then the left edge."""
+    grey, truth, box = phantom_slice()
+    height, width = grey.shape
+    x0, y0, x1, y1 = (int(v) for v in box)
+    for sent, used in (([x0, y0, width + 16, y1], [x0, y0, width, y1]), ([-24, y0, x1, y1], [0, y0, x1, y1])):
+        response = post(base, type=sam_type, bbox=sent, b64img=rgb_png(grey), multimask_output=False,
+                        checkpoint_url=f"local://{name}")
+        assert response.status_code == 200, response.text
+        features = response.json()
+        assert features and all(f["properties"]["bbox_clipped_to"] == used for f in features)
+        mask = expected_mask(service, name, grey, box=np.array(used, float))
+        assert geometry_area(features[0]["geometry"]) == mask.sum()
+    inside = post(base, type=sam_type, bbox=list(box), b64img=rgb_png(grey), multimask_output=False).json()
+    assert all("bbox_clipped_to" not in f["properties"] for f in inside)
+    gone = post(base, type=sam_type, bbox=[width + 5, y0, width + 40, y1], b64img=rgb_png(grey))
+    assert gone.status_code == 400 and "is outside the image of 128 x 96 pixels" in gone.json()["error"]
 
 
 def test_box_prompt_with_vit_t(base, service):
@@ -256,6 +305,22 @@ def test_errors_are_json_with_the_field_named(base):
     assert requests.get(base + "nothing/", timeout=30).json()["status"] == 404
 
 
+def register(url: str, body: str) -> requests.Response:
+    """POST weights/ as SAMRegisterWeightsTask does: Gson's SAMWeights (type, name, url), '=' escaped as \\u003d."""
+    return requests.post(url + "weights/", data=body.replace("=", "\\u003d").encode(), headers=HEADERS, timeout=60)
+
+
+def test_every_registration_outcome_is_a_200_message_the_extension_shows(base):
+    """Any non-200 shows only "Registration request failed" in the extension (REFERENCE.md C2)."""
+    off = register(base, '{"type":"sam2_t","name":"qupath_client_probe","url":"https://weights.example.org/medsam2/MedSAM2_custom.pt?a=b"}')
+    assert off.status_code == 200 and off.headers["X-MedSAM2-Status"] == "403" and off.headers["X-MedSAM2-Code"] == "forbidden"
+    assert off.text.startswith("Registration refused: weight registration is disabled on this server; the administrator can enable it")
+    bad = register(base, '{"type":"vit_q","name":"x","url":"https://e.org/x.pt"}')
+    assert bad.status_code == 200 and bad.headers["X-MedSAM2-Status"] == "400" and bad.text.startswith("Registration refused: type: Input should be")
+    broken = requests.post(base + "weights/", data=b"{not json", headers=HEADERS, timeout=30)
+    assert broken.status_code == 200 and broken.text.startswith("Registration refused: body: not valid JSON")
+
+
 def test_slow_work_does_not_block_other_requests(base, service, monkeypatch):
     grey, _, box = phantom_slice()
     entered, release = threading.Event(), threading.Event()
@@ -283,7 +348,7 @@ def test_bearer_token(service, tmp_path):
     with live(create_app(with_settings(service, samapi_token=SecretStr("s3cret"), samapi_weights_dir=tmp_path))) as url:
         refused = requests.get(url + "version/", timeout=30)
         assert refused.status_code == 401 and refused.headers["WWW-Authenticate"] == "Bearer"
-        assert requests.get(url + "version/", headers={"Authorization": "Bearer s3cret"}, timeout=30).text == __version__
+        assert requests.get(url + "version/", headers={"Authorization": "Bearer s3cret"}, timeout=30).text == VERSION_TEXT
         assert requests.get(url + "version/", headers={"Authorization": "Bearer wrong"}, timeout=30).status_code == 401
 
 
@@ -302,7 +367,7 @@ def test_weight_registration_https_only_cancellable_and_recorded(service, medsam
 
     with live(create_app(own)) as url:
         plain = post(url + "weights/", type="sam2_t", name="Plain", url="http://example.org/w.pt")
-        assert plain.status_code == 400 and "only https URLs are accepted" in plain.json()["error"]
+        assert plain.status_code == 200 and plain.headers["X-MedSAM2-Status"] == "400" and "only https URLs are accepted" in plain.text
         monkeypatch.setattr(registration, "fetch_bytes", fake_fetch)
         answers = []
         worker = threading.Thread(target=lambda: answers.append(post(url + "weights/", type="sam2_t", name="Slow", url="https://example.org/slow.pt")))
@@ -315,14 +380,14 @@ def test_weight_registration_https_only_cancellable_and_recorded(service, medsam
         hold.set()
         assert answers[0].status_code == 200 and answers[0].text == "Cancelled to register Slow (https://example.org/slow.pt)."
         done = post(url + "weights/", type="sam2_t", name="MyMedSAM2", url="https://example.org/w/my.pt?sig=SECRET")
-        assert done.status_code == 200 and done.text == "MyMedSAM2 (https://example.org/w/my.pt) is registered."
+        assert done.status_code == 200 and done.text == "MyMedSAM2 (https://example.org/w/my.pt) is registered. Choose it in the weights list of type sam2_t."
         assert requests.get(url + "progress/", timeout=10).json()["percent"] == 100
         listed = requests.get(url + "weights/", params={"type": "sam2_t"}, timeout=10).json()
         assert {"type": "sam2_t", "name": "MyMedSAM2", "url": "https://example.org/w/my.pt"} in listed
         again = post(url + "weights/", type="sam2_t", name="MyMedSAM2", url="https://example.org/other.pt")
-        assert again.text == "Model file with the name 'MyMedSAM2' already exists. Skip registration."
+        assert again.text.startswith("Model file with the name 'MyMedSAM2' already exists. Skip registration. Choose MyMedSAM2")
         wrong_type = post(url + "weights/", type="vit_t", name="Lite2", url="https://example.org/l.pt")
-        assert wrong_type.status_code == 400
+        assert wrong_type.status_code == 200 and wrong_type.text.startswith("Registration refused: type: only sam2_t")
     record = json.loads((tmp_path / "weights" / "MyMedSAM2.json").read_text())
     assert record["sha256"] == own.registry.get("MyMedSAM2").info.sha256 and "SECRET" not in json.dumps(record)
     assert (tmp_path / "weights" / "MyMedSAM2.pt").stat().st_size == len(data)

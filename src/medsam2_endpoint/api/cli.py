@@ -1,4 +1,4 @@
-"""`medsam2-endpoint serve | samples | check-sample`."""
+"""`medsam2-endpoint predict | predict-2d | serve | serve-samapi | samples | check-sample`."""
 
 from __future__ import annotations
 
@@ -11,6 +11,12 @@ from typing import cast
 
 # The online endpoint's entry functions ship inside the package: no checkout is needed to serve.
 ENTRY_SCRIPT = Path(__file__).resolve().with_name("score_entry.py")
+EXAMPLES = """examples:
+  medsam2-endpoint predict dicom_folder/ --bbox 120 140 210 230 --key-slice 10 -o mask.dcm -o mask.nii.gz --preview p.png
+  medsam2-endpoint predict-2d slice.png --bbox 40 30 120 110 -o mask.png -o mask.geojson
+  medsam2-endpoint serve --model-dir model
+  medsam2-endpoint serve-samapi --port 8000 --model-dir model
+"""
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -68,22 +74,32 @@ def main(argv: list[str] | None = None) -> int:
         from medsam2_endpoint.client.segment import predict_main  # the client has its own argument parser
 
         return predict_main(argv[1:])
-    parser = argparse.ArgumentParser(prog="medsam2-endpoint")
+    if argv[:1] == ["predict-2d"]:
+        from medsam2_endpoint.client.segment2d import predict_2d_main
+
+        return predict_2d_main(argv[1:])
+    parser = argparse.ArgumentParser(prog="medsam2-endpoint", epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
-    sub.add_parser("predict", help="segment a local volume through a running endpoint (see predict --help)")
-    samapi = sub.add_parser("serve-samapi", help="run the samapi-compatible server for the QuPath SAM extension")
+    sub.add_parser("predict", help="segment a local volume or DICOM series through a running endpoint (see predict --help)")
+    sub.add_parser("predict-2d", help="segment one 2D image (PNG/TIFF/DICOM slice) through the 2D route (see predict-2d --help)")
+    samapi = sub.add_parser("serve-samapi", help="run the samapi-compatible server for the QuPath SAM extension",
+                            epilog="example: medsam2-endpoint serve-samapi --port 8000 --model-dir model  "
+                            "(QuPath server URL http://127.0.0.1:8000/sam/)")
     samapi.add_argument("--host", default="127.0.0.1")
     samapi.add_argument("--port", type=int, default=8000)
     samapi.add_argument("--model-dir", default=None, help="model folder (default: MEDSAM2_MODEL_DIR or AZUREML_MODEL_DIR)")
     samapi.set_defaults(func=_serve_samapi)
-    serve = sub.add_parser("serve", help="run the local Azure ML inference server (azmlinfsrv) on score.py")
+    serve = sub.add_parser("serve", help="run the local Azure ML inference server (azmlinfsrv) on score.py",
+                           epilog="example: medsam2-endpoint serve --model-dir model --port 5001  (then POST to http://127.0.0.1:5001/score)")
     serve.add_argument("--model-dir", default="model")
     serve.add_argument("--port", type=int, default=5001)
     serve.set_defaults(func=_serve)
-    samples = sub.add_parser("samples", help="regenerate sample_requests/ from phantoms")
+    samples = sub.add_parser("samples", help="regenerate sample_requests/ from phantoms",
+                             epilog="example: medsam2-endpoint samples --out sample_requests")
     samples.add_argument("--out", default="sample_requests")
     samples.set_defaults(func=_samples)
-    check = sub.add_parser("check-sample", help="post a sample request and print Dice against its ground truth")
+    check = sub.add_parser("check-sample", help="post a sample request and print Dice against its ground truth",
+                           epilog="example: medsam2-endpoint check-sample sample_requests/3d_ct_liver_lesion.json --url http://127.0.0.1:5001/score")
     check.add_argument("sample")
     check.add_argument("--url", default="http://127.0.0.1:5001/score")
     check.add_argument("--timeout", type=float, default=600)

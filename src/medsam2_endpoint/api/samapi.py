@@ -11,6 +11,12 @@ accepted; upload names cannot leave a private upload folder; handlers are plain 
 FastAPI runs in its thread pool, so one slow request never blocks the event loop; an optional
 bearer token (MEDSAM2_SAMAPI_TOKEN); validation errors are 400 with the field's name, not 404/422.
 
+What the QuPath extension (v0.9.1) needs beyond samapi's routes: a prompt rectangle reaching past the
+field of view is clipped to it (the Feature's `bbox_clipped_to` says so); `POST weights/` answers 200
+with a text message for every outcome, because the extension shows only "Registration request failed"
+for any other status (the outcome is also in the X-MedSAM2-Status / X-MedSAM2-Code headers);
+`sam3/` and `sam3video/` (SAM 3, never served here) answer a 404 naming the served types.
+
 The shared Service (model registry) is built once (by the lifespan, or by the caller for tests) and
 reaches handlers through `Depends`; no module state changes while serving.
 """
@@ -30,6 +36,7 @@ import numpy as np
 from fastapi import APIRouter, Depends, FastAPI, File, Form, Query, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import PlainTextResponse, Response
+from pydantic import ValidationError
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -39,9 +46,10 @@ from medsam2_endpoint.api.errors import body_of, error_body, headers_of, http_st
 from medsam2_endpoint.api.samapi_types import ModelTypes
 from medsam2_endpoint.api.shutdown import CancellingServer
 from medsam2_endpoint.api.uploads import UploadStore
-from medsam2_endpoint.base.errors import InvalidRequest, ServiceError, Unauthorized
+from medsam2_endpoint.base.errors import InvalidRequest, NotFound, ServiceError, Unauthorized
 from medsam2_endpoint.contract.messages import validation_message
 from medsam2_endpoint.contract.samapi import (
+    SAMAPI_PROTOCOL_VERSION,
     SamAutomaskBody,
     SamPromptBody,
     SamType,
@@ -57,6 +65,8 @@ from medsam2_endpoint.core.settings import SamapiOptions, Settings
 from medsam2_endpoint.io.polygons import mask_to_geometry
 
 log = logging.getLogger("azmlinfsrv.medsam2")
+ROUTES = ("GET version/, GET weights/?type=, POST weights/, GET weights/cancel/, GET progress/, POST (prompt), "
+          "POST automask/, POST upload/, POST video/")
 
 
 @dataclass
@@ -98,8 +108,9 @@ def _json(payload: Any, status: int = 200, headers: dict[str, str] | None = None
 
 
 def feature(mask: np.ndarray, *, object_idx: int, sam_model: str, quality: float | None = None,
-            plane: dict[str, int] | None = None) -> dict[str, Any]:
-    """A GeoJSON Feature as samapi's, with pixel-corner polygons (holes and all parts kept)."""
+            plane: dict[str, int] | None = None, bbox_clipped_to: list[float] | None = None) -> dict[str, Any]:
+    """A GeoJSON Feature as samapi's, with pixel-corner polygons (holes and all parts kept).
+    `bbox_clipped_to`: the box used when the one sent reached past the image (QuPath ignores the property)."""
     geometry = mask_to_geometry(mask)
     if plane is not None:
         geometry["plane"] = plane
@@ -107,15 +118,23 @@ def feature(mask: np.ndarray, *, object_idx: int, sam_model: str, quality: float
     if quality is not None:
         properties["quality"] = float(quality)
     properties["sam_model"] = sam_model
+    if bbox_clipped_to is not None:
+        properties["bbox_clipped_to"] = [float(v) for v in bbox_clipped_to]
     return {"type": "Feature", "geometry": geometry, "properties": properties}
 
 
 router = APIRouter(prefix="/sam", dependencies=[Depends(require_token)])
 
 
+#: GET version/: the samapi protocol version, with this package's version as semver/PEP 440 build metadata
+#: ("0.7.1+medsam2-endpoint.0.1.0"), so a client comparing versions reads 0.7.1.
+VERSION_TEXT = f"{SAMAPI_PROTOCOL_VERSION}+medsam2-endpoint.{__version__}"
+
+
 @router.get("/version/", response_class=PlainTextResponse)
-def version() -> str:
-    return __version__
+def version() -> Response:
+    return PlainTextResponse(VERSION_TEXT, headers={"X-MedSAM2-Version": __version__,
+                                                    "X-Samapi-Protocol-Version": SAMAPI_PROTOCOL_VERSION})
 
 
 @router.get("/weights/")
@@ -123,9 +142,25 @@ def list_weights(state: State, type: Annotated[SamType | None, Query()] = None) 
     return _json(state.types.weights(type))
 
 
-@router.post("/weights/", response_class=PlainTextResponse)
-def register_weights(body: SamWeightsBody, state: State) -> str:
-    return state.service.register_weights(body.type, body.name, body.url)
+def _registration_answer(message: str, status: int, code: str) -> Response:
+    return PlainTextResponse(message, headers={"X-MedSAM2-Status": str(status), "X-MedSAM2-Code": code})
+
+
+@router.post("/weights/")
+async def register_weights(state: State, request: Request) -> Response:
+    """Register weights from a URL. Always 200 with a text message (samapi's answer, which the extension
+    shows); a refusal starts "Registration refused:" and says what to do, its status/code in headers."""
+    try:
+        try:
+            body = SamWeightsBody.model_validate_json(await request.body())
+        except ValidationError as exc:
+            raise InvalidRequest(validation_message(exc)) from None
+        message = await run_in_threadpool(state.service.register_weights, body.type, body.name, body.url)
+    except ServiceError as exc:
+        status = http_status(exc)
+        log.info("route=samapi path=%s status=%d code=%s error=%s (answered 200)", request.url.path, status, exc.code, exc.message)
+        return _registration_answer(f"Registration refused: {exc.message}", status, exc.code)
+    return _registration_answer(message, 200, "ok")
 
 
 @router.get("/weights/cancel/", response_class=PlainTextResponse)
@@ -148,7 +183,8 @@ async def predict(body: SamPromptBody, state: State, request: Request) -> Respon
     result = await run_until_disconnected(
         request, budget, lambda: state.service.segment_image(name, body.b64img, prompt, mask_b64=body.b64mask, budget=budget))
     # Empty masks have no outline: they are left out, and object_idx keeps each mask's own index.
-    return _json([feature(m.mask, object_idx=m.index, quality=m.quality, sam_model=sam_type) for m in result.masks if m.area])
+    return _json([feature(m.mask, object_idx=m.index, quality=m.quality, sam_model=sam_type, bbox_clipped_to=result.box_clipped_to)
+                  for m in result.masks if m.area])
 
 
 @router.post("/automask/")
@@ -198,6 +234,16 @@ async def video(body: SamVideoBody, state: State, request: Request) -> Response:
     return _json(features)
 
 
+@router.post("/sam3/")
+@router.post("/sam3video/")
+def sam3(state: State, request: Request) -> Response:
+    """samapi 0.7.1's SAM 3 routes (text prompts): never served here; the answer names what is."""
+    raise NotFound(
+        f"{request.url.path.rstrip('/').rsplit('/', 1)[-1]}/: SAM 3 (type sam3) is not available on this server; "
+        f"available types: {state.types.offered()}; choose one of them in the SAM dialog"
+    )
+
+
 def plane_of(axes: str, frame: int, plane_position: int) -> dict[str, int]:
     """samapi's geometry.plane for a frame: XYZ frames are z positions, XYT frames are time points."""
     if axes == "XYZ":
@@ -222,7 +268,10 @@ def _install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException) -> Response:
         code = "not_found" if exc.status_code == 404 else "invalid_request"
-        return _json(error_body(str(exc.detail), exc.status_code, code), exc.status_code)
+        message = str(exc.detail)
+        if exc.status_code in (404, 405):  # name the routes, not a bare "Not Found"
+            message = f"{request.method} {request.url.path}: {message.lower()}; samapi routes (under /sam/): {ROUTES}"
+        return _json(error_body(message, exc.status_code, code), exc.status_code)
 
     @app.exception_handler(Exception)
     async def internal_error(request: Request, exc: Exception) -> Response:

@@ -2,8 +2,8 @@
 
 samapi names models by SAM architecture (`vit_h vit_l vit_b vit_t sam2_l sam2_bp sam2_s sam2_t`).
 Here: `sam2_t` = every MedSAM2 checkpoint (SAM 2.1 hiera-tiny at 512 px, the only size MedSAM2
-exists in), `vit_t` = LiteMedSAM (TinyViT, the embedded default). The other types have no medical
-weights, so they are never available; asking for one is a 404 that names the available types.
+exists in), `vit_t` = LiteMedSAM (TinyViT, the embedded default). The other types (`sam3` included) have
+no medical weights, so they are never available; asking for one is a 404 that names the available types.
 
 Each available model is listed by `GET weights/` as `{"type", "name", "url"}`; the client sends that
 `url` back as `checkpoint_url` to pick it. Built-in models have `local://<name>`; registered ones the
@@ -15,10 +15,10 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 from medsam2_endpoint.base.errors import NotFound
+from medsam2_endpoint.contract.samapi import SAM_TYPES
 from medsam2_endpoint.core.service import ModelInfo, Service
 from medsam2_endpoint.io.fetch import redact_url
 
-SAM_TYPES = ("vit_h", "vit_l", "vit_b", "vit_t", "sam2_l", "sam2_bp", "sam2_s", "sam2_t")
 FAMILY_TYPE = {"medsam2": "sam2_t", "lite-medsam": "vit_t"}
 
 
@@ -50,9 +50,12 @@ class ModelTypes:
             raise self._not_available(sam_type)
         return [{"type": t, "name": n, "url": self.url_of(n)} for t in types for n in self.names(t)]
 
+    def offered(self) -> str:
+        """The served types with their models, e.g. "vit_t (lite-medsam); sam2_t (MedSAM2_latest)"."""
+        return "; ".join(f"{t} ({', '.join(self.names(t))})" for t in self.available()) or "none"
+
     def _not_available(self, sam_type: str) -> NotFound:
-        offered = "; ".join(f"{t} ({', '.join(self.names(t))})" for t in self.available()) or "none"
-        return NotFound(f"type: {sam_type} is not available on this server; available types: {offered}")
+        return NotFound(f"type: {sam_type} is not available on this server; available types: {self.offered()}")
 
     def resolve(self, sam_type: str | None, checkpoint_url: str | None) -> tuple[str, str]:
         """(samapi type, registry name) for a request's type and checkpoint_url (None: the type's default)."""

@@ -26,7 +26,10 @@ from typing import Any, cast
 import numpy as np
 import SimpleITK as sitk
 
+from medsam2_endpoint import __version__
+from medsam2_endpoint.base.errors import ServiceError
 from medsam2_endpoint.client.transport import KEY_ENV, ClientError, EndpointError, post_request
+from medsam2_endpoint.io.dicom_seg import SEG_SUFFIX, Algorithm, Segment, write_dicom_seg
 from medsam2_endpoint.io.encode import rle_decode
 from medsam2_endpoint.io.limits import Limits
 from medsam2_endpoint.io.volume import read_nifti, write_nifti
@@ -49,6 +52,7 @@ class ObjectPrompt:
     bbox: tuple[float, float, float, float]
     key_slice: int
     object_id: int = 1
+    label: str | None = None  # the segment's label in a DICOM SEG (default "object <id>")
 
 
 @dataclass(frozen=True)
@@ -60,16 +64,33 @@ class SegmentationResult:
     objects: list[ObjectPrompt]
     image: sitk.Image
     window: tuple[float, float] | None
+    source_files: tuple[Path, ...] = ()  # the DICOM series' files in z order, when the volume was one
 
     def array(self) -> np.ndarray:
         """The label map as a (z, y, x) array."""
         return sitk.GetArrayFromImage(self.mask)
 
     def save(self, path: str | Path) -> Path:
-        """Write the label map (NIfTI when the name ends in .nii/.nii.gz; any SimpleITK format otherwise)."""
+        """Write the label map: a DICOM Segmentation referencing the source series when the name ends in .dcm
+        (DICOM input only), NIfTI for .nii/.nii.gz, any SimpleITK format otherwise."""
         path = Path(path)
+        if path.name.lower().endswith(SEG_SUFFIX):
+            path.write_bytes(self.dicom_seg())
+            return path
         sitk.WriteImage(self.mask, str(path), useCompression=True)
         return path
+
+    def dicom_seg(self) -> bytes:
+        """The masks as a DICOM SEG over the source series: one segment per object, the model named."""
+        if not self.source_files:
+            raise ClientError("a DICOM SEG needs a DICOM series as input (it references its slices); write .nii.gz instead")
+        model = self.metadata[0].get("model", {}) if self.metadata else {}
+        segments = [Segment(o.object_id, o.label or f"object {o.object_id}") for o in self.objects]
+        algorithm = Algorithm(str(model.get("name", "medsam2-endpoint")), __version__, model.get("sha256"))
+        try:
+            return write_dicom_seg(self.array(), self.source_files, segments, algorithm)
+        except ServiceError as exc:
+            raise ClientError(exc.message) from None
 
     def preview(self, path: str | Path, *, panels: int = 5) -> Path:
         """PNG of the first object's key slice and its neighbours with the mask outlined (see preview.py)."""
@@ -93,7 +114,7 @@ def read_volume(path: str | Path, *, series_uid: str | None = None) -> sitk.Imag
     """A volume file (anything SimpleITK reads: .nii[.gz], .nrrd, .mha, ...) or a DICOM series folder."""
     path = Path(path)
     if path.is_dir():
-        return read_dicom_series(path, series_uid=series_uid)
+        return read_dicom_series(path, series_uid=series_uid)[0]
     if not path.is_file():
         raise ClientError(f"{path}: no such file or folder")
     try:
@@ -102,8 +123,9 @@ def read_volume(path: str | Path, *, series_uid: str | None = None) -> sitk.Imag
         raise ClientError(f"{path}: SimpleITK cannot read it; give a NIfTI, NRRD or MHA file or a DICOM folder") from None
 
 
-def read_dicom_series(folder: Path, *, series_uid: str | None = None) -> sitk.Image:
-    """One DICOM series of `folder`, slices sorted by GDCM along the slice normal, rescale applied."""
+def read_dicom_series(folder: Path, *, series_uid: str | None = None) -> tuple[sitk.Image, tuple[Path, ...]]:
+    """One DICOM series of `folder`, slices sorted by GDCM along the slice normal, rescale applied; and
+    its files in that (z) order."""
     uids = sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder))
     if not uids:
         raise ClientError(f"{folder}: no DICOM series found in this folder")
@@ -113,10 +135,11 @@ def read_dicom_series(folder: Path, *, series_uid: str | None = None) -> sitk.Im
     uid = series_uid or uids[0]
     if uid not in uids:
         raise ClientError(f"{folder}: no series {uid}; found {', '.join(uids)}")
+    names = _series_file_names(folder, uid)
     reader = sitk.ImageSeriesReader()
-    reader.SetFileNames(_series_file_names(folder, uid))
+    reader.SetFileNames(names)
     try:
-        return cast(sitk.Image, reader.Execute())
+        return cast(sitk.Image, reader.Execute()), tuple(Path(n) for n in names)
     except RuntimeError as exc:
         raise ClientError(f"{folder}: cannot read DICOM series {uid}: {str(exc).strip().splitlines()[-1]}") from None
 
@@ -168,9 +191,10 @@ def load_objects(path: str | Path) -> list[ObjectPrompt]:
         try:
             key = entry["key_slice"] if "key_slice" in entry else entry["key_slice_idx"]
             bbox = tuple(float(v) for v in entry["bbox"])
-            obj = ObjectPrompt(bbox, int(key), int(entry.get("id", i + 1)))  # type: ignore[arg-type]
+            label = entry.get("label")
+            obj = ObjectPrompt(bbox, int(key), int(entry.get("id", i + 1)), None if label is None else str(label))  # type: ignore[arg-type]
         except (KeyError, TypeError, ValueError):
-            raise ClientError(f'{path}: object {i} needs "bbox" [x0, y0, x1, y1] and "key_slice" (and optionally "id")') from None
+            raise ClientError(f'{path}: object {i} needs "bbox" [x0, y0, x1, y1] and "key_slice" (and optionally "id", "label")') from None
         objects.append(obj)
     check_objects(objects)
     return objects
@@ -211,7 +235,8 @@ def segment(
     objects: Sequence[ObjectPrompt] | None = None, window: Sequence[float] | None = None, preset: str | None = None,
     model: str | None = None, endpoint: str = DEFAULT_ENDPOINT, key: str | None = None, deployment: str | None = None,
     mask_format: str = "nifti", series_uid: str | None = None, timeout: float = 600.0, retries: int = 4,
-    backoff_s: float = 2.0, progress: bool = False,
+    backoff_s: float = 2.0, progress: bool = False, propagation: str | None = None, stop_after_empty: int | None = None,
+    max_slices: int | None = None, modality: str | None = None,
 ) -> SegmentationResult:
     """Segment one object (`bbox` + `key_slice`) or several (`objects`) in a volume through the endpoint.
 
@@ -219,6 +244,8 @@ def segment(
     (see PRESETS, or "mri"). `key`: defaults to $MEDSAM2_ENDPOINT_KEY. `mask_format`: "nifti" or "rle".
     Several objects go as one item with the `objects` column: the volume is uploaded once, every slice
     is encoded once for all objects, and the server returns a label map (overlaps to the highest logit).
+    `propagation` ("both", "up", "down"), `stop_after_empty`, `max_slices` and `modality` ("CT", "MR") are
+    the 3D route's columns of those names (None: the server's default).
     """
     if objects is None:
         if bbox is None or key_slice is None:
@@ -230,7 +257,13 @@ def segment(
     check_objects(objects)
     if mask_format not in ("nifti", "rle"):
         raise ClientError(f"mask_format must be nifti or rle, got {mask_format!r}")
-    image = volume if isinstance(volume, sitk.Image) else read_volume(volume, series_uid=series_uid)
+    source_files: tuple[Path, ...] = ()
+    if isinstance(volume, sitk.Image):
+        image = volume
+    elif Path(volume).is_dir():
+        image, source_files = read_dicom_series(Path(volume), series_uid=series_uid)
+    else:
+        image = read_volume(volume, series_uid=series_uid)
     if image.GetDimension() != 3 or image.GetNumberOfComponentsPerPixel() != 1:
         raise ClientError(
             f"expected a 3D scalar volume, got {image.GetDimension()}D with "
@@ -255,6 +288,8 @@ def segment(
         columns["dicom_window"] = [list(win)]
     if model:
         columns["model"] = [model]
+    options = {"propagation": propagation, "stop_after_empty": stop_after_empty, "max_slices": max_slices, "modality": modality}
+    columns.update({name: [value] for name, value in options.items() if value is not None})
     answer = post_request(endpoint, {"input_data": columns}, key=key if key is not None else os.environ.get(KEY_ENV),
                           deployment=deployment, timeout=timeout, retries=retries, backoff_s=backoff_s, progress=progress)
     if not isinstance(answer, list) or len(answer) != 1:
@@ -266,30 +301,46 @@ def segment(
     # exact source geometry, not the NIfTI round trip's float32 copy
     mask.CopyInformation(image)
     metadata = entry.get("metadata", {})
-    return SegmentationResult(mask, metadata.get("objects") or [metadata], objects, image, win)
+    return SegmentationResult(mask, metadata.get("objects") or [metadata], objects, image, win, source_files)
 
 
 # ----------------------------------------------------------------------------------------- CLI
 
 
+EXAMPLES = """examples:
+  medsam2-endpoint predict ct.nii.gz --bbox 120 140 210 230 --key-slice 42 --preset ct-soft-tissue
+  medsam2-endpoint predict dicom_folder/ --bbox 120 140 210 230 --key-slice 10 --label liver -o liver.dcm --preview p.png
+  medsam2-endpoint predict mr.nii.gz --objects objects.json --preset mri --propagation up --max-slices 20
+  medsam2-endpoint predict ct.nii.gz --bbox 50 50 150 150 --key-slice 5 --endpoint https://NAME.REGION.inference.ml.azure.com/score
+
+"""
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="medsam2-endpoint predict", description=__doc__.split("\n\n")[0],
-        epilog=f"Presets: {', '.join(f'{k} {list(v)}' for k, v in PRESETS.items())}, mri = {MRI_PERCENTILES[0]}-"
-        f"{MRI_PERCENTILES[1]} percentiles of nonzero voxels. The key is read from ${KEY_ENV}.",
+        prog="medsam2-endpoint predict", description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=EXAMPLES + f"Presets: {', '.join(f'{k} {list(v)}' for k, v in PRESETS.items())}, mri = {MRI_PERCENTILES[0]}-"
+        f"{MRI_PERCENTILES[1]} percentiles of nonzero voxels. The key is read from ${KEY_ENV}. -o NAME.dcm writes a DICOM "
+        "Segmentation referencing the source series (DICOM input), -o NAME.nii.gz a NIfTI label map.",
     )
     p.add_argument("volume", help="NIfTI/NRRD/MHA file or DICOM series folder")
     p.add_argument("--bbox", nargs=4, type=float, metavar=("X0", "Y0", "X1", "Y1"), help="box on the key slice (x = column)")
     p.add_argument("--key-slice", type=int, help="z index of the key slice")
-    p.add_argument("--objects", help='JSON file: [{"id": 1, "bbox": [...], "key_slice": 12}, ...] (instead of --bbox/--key-slice)')
+    p.add_argument("--objects", help='JSON file: [{"id": 1, "bbox": [...], "key_slice": 12, "label": "liver"}, ...] (instead of --bbox/--key-slice)')
+    p.add_argument("--label", help="the object's label in a DICOM SEG (with --bbox; default 'object 1')")
     win = p.add_mutually_exclusive_group()
     win.add_argument("--window", nargs=2, type=float, metavar=("LO", "HI"), help="intensity window [lower, upper]")
     win.add_argument("--preset", choices=[*PRESETS, "mri"], help="a named window (see below)")
     p.add_argument("--model", help="model name (default: the endpoint's default)")
+    p.add_argument("--modality", choices=["CT", "MR"], help="without a window, MR is windowed to its 0.5-99.5th percentiles")
+    p.add_argument("--propagation", choices=["both", "up", "down"], help="walk both ways from the key slice (default), up (higher z) or down")
+    p.add_argument("--stop-after-empty", type=int, metavar="N", help="stop a direction after N empty slices (server default 2; 0 = never)")
+    p.add_argument("--max-slices", type=int, metavar="N", help="at most N slices per direction")
     p.add_argument("--endpoint", default=DEFAULT_ENDPOINT, help=f"scoring URL (default {DEFAULT_ENDPOINT})")
     p.add_argument("--deployment", help="Azure deployment to target (azureml-model-deployment header)")
-    p.add_argument("-o", "--output", help="mask file (default: <volume name>_mask.nii.gz)")
-    p.add_argument("--preview", help="PNG of the key slice and its neighbours with the mask outline")
+    p.add_argument("-o", "--output", action="append", help="mask file: NAME.nii.gz (NIfTI) or NAME.dcm (DICOM SEG; DICOM input); "
+                   "repeat for both (default: <volume name>_mask.nii.gz)")
+    p.add_argument("--preview", help="PNG of the key slice and its neighbours, and three orthogonal planes, with the mask outlined")
     p.add_argument("--panels", type=int, default=5, help="slices in the preview (default 5)")
     p.add_argument("--metadata", help="write the endpoint's metadata (JSON list, one per object) here")
     p.add_argument("--mask-format", choices=["nifti", "rle"], default="nifti", help="mask encoding of the answer")
@@ -315,17 +366,18 @@ def predict_main(argv: list[str]) -> int:
     logging.basicConfig(level=logging.ERROR if args.quiet else logging.INFO, format="%(message)s", stream=sys.stderr)
     try:
         if args.objects:
-            if args.bbox or args.key_slice is not None:
-                raise ClientError("give --objects or --bbox/--key-slice, not both")
+            if args.bbox or args.key_slice is not None or args.label:
+                raise ClientError("give --objects or --bbox/--key-slice (and --label), not both")
             objects = load_objects(args.objects)
         elif args.bbox is None or args.key_slice is None:
             raise ClientError("give --bbox X0 Y0 X1 Y1 and --key-slice K, or --objects FILE")
         else:
-            objects = [ObjectPrompt(tuple(args.bbox), args.key_slice, 1)]
+            objects = [ObjectPrompt(tuple(args.bbox), args.key_slice, 1, args.label)]
         result = segment(
             args.volume, objects=objects, window=args.window, preset=args.preset, model=args.model,
             endpoint=args.endpoint, deployment=args.deployment, mask_format=args.mask_format, series_uid=args.series,
             timeout=args.timeout, retries=args.retries, progress=not args.quiet and sys.stderr.isatty(),
+            propagation=args.propagation, stop_after_empty=args.stop_after_empty, max_slices=args.max_slices, modality=args.modality,
         )
     except EndpointError as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -335,16 +387,22 @@ def predict_main(argv: list[str]) -> int:
     except ClientError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    try:
-        out = result.save(args.output or _default_output(args.volume))
-    except RuntimeError:
-        print(f"error: cannot write the mask to {args.output or _default_output(args.volume)}", file=sys.stderr)
-        return 2
+    outputs = []
+    for target in args.output or [_default_output(args.volume)]:
+        try:
+            outputs.append(result.save(target))
+        except ClientError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+        except (RuntimeError, OSError):
+            print(f"error: cannot write the mask to {target}", file=sys.stderr)
+            return 2
     for obj, meta in zip(result.objects, result.metadata, strict=True):
         model = meta.get("model", {}).get("name", "?")
         print(f"object {obj.object_id}: {meta.get('voxel_count')} voxels, {meta.get('volume_ml')} ml, model {model}, "
               f"{meta.get('timing_ms', {}).get('total', 0) / 1000:.1f} s")
-    print(f"mask: {out}")
+    for out in outputs:
+        print(f"mask: {out}")
     if args.metadata:
         Path(args.metadata).write_text(json.dumps(result.metadata, indent=1))
     if args.preview:

@@ -14,8 +14,12 @@ from pydantic import AliasChoices, BaseModel, ConfigDict, Field, StrictStr
 from medsam2_endpoint.base.errors import InvalidRequest
 from medsam2_endpoint.contract.score2d import OUTPUT_TYPES, AutomaskOptions, Box, Point
 
-SamType = Literal["vit_h", "vit_l", "vit_b", "vit_t", "sam2_l", "sam2_bp", "sam2_s", "sam2_t"]
-
+# samapi 0.7.1's types; `sam3` (text prompts, SAM 3) is a known type this server never serves: asking for
+# it is answered like any other unserved type (404 naming the served ones), not as a malformed body.
+SamType = Literal["vit_h", "vit_l", "vit_b", "vit_t", "sam2_l", "sam2_bp", "sam2_s", "sam2_t", "sam3"]
+SAM_TYPES: tuple[str, ...] = SamType.__args__  # type: ignore[attr-defined]
+#: The samapi protocol version this server speaks (ksugar/samapi 0.7.1, as qupath-extension-sam v0.9.1 expects).
+SAMAPI_PROTOCOL_VERSION = "0.7.1"
 
 
 class SamapiBody(BaseModel):

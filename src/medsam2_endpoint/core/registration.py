@@ -106,9 +106,10 @@ class WeightRegistrar:
             raise InvalidRequest("name: use 1-64 letters, digits, '.', '_' or '-', starting with a letter or digit")
         shown = redact_url(url)
         if name in self.registry:
-            return f"Model file with the name '{name}' already exists. Skip registration."
-        if self.records.known_url(shown):
-            return f"Model file with the url '{shown}' already exists. Skip registration."
+            return f"Model file with the name '{name}' already exists. Skip registration. Choose {name} in the weights list, or register under another name."
+        known = self.records.known_url(shown)
+        if known:
+            return f"Model file with the url '{shown}' already exists. Skip registration. Choose {known} in the weights list."
         if not self._busy.acquire(blocking=False):
             raise Conflict("another weight registration is running; wait for it or cancel it (GET weights/cancel/)")
         try:
@@ -147,7 +148,7 @@ class WeightRegistrar:
         except ServiceError as exc:
             self._report(f"failed: {exc.message}", -1)
             raise
-        if data is None or self._cancel.is_set():
+        if data is None or self._cancel.is_set():  # the message says what happened; registering again starts over
             self._report(cancelled, -1)
             return cancelled
         self._report(f"checking {name} ({len(data)} bytes)", 60)
@@ -174,6 +175,6 @@ class WeightRegistrar:
         self.records.add(name, record)
         self.registry.add(name, engine)
         log.info("samapi: registered %s (%s) from %s, sha256 %s", name, sam_type, shown, record["sha256"][:12])
-        message = f"{name} ({shown}) is registered."
+        message = f"{name} ({shown}) is registered. Choose it in the weights list of type {sam_type}."
         self._report(message, 100)
         return message

@@ -18,7 +18,7 @@ import logging
 import os
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -45,12 +45,13 @@ from medsam2_endpoint.core.registry import ModelRegistry, choose_device, choose_
 from medsam2_endpoint.core.settings import Settings
 from medsam2_endpoint.core.slots import InferenceSlots
 from medsam2_endpoint.engines.base import ModelInfo
+from medsam2_endpoint.io.dicom_seg import read_series, series_files
 from medsam2_endpoint.io.encode import encode_mask
 from medsam2_endpoint.io.limits import VoxelTally
 from medsam2_endpoint.io.volume import read_nifti, write_nifti
 from medsam2_endpoint.pipeline.automask import automask
 from medsam2_endpoint.pipeline.embedding_cache import EmbeddingCache
-from medsam2_endpoint.pipeline.prompt2d import Prompter, Result2D, check_prompt
+from medsam2_endpoint.pipeline.prompt2d import Prompter, Result2D, check_prompt, clip_box
 from medsam2_endpoint.pipeline.propagate import segment_object
 from medsam2_endpoint.pipeline.video import ObjectPrompt, frames_to_volume, track_objects
 
@@ -62,6 +63,8 @@ log = logging.getLogger("azmlinfsrv.medsam2")
 class FileResult:
     mask_nifti: bytes  # the mask with the source's geometry, gzip-compressed NIfTI
     metadata: dict[str, Any]
+    labels: np.ndarray | None = None  # the label map (Z, Y, X), for other encodings (DICOM SEG)
+    source_files: tuple[Path, ...] = ()  # a DICOM series' files in z order, when the input was one
 
 
 class Service:
@@ -154,15 +157,22 @@ class Service:
         return results
 
     def score_3d_file(self, item: VolumeItem, path: Path, budget: Budget | None = None) -> FileResult:
-        """One local NIfTI file with its validated prompt (the batch endpoint)."""
+        """One local NIfTI file, or DICOM series folder, with its validated prompt (the batch endpoint)."""
         name = self.registry.resolve(item.model, field=item.field("model"))
         budget = budget or self.budget()
         started = time.perf_counter()
-        volume = read_nifti(path.read_bytes(), field=path.name, limits=self.settings.limits, budget=budget)
+        files: tuple[Path, ...] = ()
+        if path.is_dir():
+            files = tuple(series_files(path))
+            # through NIfTI bytes so that a series meets the same checks (size, dtype, finite voxels) as a file
+            image = read_series(files, limits=self.settings.limits)
+            volume = read_nifti(write_nifti(image), field=path.name, limits=self.settings.limits, budget=budget)
+        else:
+            volume = read_nifti(path.read_bytes(), field=path.name, limits=self.settings.limits, budget=budget)
         prepared = volumes.prepare(item, volume, name, decode_ms=(time.perf_counter() - started) * 1000)
         with self.slots.hold(name):
             mask, metadata = volumes.run(prepared, self.registry.get(name), budget)
-        return FileResult(write_nifti(prepared.windowed.image_like(mask)), metadata)
+        return FileResult(write_nifti(prepared.windowed.image_like(mask)), metadata, mask, files)
 
     # ---------------------------------------------------------------- 2D
 
@@ -190,13 +200,14 @@ class Service:
         if mask_b64 is not None:
             _, mask_rgb = load_rgb(mask_b64, field="b64mask", policy=policy, limits=limits, budget=budget)
             mask_input = mask_logits(engine, mask_rgb, rgb, field="b64mask")
-        typed = typed_prompt(prompt, mask_input=mask_input)
+        # samapi's clients send the viewer's rectangle unclipped (REFERENCE.md C2): clip it, as SAM sees it
+        typed, clipped = clip_box(typed_prompt(prompt, mask_input=mask_input), width=rgb.shape[1], height=rgb.shape[0])
         check_prompt(typed, width=rgb.shape[1], height=rgb.shape[0], engine=engine, where=lambda column: column,
                      models_with_points=self.prompter.models_with_points())
         started = time.perf_counter()
         budget.check(0, "prompts")  # a client gone before the model ran gets nothing computed
         with self.slots.hold(model):
-            result = self.prompter.segment(model, rgb, typed)
+            result = replace(self.prompter.segment(model, rgb, typed), box_clipped_to=clipped)
         log.info("route=samapi model=%s size=%dx%d masks=%d embedding_cached=%s ms=%.0f", model, rgb.shape[1], rgb.shape[0],
                  len(result.masks), result.embedding_cached, (time.perf_counter() - started) * 1000)
         return result

@@ -17,7 +17,7 @@ outputs (samapi reported mask i's quality under mask i-1: not here).
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
 import numpy as np
@@ -69,6 +69,23 @@ class Result2D:
     model: ModelInfo
     embedding_cached: bool
     timing_ms: dict[str, float] = field(default_factory=dict)
+    box_clipped_to: list[float] | None = None  # the box used when the one sent reached past the image
+
+
+def clip_box(prompt: Prompt2D, *, width: int, height: int) -> tuple[Prompt2D, list[float] | None]:
+    """The prompt with its box clipped to the image, and the clipped box (None when it already fit).
+
+    A viewer's rectangle may reach past the field of view it sends (drawn, then panned or zoomed): SAM
+    embeds such a box as given and, in effect, segments the visible part. Clipping first gives each
+    engine the same visible part. A box left empty by clipping is not clipped (check_prompt refuses it).
+    """
+    if prompt.box is None:
+        return prompt, None
+    x0, y0, x1, y1 = prompt.box.tolist()
+    clipped = [min(max(x0, 0.0), width), min(max(y0, 0.0), height), min(max(x1, 0.0), width), min(max(y1, 0.0), height)]
+    if clipped == [x0, y0, x1, y1] or not (clipped[0] < clipped[2] and clipped[1] < clipped[3]):
+        return prompt, None
+    return replace(prompt, box=np.array(clipped, dtype=prompt.box.dtype)), clipped
 
 
 def check_prompt(prompt: Prompt2D, *, width: int, height: int, engine: ImageEngine, where: Callable[[str], str],

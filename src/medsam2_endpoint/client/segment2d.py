@@ -1,0 +1,210 @@
+"""Client for the 2D route: `medsam2-endpoint predict-2d` and `segment_2d()`.
+
+One image (PNG, JPEG, TIFF, or a single DICOM slice) and a prompt (a box, points, or both) go to the
+endpoint's `/score` 2D route; the answer's masks come back as bool (H, W) arrays and can be written as
+a mask PNG (0/255) or a GeoJSON FeatureCollection (pixel-corner polygons, as the samapi route's), with
+a preview PNG. A DICOM slice is sent as a 2D NIfTI of its rescaled values (the route does not read
+DICOM), with the window given or the preset's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import json
+import logging
+import os
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import SimpleITK as sitk
+
+from medsam2_endpoint.client.segment import DEFAULT_ENDPOINT, PRESETS, resolve_window
+from medsam2_endpoint.client.transport import KEY_ENV, ClientError, EndpointError, post_request
+from medsam2_endpoint.io.encode import rle_decode
+from medsam2_endpoint.io.polygons import mask_to_geometry
+from medsam2_endpoint.io.volume import write_nifti
+
+__all__ = ["Segmentation2DResult", "predict_2d_main", "segment_2d"]
+OUTPUT_TYPES = ("single", "all", "largest", "smallest", "best_quality")
+_DICM_OFFSET = 128  # DICOM Part 10 files carry "DICM" after a 128-byte preamble
+
+
+@dataclass(frozen=True)
+class Segmentation2DResult:
+    """The masks (bool (H, W) each) with their predicted IoU, the image as read (grey, for previews), metadata."""
+
+    masks: list[np.ndarray]
+    qualities: list[float]
+    image: np.ndarray
+    metadata: dict[str, Any]
+    box: tuple[float, float, float, float] | None
+    points: list[tuple[float, float, int]]
+    window: tuple[float, float] | None
+
+    def save(self, path: str | Path) -> Path:
+        """NAME.png: the first mask as 0/255 PNG (others as NAME_1.png, ...); NAME.geojson: every mask as a Feature."""
+        path = Path(path)
+        if path.suffix.lower() in (".geojson", ".json"):
+            features = [{"type": "Feature", "geometry": mask_to_geometry(m),
+                         "properties": {"object_idx": i, "quality": q, "model": self.metadata.get("model", {}).get("name")}}
+                        for i, (m, q) in enumerate(zip(self.masks, self.qualities, strict=True)) if m.any()]
+            path.write_text(json.dumps({"type": "FeatureCollection", "features": features}))
+            return path
+        if path.suffix.lower() != ".png":
+            raise ClientError(f"{path}: write masks as .png or .geojson")
+        for i, mask in enumerate(self.masks):
+            target = path if i == 0 else path.with_name(f"{path.stem}_{i}{path.suffix}")
+            sitk.WriteImage(sitk.GetImageFromArray(mask.astype(np.uint8) * 255), str(target))
+        return path
+
+    def preview(self, path: str | Path) -> Path:
+        """PNG of the image with each mask outlined and the prompt drawn (see preview.py)."""
+        from medsam2_endpoint.client.preview import render_preview_2d  # matplotlib loads only when asked
+
+        model = self.metadata.get("model", {}).get("name", "?")
+        title = f"{model}: " + ", ".join(f"mask {i} {int(m.sum())} px, quality {q:.2f}" for i, (m, q) in
+                                         enumerate(zip(self.masks, self.qualities, strict=True)))
+        return render_preview_2d(self.image, self.masks, path, window=self.window, box=self.box, points=self.points, title=title)
+
+
+def is_dicom(path: Path) -> bool:
+    with path.open("rb") as handle:
+        handle.seek(_DICM_OFFSET)
+        return handle.read(4) == b"DICM"
+
+
+def read_image(path: Path) -> tuple[bytes, np.ndarray]:
+    """(bytes to send, grey pixels (H, W) for previews) of a 2D image file."""
+    if not path.is_file():
+        raise ClientError(f"{path}: no such file")
+    try:
+        image = sitk.ReadImage(str(path))
+    except RuntimeError:
+        raise ClientError(f"{path}: cannot read it; give a PNG, JPEG, TIFF or DICOM slice") from None
+    if image.GetDimension() == 3:
+        if image.GetSize()[2] != 1:
+            raise ClientError(f"{path}: {image.GetSize()[2]} slices; predict-2d takes one image (use predict for volumes)")
+        image = image[:, :, 0]
+    pixels = sitk.GetArrayFromImage(image)
+    grey = pixels.mean(axis=-1) if image.GetNumberOfComponentsPerPixel() > 1 else pixels
+    if is_dicom(path):
+        if image.GetNumberOfComponentsPerPixel() != 1:
+            raise ClientError(f"{path}: a colour DICOM image; export it as PNG")
+        return write_nifti(image, compressed=True), grey.astype(np.float64)
+    return path.read_bytes(), grey.astype(np.float64)
+
+
+def _decode(entry: dict[str, Any], shape: tuple[int, int]) -> np.ndarray:
+    mask = entry["mask"]
+    array = rle_decode(mask["counts"], tuple(mask["size"])).astype(bool)
+    if array.shape != shape:
+        raise EndpointError(200, f"a mask has shape {array.shape}, the image {shape}", http_status=200)
+    return array
+
+
+def segment_2d(
+    image: str | Path, *, bbox: Sequence[float] | None = None, points: Sequence[Sequence[float]] = (),
+    negative: Sequence[Sequence[float]] = (), window: Sequence[float] | None = None, preset: str | None = None,
+    model: str | None = None, output_type: str = "single", endpoint: str = DEFAULT_ENDPOINT, key: str | None = None,
+    deployment: str | None = None, timeout: float = 120.0, retries: int = 4, backoff_s: float = 2.0,
+) -> Segmentation2DResult:
+    """Segment one 2D image through the endpoint's 2D route: a box [x_min, y_min, x_max, y_max] and/or
+    foreground `points` and background `negative` points (x, y), x the column. `window`/`preset` as predict's
+    (mainly for DICOM slices). `output_type`: single, all, largest, smallest or best_quality."""
+    if bbox is None and not points and not negative:
+        raise ClientError("give a box (--bbox) or points (--point / --negative)")
+    if output_type not in OUTPUT_TYPES:
+        raise ClientError(f"output_type must be one of {', '.join(OUTPUT_TYPES)}, got {output_type!r}")
+    path = Path(image)
+    data, grey = read_image(path)
+    win = resolve_window(sitk.GetImageFromArray(grey[None]), window, preset) if (window is not None or preset) else None
+    columns: dict[str, list[Any]] = {"image": [base64.b64encode(data).decode("ascii")], "output_type": [output_type],
+                                     "mask_format": ["rle"]}
+    box = None if bbox is None else tuple(float(v) for v in bbox)
+    if box is not None:
+        if len(box) != 4:
+            raise ClientError("bbox needs 4 numbers [x_min, y_min, x_max, y_max]")
+        columns["bbox"] = [list(box)]
+    prompts = [(float(x), float(y), 0) for x, y in negative] + [(float(x), float(y), 1) for x, y in points]  # background first, as SAM's clients
+    if prompts:
+        columns["point_coords"] = [[[x, y] for x, y, _ in prompts]]
+        columns["point_labels"] = [[label for _, _, label in prompts]]
+    if win is not None:
+        columns["dicom_window"] = [list(win)]
+    if model:
+        columns["model"] = [model]
+    answer = post_request(endpoint, {"input_data": columns}, key=key if key is not None else os.environ.get(KEY_ENV),
+                          deployment=deployment, timeout=timeout, retries=retries, backoff_s=backoff_s)
+    if not isinstance(answer, list) or len(answer) != 1:
+        raise EndpointError(200, f"expected a list of 1 result, got {type(answer).__name__}", http_status=200)
+    (entry,) = answer
+    shape = (int(grey.shape[0]), int(grey.shape[1]))
+    masks = [_decode(m, shape) for m in entry.get("masks", [])]
+    qualities = [float(m.get("quality", 0.0)) for m in entry.get("masks", [])]
+    return Segmentation2DResult(masks, qualities, grey, entry.get("metadata", {}), box, prompts, win)
+
+
+EXAMPLES = """examples:
+  medsam2-endpoint predict-2d slice.png --bbox 40 30 120 110 -o mask.png --preview preview.png
+  medsam2-endpoint predict-2d slice.png --point 80 70 --negative 5 5 --model MedSAM2_latest -o mask.geojson
+  medsam2-endpoint predict-2d ct_slice.dcm --bbox 200 180 330 300 --preset ct-soft-tissue -o liver.png -o liver.geojson
+"""
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="medsam2-endpoint predict-2d", description=__doc__.split("\n\n")[0], epilog=EXAMPLES + f"The key is read from ${KEY_ENV}.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("image", help="PNG, JPEG, TIFF or DICOM slice")
+    p.add_argument("--bbox", nargs=4, type=float, metavar=("X0", "Y0", "X1", "Y1"), help="box prompt (x = column)")
+    p.add_argument("--point", nargs=2, type=float, action="append", default=[], metavar=("X", "Y"),
+                   help="foreground point (repeatable; MedSAM2 models: LiteMedSAM takes boxes only)")
+    p.add_argument("--negative", nargs=2, type=float, action="append", default=[], metavar=("X", "Y"), help="background point (repeatable)")
+    win = p.add_mutually_exclusive_group()
+    win.add_argument("--window", nargs=2, type=float, metavar=("LO", "HI"), help="intensity window [lower, upper]")
+    win.add_argument("--preset", choices=[*PRESETS, "mri"], help="a named window (as predict's)")
+    p.add_argument("--model", help="model name (default: the endpoint's default)")
+    p.add_argument("--output-type", choices=OUTPUT_TYPES, default="single", help="single (default), or among the model's 3 masks")
+    p.add_argument("--endpoint", default=DEFAULT_ENDPOINT, help=f"scoring URL (default {DEFAULT_ENDPOINT})")
+    p.add_argument("--deployment", help="Azure deployment to target (azureml-model-deployment header)")
+    p.add_argument("-o", "--output", action="append", help="NAME.png (mask 0/255) or NAME.geojson (polygons); repeatable (default: <image>_mask.png)")
+    p.add_argument("--preview", help="PNG of the image with the mask outlined and the prompt drawn")
+    p.add_argument("--metadata", help="write the endpoint's metadata (JSON) here")
+    p.add_argument("--timeout", type=float, default=120.0, help="seconds to wait for the answer (default 120)")
+    p.add_argument("--retries", type=int, default=4, help="retries on 429/503 (default 4)")
+    return p
+
+
+def predict_2d_main(argv: list[str]) -> int:
+    """`medsam2-endpoint predict-2d ...`: 0 on success, 1 when the endpoint answered an error, 2 for bad inputs."""
+    args = _parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
+    try:
+        result = segment_2d(args.image, bbox=args.bbox, points=args.point, negative=args.negative, window=args.window,
+                            preset=args.preset, model=args.model, output_type=args.output_type, endpoint=args.endpoint,
+                            deployment=args.deployment, timeout=args.timeout, retries=args.retries)
+        outputs = [result.save(target) for target in args.output or [Path(args.image).with_suffix("").name + "_mask.png"]]
+    except EndpointError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        if exc.body is not None:
+            print(json.dumps(exc.body) if isinstance(exc.body, dict) else str(exc.body), file=sys.stderr)
+        return 1
+    except ClientError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    model = result.metadata.get("model", {}).get("name", "?")
+    for i, (mask, quality) in enumerate(zip(result.masks, result.qualities, strict=True)):
+        print(f"mask {i}: {int(mask.sum())} px, quality {quality:.3f}, model {model}")
+    for out in outputs:
+        print(f"mask: {out}")
+    if args.metadata:
+        Path(args.metadata).write_text(json.dumps(result.metadata, indent=1))
+    if args.preview:
+        print(f"preview: {result.preview(args.preview)}")
+    return 0
