@@ -95,12 +95,15 @@ def running_server(folder: Path, env: dict[str, str], *, workers: int = 1, ready
             time.sleep(0.5)
         yield server
     finally:
-        os.killpg(proc.pid, signal.SIGTERM)
         try:
+            os.killpg(proc.pid, signal.SIGTERM)
             proc.wait(timeout=30)
+        except ProcessLookupError:  # a test stopped the server itself (the shutdown drill)
+            pass
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait(timeout=30)
+        proc.wait(timeout=30)
 
 
 # ----------------------------------------------------------------------------------------------- request data

@@ -35,6 +35,7 @@ def batch(tmp_path_factory):
         mp.setenv("AZUREML_MODEL_DIR", str(models))
         mp.setenv("MEDSAM2_WARMUP", "0")
         mp.setenv("MEDSAM2_NUM_THREADS", "1")  # under CPU contention one thread wastes least
+        mp.setenv("MEDSAM2_BATCH_WORKER_PROCESS", "0")  # in-process here; the child-process worker: test_faults_batch.py
         mp.setattr(sys, "argv", ["batch_score.py", "--output_dir", str(output)])
         spec = importlib.util.spec_from_file_location("batch_score_under_test", REPO / "batch_score.py")
         module = importlib.util.module_from_spec(spec)

@@ -24,7 +24,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from medsam2_endpoint.api.errors import http_status
-from medsam2_endpoint.base.errors import FetchRefused, PayloadTooLarge
+from medsam2_endpoint.base.budget import Budget, Cancelled
+from medsam2_endpoint.base.errors import DeadlineExceeded, FetchRefused, PayloadTooLarge
 from medsam2_endpoint.core.settings import Settings, SettingsError
 from medsam2_endpoint.io import fetch
 from medsam2_endpoint.io.fetch import FetchPolicy, check_url, classify_address, fetch_bytes, redact_url
@@ -132,6 +133,12 @@ class Handler(BaseHTTPRequestHandler):
         elif path == "/slow":
             time.sleep(1.0)
             self.send(200, BODY)
+        elif path == "/stall":  # headers and one byte, then nothing for longer than any budget in these tests
+            self.send_response(200)
+            self.end_headers()
+            self.wfile.write(b"z")
+            self.wfile.flush()
+            time.sleep(5.0)
         elif path == "/drip":
             self.send_response(200)
             self.end_headers()
@@ -475,6 +482,43 @@ def test_total_timeout_is_504(server):
     with pytest.raises(FetchRefused, match="took longer than 0.3 s") as err:
         fetch_bytes(server.base + "/drip", policy)
     assert http_status(err.value) == 504
+
+
+@pytest.mark.parametrize("path", ["/drip", "/stall"])
+def test_a_budget_shorter_than_the_fetch_time_outs_ends_the_fetch_as_a_deadline(server, path):
+    """What is left of the request's budget bounds the fetch (reads and the socket's wait), and running out
+    is the request's deadline (503 `deadline`), not a fetch failure (502/504)."""
+    with pytest.raises(DeadlineExceeded) as err:
+        fetch_bytes(server.base + path + "?sig=SECRET", LOOP, field="nii_image", budget=Budget(0.4))
+    assert err.value.code == "deadline" and http_status(err.value) == 503
+    assert "ran out while fetching" in err.value.message and "SECRET" not in err.value.message
+    assert err.value.detail["bytes_fetched"] >= 1
+
+
+def test_the_fetch_time_out_still_applies_when_the_budget_is_longer(server):
+    policy = FetchPolicy(allow_http=True, allow_networks=("127.0.0.0/8",), total_timeout_s=0.3)
+    with pytest.raises(FetchRefused, match="took longer than 0.3 s") as err:
+        fetch_bytes(server.base + "/drip", policy, budget=Budget(60))
+    assert http_status(err.value) == 504
+
+
+def test_a_cancelled_budget_stops_the_fetch(server):
+    budget = Budget(60)
+    budget.cancel()
+    with pytest.raises(Cancelled):
+        fetch_bytes(server.base + "/ok", LOOP, budget=budget)
+
+
+def test_the_scoring_alarm_passes_through_the_fetch(server, monkeypatch):
+    """azmlinfsrv's SIGALRM raises TimeoutError (an OSError) wherever the worker is: the fetch must not turn
+    it into a misleading 502; the adapter answers it (503 `deadline`)."""
+
+    def alarm(*args, **kwargs):
+        raise TimeoutError
+
+    monkeypatch.setattr(fetch, "_read1", alarm)
+    with pytest.raises(TimeoutError):
+        fetch_bytes(server.base + "/ok", LOOP)
 
 
 def test_private_refused_without_allow_networks(server, connects):

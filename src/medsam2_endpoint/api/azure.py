@@ -20,6 +20,7 @@ from azureml_inference_server_http.api.aml_request import AMLRequest
 from azureml_inference_server_http.api.aml_response import AMLResponse
 
 from medsam2_endpoint.api.errors import body_of, error_body, headers_of, http_status
+from medsam2_endpoint.api.shutdown import cancel_on_signals
 from medsam2_endpoint.base.errors import ServiceError
 from medsam2_endpoint.contract.score2d import parse_image_request
 from medsam2_endpoint.contract.score3d import parse_request
@@ -84,12 +85,13 @@ class ScoreApp:
     def init(self) -> None:
         logging.getLogger("azmlinfsrv.medsam2").setLevel(logging.INFO)
         self.service = Service.from_settings(Settings.from_env())
+        cancel_on_signals(self.service.cancel_running)  # SIGTERM: running work stops, the worker exits within seconds
         log.info("ready: models %s, default %s", ", ".join(self.service.available_models()), self.service.default)
 
     def body_limit(self, service: Service) -> int:
-        """The largest body the limits could accept: every item at the base64 cap, plus 1 MiB per item for prompts."""
-        limits = service.settings.limits
-        return limits.max_items * (limits.max_base64_bytes + (1 << 20))
+        """The largest body the limits could accept (`Limits.max_body_bytes`): the request's base64 cap, plus 1 MiB
+        per item for prompts, never more than every item at its own cap."""
+        return service.settings.limits.max_body_bytes
 
     def answer(self, request: AMLRequest, request_id: str) -> tuple[AMLResponse, str, int, str]:
         """(response, route, items, error message for the log)."""
@@ -100,7 +102,9 @@ class ScoreApp:
             return _error(503, "the model is still loading; retry shortly", "model_unavailable"), "-", 0, "not ready"
         limit = self.body_limit(service)
         if request.content_length is not None and request.content_length > limit:
-            message = f"body: {request.content_length} bytes exceed the limit of {limit} (MEDSAM2_MAX_ITEMS x MEDSAM2_MAX_BASE64_MB); send URLs"
+            message = (f"body: {request.content_length} bytes exceed the limit of {limit} (MEDSAM2_MAX_REQUEST_MB plus 1 MiB "
+                       "per item of MEDSAM2_MAX_ITEMS, at most MEDSAM2_MAX_ITEMS x MEDSAM2_MAX_BASE64_MB); send fewer items per "
+                       "request, or URLs")
             return _error(413, message, "too_large"), "-", 0, message
         try:
             body = json.loads(request.get_data(cache=False))

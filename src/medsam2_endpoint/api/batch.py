@@ -4,7 +4,8 @@ item, each with a sidecar prompt.
 For `<name>.nii.gz` the prompt is `<name>.prompt.json` beside it, holding the 3D route's fields as scalars:
 {"bbox": [...], "key_slice_idx": 5, "dicom_window": [-160, 240], "slice_offset": 0, "model": "..."}.
 Writes `<name>_mask.nii.gz` (source geometry) to the output folder and returns one summary row per file;
-a failing file becomes a row with its error, never a lost mini-batch.
+a failing file becomes a row with its error, never a lost mini-batch; a file whose worker process dies
+(api/batch_worker.py) becomes an error row with `code: "worker_died"` and a new worker scores the rest.
 
 DICOM: a folder `<name>/` of one series with `<name>.prompt.json` beside it. The batch driver hands out
 files, so the series is scored when its prompt file comes up (its .dcm files get "skipped" rows); a
@@ -29,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from medsam2_endpoint import __version__
+from medsam2_endpoint.api.batch_worker import IsolatedScorer
 from medsam2_endpoint.base.errors import InvalidRequest, ServiceError
 from medsam2_endpoint.contract.score3d import VolumeItem, parse_request
 from medsam2_endpoint.core.service import Service
@@ -85,19 +87,27 @@ def empty_row(path: Path, status: str) -> dict[str, Any]:
 
 
 class BatchApp:
-    """What `batch_score.py` holds: the Service and the output folder, built in init()."""
+    """What `batch_score.py` holds: the output folder, and either the Service (in-process) or the child process
+    that scores the files (MEDSAM2_BATCH_WORKER_PROCESS, the default), built in init()."""
 
     def __init__(self) -> None:
         self.service: Service | None = None
+        self.scorer: IsolatedScorer | None = None
         self.output_dir = Path(".")
 
-    def init(self, argv: Sequence[str]) -> None:
+    def init(self, argv: Sequence[str], *, in_process: bool | None = None) -> None:
         parser = argparse.ArgumentParser(allow_abbrev=False)
         parser.add_argument("--output_dir", "--output-dir", default=os.environ.get("AZUREML_BI_OUTPUT_PATH", "."))
         args, _ = parser.parse_known_args(list(argv))
         self.output_dir = Path(args.output_dir)
         self.output_dir.mkdir(parents=True, exist_ok=True)
-        self.service = Service.from_settings(Settings.from_env())
+        settings = Settings.from_env()
+        if in_process is None:
+            in_process = not settings.batch_worker_process
+        if in_process:
+            self.service = Service.from_settings(settings)
+        else:
+            self.scorer = IsolatedScorer(self.output_dir)
 
     def score_one(self, path: Path) -> dict[str, Any]:
         started = time.perf_counter()
@@ -133,11 +143,20 @@ class BatchApp:
             path = Path(item)
             series = series_of(path)
             if path.is_dir() or (series is not None and path.name.endswith(PROMPT_SUFFIX)):
-                row = self.score_one(series or path)
+                row = self._score(series or path)
                 row["file"] = path.name
             elif series is not None or path.name.endswith(PROMPT_SUFFIX):
                 row = {**empty_row(path, "skipped"), "time_s": 0.0}
             else:
-                row = self.score_one(path)
+                row = self._score(path)
             rows.append(json.dumps(row))
         return rows
+
+    def _score(self, path: Path) -> dict[str, Any]:
+        """One file's (or series folder's) row: in the child process when there is one, else here."""
+        if self.scorer is None:
+            return self.score_one(path)
+        started = time.perf_counter()
+        row = self.scorer.score(path, empty_row(path, "error"))
+        row.setdefault("time_s", round(time.perf_counter() - started, 2))
+        return row

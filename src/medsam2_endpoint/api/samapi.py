@@ -44,6 +44,7 @@ from medsam2_endpoint import __version__
 from medsam2_endpoint.api.cancel import run_until_disconnected
 from medsam2_endpoint.api.errors import body_of, error_body, headers_of, http_status
 from medsam2_endpoint.api.samapi_types import ModelTypes
+from medsam2_endpoint.api.shutdown import CancellingServer
 from medsam2_endpoint.api.uploads import UploadStore
 from medsam2_endpoint.base.errors import InvalidRequest, NotFound, ServiceError, Unauthorized
 from medsam2_endpoint.contract.messages import validation_message
@@ -58,7 +59,8 @@ from medsam2_endpoint.contract.samapi import (
     video_prompts,
 )
 from medsam2_endpoint.contract.score2d import ImagePrompt
-from medsam2_endpoint.core.service import Frame, Service
+from medsam2_endpoint.core.images import Frame
+from medsam2_endpoint.core.service import Service
 from medsam2_endpoint.core.settings import SamapiOptions, Settings
 from medsam2_endpoint.io.polygons import mask_to_geometry
 
@@ -79,7 +81,9 @@ class SamapiState:
     @classmethod
     def build(cls, service: Service) -> SamapiState:
         options = service.settings.samapi
-        return cls(service, options, ModelTypes(service), UploadStore(options.max_upload_bytes, options.max_frames))
+        uploads = UploadStore(options.max_upload_bytes, options.max_frames, store_bytes=options.upload_store_bytes,
+                              store_files=options.upload_store_files, ttl_s=options.upload_ttl_s)
+        return cls(service, options, ModelTypes(service), uploads)
 
 
 def get_state(request: Request) -> SamapiState:
@@ -312,6 +316,17 @@ def serve(host: str, port: int, model_dir: str | None) -> int:
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
         logger.addHandler(handler)
     logger.setLevel(logging.INFO)
-    app = create_app(build_service=lambda: Service.from_settings(Settings.from_env(model_dir=model_dir)))
-    uvicorn.run(app, host=host, port=port, log_level="info")
+    built: list[Service] = []
+
+    def build() -> Service:
+        built.append(Service.from_settings(Settings.from_env(model_dir=model_dir)))
+        return built[0]
+
+    def cancel_running() -> int:
+        return built[0].cancel_running() if built else 0
+
+    app = create_app(build_service=build)
+    # One SIGTERM/Ctrl-C cancels the running work, then uvicorn waits at most a few seconds for the answers.
+    config = uvicorn.Config(app, host=host, port=port, log_level="info", timeout_graceful_shutdown=5)
+    CancellingServer(config, cancel_running).run()
     return 0

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import threading
 import time
+import weakref
 from collections.abc import Callable
 
 from medsam2_endpoint.base.errors import DeadlineExceeded
@@ -26,12 +27,14 @@ class Budget:
         self.deadline = None if seconds is None else clock() + seconds
         self.seconds = seconds
         self._cancel = threading.Event()
+        self.reason = ""
 
     @classmethod
     def unlimited(cls) -> Budget:
         return cls(None)
 
-    def cancel(self) -> None:
+    def cancel(self, reason: str = "the client went away") -> None:
+        self.reason = self.reason or reason
         self._cancel.set()
 
     @property
@@ -47,10 +50,31 @@ class Budget:
     def check(self, done: int, unit: str, *, advice: str = "") -> None:
         """Raise when the budget is spent or cancelled; `done` and `unit` say how far the work got."""
         if self._cancel.is_set():
-            raise Cancelled(f"the request was cancelled after {done} {unit}", detail={unit: done})
+            raise Cancelled(f"the request was cancelled ({self.reason}) after {done} {unit}", detail={unit: done})
         if self.expired():
             hint = f"; {advice}" if advice else ""
             raise DeadlineExceeded(
                 f"the request's time budget of {self.seconds:g} s ran out after {done} {unit} ({unit}={done}){hint}",
                 detail={unit: done},
             )
+
+
+class RunningBudgets:
+    """The budgets of the requests running now (held weakly: a finished request's budget just disappears), so
+    that a server told to stop can cancel them all and exit within seconds instead of finishing them."""
+
+    def __init__(self) -> None:
+        self._budgets: weakref.WeakSet[Budget] = weakref.WeakSet()
+        self._lock = threading.Lock()
+
+    def add(self, budget: Budget) -> Budget:
+        with self._lock:
+            self._budgets.add(budget)
+        return budget
+
+    def cancel_all(self, reason: str = "the server is stopping") -> int:
+        with self._lock:
+            budgets = list(self._budgets)
+        for budget in budgets:
+            budget.cancel(reason)
+        return len(budgets)

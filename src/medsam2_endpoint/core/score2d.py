@@ -45,10 +45,11 @@ def mask_entry(m: Mask2D, mask_format: str, simplify_tolerance: float, *, low_re
     return entry
 
 
-def prepare(prompter: Prompter, item: ImageItem, model: str, *, policy: FetchPolicy, limits: Limits) -> Prepared2D:
+def prepare(prompter: Prompter, item: ImageItem, model: str, *, policy: FetchPolicy, limits: Limits,
+            budget: Budget | None = None) -> Prepared2D:
     started = time.perf_counter()
     picture, rgb = load_rgb(item.image, field=item.field("image"), policy=policy, limits=limits, window=item.dicom_window,
-                            window_field=item.field("dicom_window") if item.dicom_window else None)
+                            window_field=item.field("dicom_window") if item.dicom_window else None, budget=budget)
     engine = prompter.image_engine(model)
     prompt = typed_prompt(item.prompt)
     if item.task == "automask":

@@ -25,14 +25,21 @@ from typing import Any
 import numpy as np
 import torch
 
-from medsam2_endpoint.base.budget import Budget
-from medsam2_endpoint.base.errors import InvalidRequest, PayloadTooLarge
+from medsam2_endpoint.base.budget import Budget, RunningBudgets
+from medsam2_endpoint.base.errors import InvalidRequest
 from medsam2_endpoint.base.heap import release_free_memory
 from medsam2_endpoint.contract.samapi import VideoPrompt
 from medsam2_endpoint.contract.score2d import AutomaskOptions, ImageItem, ImagePrompt
 from medsam2_endpoint.contract.score3d import VolumeItem
 from medsam2_endpoint.core import score2d, volumes
-from medsam2_endpoint.core.images import automask_params, load_rgb, mask_logits, read_rgb, typed_prompt
+from medsam2_endpoint.core.images import (
+    Frame,
+    automask_params,
+    decode_frames,
+    load_rgb,
+    mask_logits,
+    typed_prompt,
+)
 from medsam2_endpoint.core.registration import WeightRecords, WeightRegistrar
 from medsam2_endpoint.core.registry import ModelRegistry, choose_device, choose_runtime, configure_threads
 from medsam2_endpoint.core.settings import Settings
@@ -40,6 +47,7 @@ from medsam2_endpoint.core.slots import InferenceSlots
 from medsam2_endpoint.engines.base import ModelInfo
 from medsam2_endpoint.io.dicom_seg import read_series, series_files
 from medsam2_endpoint.io.encode import encode_mask
+from medsam2_endpoint.io.limits import VoxelTally
 from medsam2_endpoint.io.volume import read_nifti, write_nifti
 from medsam2_endpoint.pipeline.automask import automask
 from medsam2_endpoint.pipeline.embedding_cache import EmbeddingCache
@@ -59,15 +67,6 @@ class FileResult:
     source_files: tuple[Path, ...] = ()  # a DICOM series' files in z order, when the input was one
 
 
-@dataclass(frozen=True)
-class Frame:
-    """One video frame as sent: base64 text, or the bytes of an uploaded file. `field` names it in errors."""
-
-    field: str
-    b64: str | None = None
-    data: bytes | None = None
-
-
 class Service:
     """Runs validated requests through the registry's models."""
 
@@ -81,6 +80,7 @@ class Service:
         threads = torch.get_num_threads()
         slots = settings.inference_slots or max(1, (os.cpu_count() or 1) // max(1, threads))
         self.slots = InferenceSlots(slots, settings.busy_wait_s, settings.retry_after_s)
+        self.running = RunningBudgets()  # every request's budget, so a stopping server can cancel them all
 
     @classmethod
     def from_settings(cls, settings: Settings) -> Service:
@@ -113,7 +113,12 @@ class Service:
         return {name: engine.info for name, engine in self.registry.snapshot().items()}
 
     def budget(self) -> Budget:
-        return Budget(self.settings.deadline_s)
+        """A new request's budget (the deadline from settings), tracked until it is let go."""
+        return self.running.add(Budget(self.settings.deadline_s))
+
+    def cancel_running(self) -> int:
+        """Cancel every running request (the server is stopping): each stops at its next check. How many."""
+        return self.running.cancel_all()
 
     def warm_up(self) -> None:
         """One tiny propagation per engine so the first real request does not pay for lazy initialisation."""
@@ -126,16 +131,18 @@ class Service:
 
     # ---------------------------------------------------------------- 3D
 
-    def _prepare_3d(self, item: VolumeItem) -> volumes.PreparedItem:
+    def _prepare_3d(self, item: VolumeItem, budget: Budget, tally: VoxelTally) -> volumes.PreparedItem:
         name = self.registry.resolve(item.model, field=item.field("model"))
         started = time.perf_counter()
-        volume = volumes.load_volume(item, policy=self.settings.fetch, limits=self.settings.limits)
+        volume = volumes.load_volume(item, policy=self.settings.fetch, limits=self.settings.limits, budget=budget, tally=tally)
         return volumes.prepare(item, volume, name, decode_ms=(time.perf_counter() - started) * 1000)
 
     def score_3d(self, items: Sequence[VolumeItem], budget: Budget | None = None) -> list[dict[str, Any]]:
-        """Validate every item (decode, geometry, prompts) before running any; one result per item."""
+        """Check the request-wide limits from the headers, validate every item (decode, geometry, prompts) before
+        running any; one result per item."""
         budget = budget or self.budget()
-        prepared = [self._prepare_3d(item) for item in items]
+        tally = volumes.request_tally(items, self.settings.limits)
+        prepared = [self._prepare_3d(item, budget, tally) for item in items]
         results = []
         for p in prepared:
             with self.slots.hold(p.engine_name):
@@ -152,18 +159,19 @@ class Service:
     def score_3d_file(self, item: VolumeItem, path: Path, budget: Budget | None = None) -> FileResult:
         """One local NIfTI file, or DICOM series folder, with its validated prompt (the batch endpoint)."""
         name = self.registry.resolve(item.model, field=item.field("model"))
+        budget = budget or self.budget()
         started = time.perf_counter()
         files: tuple[Path, ...] = ()
         if path.is_dir():
             files = tuple(series_files(path))
             # through NIfTI bytes so that a series meets the same checks (size, dtype, finite voxels) as a file
             image = read_series(files, limits=self.settings.limits)
-            volume = read_nifti(write_nifti(image), field=path.name, limits=self.settings.limits)
+            volume = read_nifti(write_nifti(image), field=path.name, limits=self.settings.limits, budget=budget)
         else:
-            volume = read_nifti(path.read_bytes(), field=path.name, limits=self.settings.limits)
+            volume = read_nifti(path.read_bytes(), field=path.name, limits=self.settings.limits, budget=budget)
         prepared = volumes.prepare(item, volume, name, decode_ms=(time.perf_counter() - started) * 1000)
         with self.slots.hold(name):
-            mask, metadata = volumes.run(prepared, self.registry.get(name), budget or self.budget())
+            mask, metadata = volumes.run(prepared, self.registry.get(name), budget)
         return FileResult(write_nifti(prepared.windowed.image_like(mask)), metadata, mask, files)
 
     # ---------------------------------------------------------------- 2D
@@ -173,7 +181,7 @@ class Service:
         budget = budget or self.budget()
         prepared = [
             score2d.prepare(self.prompter, item, self.registry.resolve(item.model, field=item.field("model")),
-                            policy=self.settings.fetch, limits=self.settings.limits)
+                            policy=self.settings.fetch, limits=self.settings.limits, budget=budget)
             for item in items
         ]
         results = []
@@ -185,19 +193,19 @@ class Service:
     def segment_image(self, model: str, image_b64: str, prompt: ImagePrompt, *, mask_b64: str | None = None,
                       budget: Budget | None = None) -> Result2D:
         """One prompt on one image (samapi): errors name samapi's fields (b64img, bbox, point_coords, b64mask)."""
-        limits, policy = self.settings.limits, self.settings.fetch
-        _, rgb = load_rgb(image_b64, field="b64img", policy=policy, limits=limits)
+        limits, policy, budget = self.settings.limits, self.settings.fetch, budget or self.budget()
+        _, rgb = load_rgb(image_b64, field="b64img", policy=policy, limits=limits, budget=budget)
         engine = self.prompter.image_engine(model)
         mask_input = None
         if mask_b64 is not None:
-            _, mask_rgb = load_rgb(mask_b64, field="b64mask", policy=policy, limits=limits)
+            _, mask_rgb = load_rgb(mask_b64, field="b64mask", policy=policy, limits=limits, budget=budget)
             mask_input = mask_logits(engine, mask_rgb, rgb, field="b64mask")
         # samapi's clients send the viewer's rectangle unclipped (REFERENCE.md C2): clip it, as SAM sees it
         typed, clipped = clip_box(typed_prompt(prompt, mask_input=mask_input), width=rgb.shape[1], height=rgb.shape[0])
         check_prompt(typed, width=rgb.shape[1], height=rgb.shape[0], engine=engine, where=lambda column: column,
                      models_with_points=self.prompter.models_with_points())
         started = time.perf_counter()
-        (budget or self.budget()).check(0, "prompts")  # a client gone before the model ran gets nothing computed
+        budget.check(0, "prompts")  # a client gone before the model ran gets nothing computed
         with self.slots.hold(model):
             result = replace(self.prompter.segment(model, rgb, typed), box_clipped_to=clipped)
         log.info("route=samapi model=%s size=%dx%d masks=%d embedding_cached=%s ms=%.0f", model, rgb.shape[1], rgb.shape[0],
@@ -206,11 +214,12 @@ class Service:
 
     def automask_image(self, model: str, image_b64: str, options: AutomaskOptions, output_type: str,
                        budget: Budget | None = None) -> Result2D:
-        _, rgb = load_rgb(image_b64, field="b64img", policy=self.settings.fetch, limits=self.settings.limits)
+        budget = budget or self.budget()
+        _, rgb = load_rgb(image_b64, field="b64img", policy=self.settings.fetch, limits=self.settings.limits, budget=budget)
         started = time.perf_counter()
         with self.slots.hold(model):
             result = automask(self.prompter, model, rgb, automask_params(options, output_type), where=lambda column: column,
-                              budget=budget or self.budget())
+                              budget=budget)
         log.info("route=samapi-automask model=%s size=%dx%d masks=%d ms=%.0f", model, rgb.shape[1], rgb.shape[0],
                  len(result.masks), (time.perf_counter() - started) * 1000)
         return result
@@ -218,20 +227,10 @@ class Service:
     def track_video(self, model: str, frames: Sequence[Frame], prompts: Sequence[VideoPrompt], *, start: int = 0,
                     max_frames_per_direction: int | None = None, budget: Budget | None = None) -> dict[int, np.ndarray]:
         """obj_id -> bool (Z, H, W) masks over frames[start:] (z counted from `start`)."""
-        limits = self.settings.limits
-        if len(frames) > self.settings.samapi_max_frames:
-            raise PayloadTooLarge(f"b64imgs: {len(frames)} frames exceed {self.settings.samapi_max_frames} (MEDSAM2_SAMAPI_MAX_FRAMES)")
-        rgb = []
-        for frame in frames:
-            if frame.data is not None:
-                rgb.append(read_rgb(frame.data, field=frame.field, limits=limits))
-            else:
-                rgb.append(load_rgb(frame.b64 or "", field=frame.field, policy=self.settings.fetch, limits=limits)[1])
-        if not rgb:
-            raise InvalidRequest("b64imgs: no frames; upload the frames first or send b64imgs")
-        depth, height, width = len(rgb), *rgb[0].shape[:2]
-        if depth * height * width > limits.max_voxels:
-            raise PayloadTooLarge(f"b64imgs: {depth} frames of {width} x {height} exceed {limits.max_voxels} voxels (MEDSAM2_MAX_VOXELS)")
+        budget = budget or self.budget()
+        rgb = decode_frames(frames, policy=self.settings.fetch, limits=self.settings.limits,
+                            max_frames=self.settings.samapi_max_frames, budget=budget)
+        depth = len(rgb)
         volume = frames_to_volume(rgb, field="b64imgs")
         del rgb
         if start >= depth:
@@ -249,7 +248,7 @@ class Service:
             ))
         with self.slots.hold(model):
             return track_objects(self.prompter, model, self.registry.get(model), volume[start:], typed,
-                                 max_frames_per_direction=max_frames_per_direction, budget=budget or self.budget())
+                                 max_frames_per_direction=max_frames_per_direction, budget=budget)
 
     # ---------------------------------------------------------------- registered weights
 

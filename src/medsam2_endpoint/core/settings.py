@@ -39,6 +39,9 @@ class SamapiOptions:
     max_weight_bytes: int = 512 * MB
     max_upload_bytes: int = 64 * MB
     max_frames: int = 1000
+    upload_store_bytes: int = 1024 * MB
+    upload_store_files: int = 5000
+    upload_ttl_s: float = 900.0
 
 
 class Settings(BaseSettings):
@@ -69,6 +72,11 @@ class Settings(BaseSettings):
     max_file_mb: int = Field(1024, ge=1, description="NIfTI size after decompression, MiB (gzip bombs stop here)")
     max_voxels: int = Field(512 * 512 * 1200, ge=1, description="voxels per volume (512 x 512 x 1200), checked from the header")
     max_slice_pixels: int = Field(2048 * 2048, ge=1, description="pixels per slice or 2D image, checked from the header")
+    max_request_voxels: int = Field(
+        2 * 512 * 512 * 1200, ge=1,
+        description="voxels of all items of one request together, summed from their NIfTI headers before any is decoded")
+    max_request_mb: int = Field(
+        1024, ge=1, description="base64 of all items of one request together, MiB; the body cap is this plus 1 MiB per item")
     fetch_allow_http: bool = Field(False, description="allow plain http URLs (development only)")
     fetch_host_allowlist: str = Field("", description="comma-separated host patterns URLs must match (e.g. `*.blob.core.windows.net`); empty: any public host")
     fetch_allow_networks: str = Field("", description="comma-separated CIDRs exempt from the non-public-address refusal (tests and development only)")
@@ -76,12 +84,18 @@ class Settings(BaseSettings):
     fetch_connect_timeout_s: float = Field(5.0, gt=0, description="connect timeout per address, seconds")
     fetch_read_timeout_s: float = Field(30.0, gt=0, description="longest wait for the next bytes, seconds")
     fetch_total_timeout_s: float = Field(300.0, gt=0, description="whole download, seconds")
+    batch_worker_process: bool = Field(
+        True, description="batch endpoint: score the files in a child process, so a file that kills it (out of memory, a crash) costs that file only")
     samapi_token: SecretStr | None = Field(None, description="require `Authorization: Bearer <token>` on every samapi route")
     samapi_allow_weight_registration: bool = Field(False, description="allow *Register weights* (`POST weights/`): `sam2_t` checkpoints over https only")
     samapi_weights_dir: Path | None = Field(None, description="registered weights and their records; default `<model dir>/registered`")
     samapi_max_weight_mb: int = Field(512, ge=1, description="largest weight download, MiB")
     samapi_max_upload_mb: int = Field(64, ge=1, description="largest uploaded video frame, MiB")
     samapi_max_frames: int = Field(1000, ge=1, description="frames per video")
+    samapi_upload_store_mb: int = Field(1024, ge=1, description="all uploaded frames waiting for their video request together, MiB")
+    samapi_upload_store_files: int = Field(5000, ge=1, description="all uploaded frames waiting for their video request together, files")
+    samapi_upload_ttl_s: float = Field(
+        900.0, gt=0, description="an upload folder nobody wrote to for this long is removed, seconds (a video request removes its own at once)")
 
     @field_validator("fetch_allow_networks")
     @classmethod
@@ -126,6 +140,7 @@ class Settings(BaseSettings):
         return Limits(
             max_items=self.max_items, max_base64_bytes=self.max_base64_mb * MB, max_file_bytes=self.max_file_mb * MB,
             max_voxels=self.max_voxels, max_slice_pixels=self.max_slice_pixels,
+            max_request_voxels=self.max_request_voxels, max_request_base64_bytes=self.max_request_mb * MB,
         )
 
     @property
@@ -155,6 +170,9 @@ class Settings(BaseSettings):
             max_weight_bytes=self.samapi_max_weight_mb * MB,
             max_upload_bytes=self.samapi_max_upload_mb * MB,
             max_frames=self.samapi_max_frames,
+            upload_store_bytes=self.samapi_upload_store_mb * MB,
+            upload_store_files=self.samapi_upload_store_files,
+            upload_ttl_s=self.samapi_upload_ttl_s,
         )
 
 

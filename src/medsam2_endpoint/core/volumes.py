@@ -5,19 +5,20 @@ from __future__ import annotations
 import hashlib
 import logging
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
 from medsam2_endpoint.base.budget import Budget
-from medsam2_endpoint.base.errors import InvalidRequest
+from medsam2_endpoint.base.errors import InvalidRequest, PayloadTooLarge
 from medsam2_endpoint.contract.score3d import VolumeItem
 from medsam2_endpoint.engines.base import VolumeEngine
 from medsam2_endpoint.io.fetch import FetchPolicy
-from medsam2_endpoint.io.limits import Limits
-from medsam2_endpoint.io.sources import source_bytes
-from medsam2_endpoint.io.volume import Volume, base64_chunks, read_nifti
+from medsam2_endpoint.io.limits import Limits, VoxelTally
+from medsam2_endpoint.io.sources import is_url, source_bytes
+from medsam2_endpoint.io.volume import Volume, base64_chunks, base64_head, peek_shape, read_nifti
 from medsam2_endpoint.pipeline.propagate import PropagationOptions, merge_objects, segment_object
 from medsam2_endpoint.pipeline.window import parse_box, percentile_window, window_to_uint8
 
@@ -43,12 +44,43 @@ class PreparedItem:
     window_ms: float
 
 
-def load_volume(item: VolumeItem, *, policy: FetchPolicy, limits: Limits) -> Volume:
-    """The item's `nii_image`: base64 (decoded in chunks) or a URL (fetched), read as NIfTI."""
+def request_tally(items: Sequence[VolumeItem], limits: Limits) -> VoxelTally:
+    """The request-wide limits, checked before any item is decoded: the base64 of all items together, and the
+    voxels every base64 item's NIfTI header declares (URL items are added once fetched, before their decoding)."""
+    sent = sum(len(item.image) for item in items if not is_url(item.image.strip()))
+    if sent > limits.max_request_base64_bytes:
+        raise PayloadTooLarge(
+            f"nii_image: the request's {len(items)} items hold {sent} characters of base64 in all, over the limit of "
+            f"{limits.max_request_base64_bytes} per request (MEDSAM2_MAX_REQUEST_MB); send fewer items per request, or URLs",
+            detail={"request_base64_bytes": sent, "limit": limits.max_request_base64_bytes},
+        )
+    tally = VoxelTally(limits.max_request_voxels)
+    for item in items:
+        text = item.image.strip()
+        head = None if is_url(text) else base64_head(text)
+        shape = None if head is None else peek_shape(head, field=item.field("nii_image"), limits=limits)
+        if shape is not None:
+            tally.add(item.field("nii_image"), shape)
+    return tally
+
+
+def load_volume(item: VolumeItem, *, policy: FetchPolicy, limits: Limits, budget: Budget | None = None,
+                tally: VoxelTally | None = None) -> Volume:
+    """The item's `nii_image`: base64 (decoded in chunks) or a URL (fetched), read as NIfTI, within the budget.
+
+    With the request's `tally`, an item it has not counted yet (a URL) adds its header's voxels to the
+    request's total before its voxels are decoded."""
     field = item.field("nii_image")
-    data = source_bytes(item.image, field=field, policy=policy,
-                        decode=lambda text: base64_chunks(text, field=field, limits=limits))
-    return read_nifti(data, field=field, limits=limits)
+    data = source_bytes(item.image, field=field, policy=policy, budget=budget,
+                        decode=lambda text: base64_chunks(text, field=field, limits=limits, budget=budget))
+    if tally is not None and field not in tally.counted and isinstance(data, bytes):
+        shape = peek_shape(data[: 64 << 10], field=field, limits=limits)
+        if shape is not None:
+            tally.add(field, shape)
+    volume = read_nifti(data, field=field, limits=limits, budget=budget)
+    if tally is not None and field not in tally.counted:  # a header the first bytes did not hold: counted once read
+        tally.add(field, tuple(volume.itk_size))
+    return volume
 
 
 def prepare(item: VolumeItem, volume: Volume, engine_name: str, *, decode_ms: float = 0.0) -> PreparedItem:

@@ -26,7 +26,14 @@ import certifi
 import urllib3
 from urllib3.exceptions import ConnectTimeoutError, HTTPError, NewConnectionError, ReadTimeoutError, SSLError
 
-from medsam2_endpoint.base.errors import FetchFailed, FetchRefused, PayloadTooLarge
+from medsam2_endpoint.base.budget import Budget
+from medsam2_endpoint.base.errors import (
+    DeadlineExceeded,
+    FetchFailed,
+    FetchRefused,
+    PayloadTooLarge,
+    ServiceError,
+)
 
 log = logging.getLogger("azmlinfsrv.medsam2")
 
@@ -202,10 +209,53 @@ def check_url(
     return parts._replace(scheme=scheme, netloc=netloc, path=path, query=query, fragment=""), ips
 
 
-def _upstream_error(exc: Exception, field: str, shown: str, host: str, policy: FetchPolicy) -> Exception:
+@dataclass(frozen=True)
+class _Clock:
+    """When one fetch must end: the policy's total time-out, or sooner what is left of the request's budget."""
+
+    deadline: float
+    budget: Budget | None
+    by_budget: bool  # the request's budget, not the fetch time-out, sets the deadline
+
+    @classmethod
+    def start(cls, policy: FetchPolicy, budget: Budget | None) -> _Clock:
+        now, limit = time.monotonic(), policy.total_timeout_s
+        left = budget.remaining() if budget is not None else None
+        by_budget = left is not None and left < limit
+        return cls(now + (max(0.0, left) if by_budget and left is not None else limit), budget, by_budget)
+
+    def left(self) -> float:
+        return self.deadline - time.monotonic()
+
+    def timeout(self, policy: FetchPolicy) -> urllib3.Timeout:
+        """Per-socket-operation time-outs, never past the deadline (so a stalled read cannot outlive the budget)."""
+        left = max(0.05, self.left())
+        return urllib3.Timeout(connect=min(policy.connect_timeout_s, left), read=min(policy.read_timeout_s, left))
+
+    def check(self, field: str, shown: str, policy: FetchPolicy, received: int) -> None:
+        if self.budget is not None and self.budget.cancelled:
+            self.budget.check(received, "bytes_fetched")  # raises Cancelled: a request given up stops reading at once
+        if self.left() <= 0:
+            raise self.out_of_time(field, shown, policy, received)
+
+    def out_of_time(self, field: str, shown: str, policy: FetchPolicy, received: int) -> ServiceError:
+        if self.by_budget and self.budget is not None:
+            return DeadlineExceeded(
+                f"{field}: the request's time budget of {self.budget.seconds:g} s ran out while fetching {shown} "
+                f"({received} bytes received, bytes_fetched={received}); put the file closer to the endpoint, send a "
+                "smaller file, or raise MEDSAM2_REQUEST_DEADLINE_S",
+                detail={"bytes_fetched": received},
+            )
+        return _too_slow(field, shown, policy)
+
+
+def _upstream_error(exc: Exception, field: str, shown: str, host: str, policy: FetchPolicy,
+                    clock: _Clock | None = None, received: int = 0) -> Exception:
     """The FetchRefused for a failure while talking to the server. urllib3's own messages may echo
     the request target (with its query), so only the exception's type is shown."""
     if isinstance(exc, ReadTimeoutError):
+        if clock is not None and clock.left() <= 0.05:  # the read was cut short by the deadline, not by the server
+            return clock.out_of_time(field, shown, policy, received)
         return FetchFailed(f"{field}: {shown} sent nothing for {policy.read_timeout_s:g} s; try again later", code="fetch_timeout")
     if isinstance(exc, SSLError):
         return FetchFailed(f"{field}: TLS verification failed for {host}; the server needs a valid certificate")
@@ -215,7 +265,7 @@ def _upstream_error(exc: Exception, field: str, shown: str, host: str, policy: F
 
 
 def _open(
-    parts: urllib.parse.SplitResult, ips: list[str], policy: FetchPolicy, field: str, deadline: float
+    parts: urllib.parse.SplitResult, ips: list[str], policy: FetchPolicy, field: str, clock: _Clock
 ) -> tuple[urllib3.HTTPConnectionPool, urllib3.BaseHTTPResponse]:
     """Send GET to the first vetted IP that accepts a connection; returns (pool, unread response).
 
@@ -227,11 +277,10 @@ def _open(
     port = parts.port or (443 if parts.scheme == "https" else 80)
     target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
     headers = {"Host": parts.netloc, "User-Agent": "medsam2-endpoint", "Accept-Encoding": "identity"}
-    timeout = urllib3.Timeout(connect=policy.connect_timeout_s, read=policy.read_timeout_s)
     failure, code = "could not connect", "fetch_failed"
     for ip in ips:
-        if time.monotonic() > deadline:
-            break
+        clock.check(field, shown, policy, 0)
+        timeout = clock.timeout(policy)
         pool: urllib3.HTTPConnectionPool
         if parts.scheme == "https":
             pool = urllib3.HTTPSConnectionPool(
@@ -248,14 +297,17 @@ def _open(
             failure, code = "could not connect", "fetch_failed"
         except ConnectTimeoutError:
             failure, code = f"connection timed out after {policy.connect_timeout_s:g} s", "fetch_timeout"
+        except TimeoutError:  # azmlinfsrv's SIGALRM (urllib3 wraps socket time-outs in its own types)
+            pool.close()
+            raise
         except Exception as exc:
             pool.close()
-            raise _upstream_error(exc, field, shown, host, policy) from None
+            raise _upstream_error(exc, field, shown, host, policy, clock) from None
         pool.close()
     raise FetchFailed(f"{field}: {shown}: {failure} ({host} port {port}); try again later", code=code)
 
 
-def _read_capped(resp: urllib3.BaseHTTPResponse, policy: FetchPolicy, field: str, shown: str, deadline: float) -> bytes:
+def _read_capped(resp: urllib3.BaseHTTPResponse, policy: FetchPolicy, field: str, shown: str, clock: _Clock) -> bytes:
     """The body, refusing early on a Content-Length over the cap and stopping once the cap is exceeded."""
     limit = f"the {policy.max_bytes} byte limit (MEDSAM2_FETCH_MAX_MB)"
     length = (resp.headers.get("Content-Length") or "").strip()
@@ -263,16 +315,25 @@ def _read_capped(resp: urllib3.BaseHTTPResponse, policy: FetchPolicy, field: str
         raise PayloadTooLarge(f"{field}: {shown} is {int(length)} bytes, over {limit}")
     chunks, total = [], 0
     try:  # read1 returns whatever has arrived, so the deadline holds even when a server drips bytes
-        while chunk := resp.read1(_CHUNK, decode_content=True):
+        while chunk := _read1(resp, clock, policy):
             chunks.append(chunk)
             total += len(chunk)  # counted after decoding: a gzip bomb stops at the cap too
             if total > policy.max_bytes:
                 raise PayloadTooLarge(f"{field}: {shown} is more than {policy.max_bytes} bytes, over {limit}")
-            if time.monotonic() > deadline:
-                raise _too_slow(field, shown, policy)
+            clock.check(field, shown, policy, total)
+    except TimeoutError:  # azmlinfsrv's SIGALRM: its handler answers it, not a misleading 502
+        raise
     except (HTTPError, OSError) as exc:
-        raise _upstream_error(exc, field, shown, "", policy) from None
+        raise _upstream_error(exc, field, shown, "", policy, clock, total) from None
     return b"".join(chunks)
+
+
+def _read1(resp: urllib3.BaseHTTPResponse, clock: _Clock, policy: FetchPolicy) -> bytes:
+    """The next bytes, the socket's wait cut to what is left of the deadline (a stall cannot outlive the budget)."""
+    sock = getattr(getattr(resp, "connection", None), "sock", None)
+    if sock is not None:
+        sock.settimeout(min(policy.read_timeout_s, max(0.05, clock.left())))
+    return resp.read1(_CHUNK, decode_content=True)
 
 
 def _too_slow(field: str, shown: str, policy: FetchPolicy) -> FetchRefused:
@@ -280,21 +341,22 @@ def _too_slow(field: str, shown: str, policy: FetchPolicy) -> FetchRefused:
 
 
 def fetch_bytes(
-    url: str, policy: FetchPolicy, *, field: str = "url", resolver: Resolver = default_resolver
+    url: str, policy: FetchPolicy, *, field: str = "url", resolver: Resolver = default_resolver, budget: Budget | None = None
 ) -> bytes:
     """GET url under policy and return the body. Each redirect hop is re-checked before connecting.
 
-    Raises FetchRefused (refused before sending), FetchFailed (upstream failure; code fetch_timeout when too slow) or PayloadTooLarge (413).
+    The whole fetch ends by the policy's total time-out or, sooner, when the request's `budget` runs out.
+    Raises FetchRefused (refused before sending), FetchFailed (upstream failure; code fetch_timeout when too slow),
+    DeadlineExceeded (the budget ran out, or it was cancelled) or PayloadTooLarge (413).
     """
     started = time.monotonic()
-    deadline, current = started + policy.total_timeout_s, str(url)
+    clock, current = _Clock.start(policy, budget), str(url)
     for hop in range(policy.max_redirects + 1):
         label = "URL" if hop == 0 else "redirect target"
         parts, ips = check_url(current, policy, resolver=resolver, field=field, label=label)
         shown = redact_url(current)
-        if time.monotonic() > deadline:
-            raise _too_slow(field, shown, policy)
-        pool, resp = _open(parts, ips, policy, field, deadline)
+        clock.check(field, shown, policy, 0)
+        pool, resp = _open(parts, ips, policy, field, clock)
         try:
             if resp.status in _REDIRECTS:
                 location = resp.headers.get("Location")
@@ -307,7 +369,7 @@ def fetch_bytes(
                 raise FetchFailed(
                     f"{field}: fetching {shown} failed: the server answered HTTP {resp.status}; "
                     "check that the file exists and that the URL's SAS token is valid and not expired")
-            body = _read_capped(resp, policy, field, shown, deadline)
+            body = _read_capped(resp, policy, field, shown, clock)
             log.debug("fetched %s: %d bytes after %d redirect(s) in %.2f s", shown, len(body), hop,
                       time.monotonic() - started)
             return body

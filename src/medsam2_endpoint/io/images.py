@@ -77,6 +77,22 @@ def _check_pixels(width: int, height: int, *, field: str, limits: Limits) -> Non
         )
 
 
+def image_size(data: bytes) -> tuple[int, int] | None:
+    """(width, height) from an image file's header alone, no pixel decoded; None when the header does not
+    say (2D NIfTI, unknown or corrupt content: `read_picture` then checks and reports)."""
+    if data[:8] == _PNG:
+        return (int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")) if len(data) >= 24 else None
+    if data[:3] == b"\xff\xd8\xff" or data[:4] in _TIFF:
+        try:
+            with Image.open(io.BytesIO(data)) as image:  # lazy: reads the header only
+                return int(image.width), int(image.height)
+        except TimeoutError:
+            raise
+        except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError):
+            return None
+    return None
+
+
 def read_picture(data: bytes, *, field: str, limits: Limits) -> Picture:
     """Decode image file bytes (format detected by content), checking the pixel count first."""
     if data[:8] == _PNG:
@@ -115,6 +131,8 @@ def _read_pillow(data: bytes, *, field: str, limits: Limits) -> np.ndarray:
         if frames > 1:
             raise InvalidRequest(f"{field}: animated image with {frames} frames; send a single image")
         image.load()
+    except TimeoutError:  # azmlinfsrv's SIGALRM (an OSError): answered as a deadline, not as a corrupt image
+        raise
     except Image.DecompressionBombError:
         raise PayloadTooLarge(f"{field}: the image declares more pixels than the limit allows") from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError):
@@ -170,6 +188,8 @@ def _read_nifti(data: bytes, *, field: str, limits: Limits) -> np.ndarray:
         raise UnsupportedMedia(f"{field}: not {_KINDS} (gzip without a NIfTI file inside)")
     try:
         header = header_class.from_fileobj(io.BytesIO(raw[: header_class.sizeof_hdr]))
+    except TimeoutError:  # azmlinfsrv's SIGALRM, not a malformed header
+        raise
     except Exception:
         raise InvalidRequest(f"{field}: the NIfTI header is malformed") from None
     shape = [int(v) for v in header.get_data_shape()]

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 from typing import TypeVar
 
+from medsam2_endpoint.base.budget import Budget
 from medsam2_endpoint.io.fetch import FetchPolicy, fetch_bytes
 
 T = TypeVar("T", bytes, Iterable[bytes])
@@ -15,9 +16,10 @@ def is_url(text: str) -> bool:
     return head.startswith("https://") or head.startswith("http://")
 
 
-def source_bytes(text: str, *, field: str, policy: FetchPolicy, decode: Callable[[str], T]) -> bytes | T:
-    """The bytes a column names: fetched (SSRF-safe) when it is a URL, else `decode(text)` of the base64."""
+def source_bytes(text: str, *, field: str, policy: FetchPolicy, decode: Callable[[str], T],
+                 budget: Budget | None = None) -> bytes | T:
+    """The bytes a column names: fetched (SSRF-safe, within the request's budget) when it is a URL, else `decode(text)`."""
     stripped = text.strip()
     if is_url(stripped):
-        return fetch_bytes(stripped, policy, field=field)
+        return fetch_bytes(stripped, policy, field=field, budget=budget)
     return decode(stripped)

@@ -21,6 +21,7 @@ import nibabel as nib
 import numpy as np
 import SimpleITK as sitk
 
+from medsam2_endpoint.base.budget import Budget
 from medsam2_endpoint.base.errors import InvalidRequest, PayloadTooLarge, UnsupportedMedia
 from medsam2_endpoint.io.limits import Limits
 
@@ -87,11 +88,13 @@ class Volume:
 _B64_CHUNK_CHARS = 4 << 20  # decode this many base64 characters at a time (a multiple of 4)
 
 
-def base64_chunks(text: str, *, field: str, limits: Limits, what: str = "the .nii or .nii.gz file's") -> Iterator[bytes]:
+def base64_chunks(text: str, *, field: str, limits: Limits, what: str = "the .nii or .nii.gz file's",
+                  budget: Budget | None = None) -> Iterator[bytes]:
     """Strict base64 decoded a few MB at a time (whitespace and a data-URL prefix tolerated).
 
     A whole CT arrives as a ~100 MB string: decoding it in slices never holds the full decoded
     file (or an ASCII copy of the string) in memory. `what` completes the error's "send ..." hint.
+    The request's `budget` is checked before each piece.
     """
     if len(text) > limits.max_base64_bytes:
         raise PayloadTooLarge(
@@ -103,6 +106,8 @@ def base64_chunks(text: str, *, field: str, limits: Limits, what: str = "the .ni
     if any(space in text for space in " \t\n\r\f\v"):
         text = "".join(text.split())  # rare (wrapped lines): one compact copy keeps the slicing 4-aligned
     for start in range(0, len(text), _B64_CHUNK_CHARS):
+        if budget is not None:
+            budget.check(start // 4 * 3, "bytes_decoded", advice="send a smaller file, or a URL")
         try:
             yield base64.b64decode(text[start : start + _B64_CHUNK_CHARS], validate=True)
         except (binascii.Error, ValueError):
@@ -159,11 +164,15 @@ def gunzip_capped(data: bytes, *, field: str, limit: int) -> bytes:
     return sink.getvalue()
 
 
-def _spool(chunks: Iterable[bytes | memoryview], handle: BinaryIO, *, field: str, limits: Limits) -> None:
-    """Write the file's bytes to `handle`, gunzipping when they start with the gzip magic; size-capped."""
+def _spool(chunks: Iterable[bytes | memoryview], handle: BinaryIO, *, field: str, limits: Limits,
+           budget: Budget | None = None) -> None:
+    """Write the file's bytes to `handle`, gunzipping when they start with the gzip magic; size-capped;
+    the request's `budget` checked before each chunk (a 1 GB .nii.gz takes seconds to decompress)."""
     gunzip: CappedGunzip | None = None
     received = 0
     for number, chunk in enumerate(chunks):
+        if budget is not None:
+            budget.check(received, "bytes_decoded", advice="send a smaller file")
         received += len(chunk)
         if received > limits.max_file_bytes:
             raise PayloadTooLarge(f"{field}: the file exceeds the limit of {limits.max_file_bytes} bytes (MEDSAM2_MAX_FILE_MB)")
@@ -190,13 +199,14 @@ def _header(raw: bytes | np.ndarray, *, field: str) -> nib.Nifti1Header:
     try:
         header = header_class.from_fileobj(io.BytesIO(raw[: header_class.sizeof_hdr]))
         return cast(nib.Nifti1Header, header)
+    except TimeoutError:  # azmlinfsrv's SIGALRM, not a malformed header
+        raise
     except Exception:
         raise InvalidRequest(f"{field}: the NIfTI header is malformed") from None
 
 
-def check_header(raw: bytes | np.ndarray, *, field: str, limits: Limits) -> nib.Nifti1Header:
-    """Validate dimensions, dtype and size from the header alone, before any voxel is read; the parsed header."""
-    header = _header(raw, field=field)
+def _check_dims(header: nib.Nifti1Header, *, field: str, limits: Limits) -> tuple[int, int, int]:
+    """The header's (X, Y, Z), refused when it is not one 3D volume within the per-volume limits."""
     shape = tuple(int(v) for v in header.get_data_shape())
     if any(v <= 0 for v in shape):
         raise InvalidRequest(f"{field}: the NIfTI header has a non-positive dimension {list(shape)}")
@@ -217,8 +227,45 @@ def check_header(raw: bytes | np.ndarray, *, field: str, limits: Limits) -> nib.
         )
     if spatial[0] * spatial[1] > limits.max_slice_pixels:
         raise PayloadTooLarge(
-            f"{field}: slices of {spatial[0]}x{spatial[1]} exceed the limit of {limits.max_slice_pixels} pixels"
+            f"{field}: slices of {spatial[0]}x{spatial[1]} exceed the limit of {limits.max_slice_pixels} pixels (MEDSAM2_MAX_SLICE_PIXELS)"
         )
+    return spatial[0], spatial[1], spatial[2]
+
+
+_HEAD_BYTES = 48 << 10  # enough of a file (or of its gzip stream) to hold the NIfTI-1/2 header
+
+
+def base64_head(text: str) -> bytes | None:
+    """The first few KB of a base64 payload, decoded (None when they are not valid base64: the full decode says why)."""
+    prefix = _DATA_URL.match(text)
+    head = "".join(text[prefix.end() if prefix else 0 :][: 2 * _HEAD_BYTES].split())
+    head = head[: len(head) // 4 * 4][: _HEAD_BYTES // 3 * 4]
+    try:
+        return base64.b64decode(head, validate=True)
+    except (binascii.Error, ValueError):
+        return None
+
+
+def peek_shape(head: bytes, *, field: str, limits: Limits) -> tuple[int, int, int] | None:
+    """The volume's (X, Y, Z) from the first bytes of a .nii or .nii.gz file, checked against the per-volume
+    limits, before any voxel is decoded. None when the head does not hold a whole NIfTI header (the full read
+    then checks it); the request's total is summed from these (`io.limits.VoxelTally`)."""
+    raw = head
+    if head[:2] == GZIP_MAGIC:
+        try:
+            raw = zlib.decompressobj(wbits=16 + zlib.MAX_WBITS).decompress(head, 540)
+        except zlib.error:
+            return None
+    if len(raw) < 348:
+        return None
+    return _check_dims(_header(raw, field=field), field=field, limits=limits)
+
+
+def check_header(raw: bytes | np.ndarray, *, field: str, limits: Limits) -> nib.Nifti1Header:
+    """Validate dimensions, dtype and size from the header alone, before any voxel is read; the parsed header."""
+    header = _header(raw, field=field)
+    spatial = _check_dims(header, field=field, limits=limits)
+    voxels = math.prod(spatial)
     dtype = header.get_data_dtype()
     if dtype.fields is not None or np.dtype(dtype.base).newbyteorder("=") not in _SUPPORTED_DTYPES:
         raise UnsupportedMedia(
@@ -242,18 +289,26 @@ def check_header(raw: bytes | np.ndarray, *, field: str, limits: Limits) -> nib.
     return header
 
 
-def read_nifti(data: bytes | Iterable[bytes], *, field: str, limits: Limits) -> Volume:
+def _pieces(data: bytes | bytearray | memoryview, size: int = 4 << 20) -> Iterator[memoryview]:
+    """A whole file's bytes in pieces, so decompression checks the budget (and the size cap) as it goes."""
+    view = memoryview(data)
+    for start in range(0, max(1, len(view)), size):
+        yield view[start : start + size]
+
+
+def read_nifti(data: bytes | Iterable[bytes], *, field: str, limits: Limits, budget: Budget | None = None) -> Volume:
     """Decode a .nii or .nii.gz (detected by content) into a Volume, checking limits before allocating.
 
     `data` is the file's bytes or an iterable of its chunks (`base64_chunks`). The file is spooled
     (a .nii.gz decompressed on the way) into a temporary file, checked through a read-only memory map
     and read from there (`_read_plain`, else SimpleITK with the array a view of its buffer), so the
-    voxels are held in memory once.
+    voxels are held in memory once. The request's `budget` is checked between chunks.
     """
     with tempfile.TemporaryDirectory(prefix="medsam2-") as tmp:
         path = Path(tmp) / "volume.nii"
         with open(path, "wb") as handle:
-            _spool([data] if isinstance(data, (bytes, bytearray, memoryview)) else data, handle, field=field, limits=limits)
+            _spool(_pieces(data) if isinstance(data, (bytes, bytearray, memoryview)) else data, handle, field=field,
+                   limits=limits, budget=budget)
         if path.stat().st_size == 0:
             raise UnsupportedMedia(f"{field}: not a NIfTI file (it is empty); send a .nii or .nii.gz volume")
         raw = np.memmap(path, dtype=np.uint8, mode="r")

@@ -20,6 +20,10 @@ from medsam2_endpoint.pipeline.prompt2d import Mask2D, Prompter, Result2D
 # Box-only models get a grid of boxes instead of points: at each grid point, squares of 2, 4 and 8
 # grid cells (a point grid's analogue of SAM's three mask granularities).
 BOX_GRID_CELLS = (2, 4, 8)
+# LiteMedSAM's decoder repeats the image embedding for every box: 0.18 s a box on one CPU thread in steps of 2,
+# 0.34 s in batches of 64 (BENCHMARKS.md, "Box-grid decoding step"). The budget is checked every BOX_STEP boxes,
+# so a request whose client left (or whose server is stopping) stops within a second, not after a 64-box batch.
+BOX_STEP = 2
 
 
 @dataclass(frozen=True)
@@ -125,10 +129,11 @@ def box_grid_automask(engine: Any, embedding: Any, hw: tuple[int, int], params: 
     height, width = hw
     boxes, centres = _grid_boxes(height, width, params.points_per_side)
     kept_masks, kept_iou, kept_stab, kept_pts = [], [], [], []
-    for start in range(0, len(boxes), params.points_per_batch):
+    step = min(params.points_per_batch, BOX_STEP)  # boxes are decoded independently: the step changes no result
+    for start in range(0, len(boxes), step):
         if budget is not None:
             budget.check(start, "grid_boxes", advice=ADVICE)
-        batch = boxes[start : start + params.points_per_batch]
+        batch = boxes[start : start + step]
         logits, ious, _ = engine.predict_logits_2d(embedding, batch, multimask=multimask)  # (B, N, H, W), (B, N)
         n = logits.shape[1]
         logits = logits.flatten(0, 1)
