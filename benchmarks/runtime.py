@@ -46,6 +46,15 @@ LIVER = Structure("ct", "liver", 5, SOFT_TISSUE)
 RUNTIMES = ("torch", "onnx")
 
 
+def ct_liver() -> tuple[sitk.Image, np.ndarray, np.ndarray, np.ndarray]:
+    """The real CT: (image, label array, soft-tissue windowed uint8 volume, the liver's mask)."""
+    reader = sitk.ImageSeriesReader()
+    reader.SetFileNames(reader.GetGDCMSeriesFileNames(str(DATA / "ct_dicom")))
+    image = reader.Execute()
+    labels = sitk.GetArrayFromImage(sitk.ReadImage(str(DATA / "ct_dicom_labels.nii.gz")))
+    return image, labels, window_to_uint8(sitk.GetArrayFromImage(image), SOFT_TISSUE), truth_of(labels, LIVER)
+
+
 def encoder_seconds(engine: LiteMedSAMEngine, slices: np.ndarray) -> float:
     """Mean seconds per slice of the encoder alone, after one warm-up run."""
     images = [engine._image_tensor(s) for s in slices]
@@ -86,12 +95,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--slices", type=int, default=10, help="slices timed per runtime (after one warm-up)")
     parser.add_argument("--structures", action="store_true", help="also the Dice between runtimes on every real structure")
     args = parser.parse_args(argv)
-    reader = sitk.ImageSeriesReader()
-    reader.SetFileNames(reader.GetGDCMSeriesFileNames(str(DATA / "ct_dicom")))
-    image = reader.Execute()
-    labels = sitk.GetArrayFromImage(sitk.ReadImage(str(DATA / "ct_dicom_labels.nii.gz")))
-    truth = truth_of(labels, LIVER)
-    windowed = window_to_uint8(sitk.GetArrayFromImage(image), SOFT_TISSUE)
+    image, _, windowed, truth = ct_liver()
     zs = np.flatnonzero(truth.any(axis=(1, 2)))
     picked = np.linspace(zs[0], zs[-1], args.slices).astype(int)
     sample = windowed[picked]
