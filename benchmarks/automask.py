@@ -8,10 +8,12 @@ samapi's defaults, as the extension sends them. Each request goes through `Servi
 server's budget (MEDSAM2_REQUEST_DEADLINE_S); the embedding cache is fresh for each, so every time
 includes encoding the image once.
 
-    PYTHONPATH=src python benchmarks/automask.py [--runtimes torch,onnx]
+    PYTHONPATH=src python benchmarks/automask.py [--runtimes torch,onnx] [--margins]
 
 Reported: seconds, masks returned, grid prompts decoded / planned (and pruned before decoding), whether the
-answer is partial, and for the disk the best IoU of a returned mask with it.
+answer is partial, and for the disk the best IoU of a returned mask with it. --margins instead reports, for
+disks of several sizes and contrasts, LiteMedSAM's predicted IoU, stability score (offset 1.0) and IoU with
+the disk from one box around the disk grown by a fraction of its diameter on each side (why box_prompts.MARGINS).
 """
 
 from __future__ import annotations
@@ -63,10 +65,41 @@ def ct_field_of_view() -> np.ndarray:
     return np.repeat(grey[:, :, None], 3, axis=2)
 
 
+DISKS = [  # (radius, centre x, centre y, disk value, background)
+    (45, 180, 110, 200, 40), (20, 100, 80, 200, 40), (70, 160, 120, 150, 60), (30, 200, 150, 90, 40),
+]
+MARGIN_FRACTIONS = (0.04, 0.08, 0.12, 0.16, 0.2, 0.25, 0.3)
+
+
+def margins_table() -> None:
+    from sam2.utils.amg import calculate_stability_score
+
+    from medsam2_endpoint.engines.lite import LiteMedSAMEngine
+
+    engine = LiteMedSAMEngine()
+    print("| disk diameter (px) | disk / background | margin a side | predicted IoU | stability | IoU with the disk |")
+    print("| --- | --- | --- | --- | --- | --- |")
+    for radius, cx, cy, value, background in DISKS:
+        rgb, disk = disk_image(centre_xy=(cx, cy), radius=radius, value=value, background=background)
+        embedding = engine.embed_image(rgb)
+        grow = [f * 2 * radius for f in MARGIN_FRACTIONS]
+        boxes = np.clip([[cx - radius - g, cy - radius - g, cx + radius + g, cy + radius + g] for g in grow], 0, [320, 240, 320, 240])
+        logits, ious, _ = engine.predict_logits_2d(embedding, np.asarray(boxes, dtype=np.float64))
+        stability = calculate_stability_score(logits[:, 0], 0.0, 1.0).numpy()
+        for k, fraction in enumerate(MARGIN_FRACTIONS):
+            mask = logits[k, 0].numpy() > 0
+            iou = (mask & disk).sum() / (mask | disk).sum()
+            print(f"| {2 * radius} | {value} / {background} | {fraction:.0%} | {ious[k, 0]:.3f} | {stability[k]:.3f} | {iou:.3f} |")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--runtimes", default="torch,onnx")
+    parser.add_argument("--margins", action="store_true", help="the margin sweep instead of the requests")
     args = parser.parse_args(argv)
+    if args.margins:
+        margins_table()
+        return 0
     disk_rgb, disk = disk_image()
     images = {"disk": (disk_rgb, disk), "real CT": (ct_field_of_view(), None)}
     rows = []
