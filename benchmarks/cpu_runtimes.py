@@ -149,7 +149,7 @@ def main(argv: list[str] | None = None) -> int:
         print("| --- | --- | --- | --- | --- |")
         for scan, name, between, d32, d8 in structures:
             print(f"| {scan} | {name} | {between:.4f} | {d32:.3f} | {d8:.3f} |")
-        worst = min(structures, key=lambda r: r[3] - r[4])
+        worst = max(structures, key=lambda r: r[3] - r[4])
         print(f"\nlargest Dice loss vs label: {worst[3] - worst[4]:+.4f} ({worst[0]} {worst[1]}); "
               f"lowest Dice int8 vs fp32: {min(r[2] for r in structures):.4f}")
     return 0
