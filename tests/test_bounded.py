@@ -8,7 +8,6 @@ import socket
 import threading
 import time
 
-import numpy as np
 import pytest
 import requests
 
@@ -44,10 +43,10 @@ def raw_post(url: str, body: dict) -> socket.socket:
 
 def test_automask_stops_soon_after_its_client_disconnects(service, monkeypatch, tmp_path):
     engine = service.registry.get(LITE)
-    slow = SlowDecoder(engine.predict_logits_2d, 0.2)
+    slow = SlowDecoder(engine.predict_logits_2d, 0.3)
     monkeypatch.setattr(engine, "predict_logits_2d", slow)
     grey, _, _ = phantom_slice()
-    body = {"type": "vit_t", "b64img": rgb_png(grey), "points_per_side": 16, "points_per_batch": 4, "output_type": "Single Mask"}
+    body = {"type": "vit_t", "b64img": rgb_png(grey), "points_per_side": 16, "points_per_batch": 1, "output_type": "Single Mask"}
     with live(create_app(with_settings(service, samapi_weights_dir=tmp_path))) as url:
         sock = raw_post(url + "automask/", body)
         deadline = time.monotonic() + 60
@@ -59,7 +58,7 @@ def test_automask_stops_soon_after_its_client_disconnects(service, monkeypatch, 
         stopped_at = slow.calls
         time.sleep(2.0)
         assert slow.calls == stopped_at, "work went on after the client left"
-        assert stopped_at < 100, "the whole grid (about 380 steps of 2 boxes) ran"
+        assert stopped_at < 15, "the whole grid (23 region boxes, one a batch) ran"
         assert requests.get(url + "version/", timeout=10).status_code == 200
 
 
@@ -92,21 +91,10 @@ def test_a_model_with_every_slot_taken_answers_busy_with_retry_after(service, mo
         assert first[0].status_code == 200
 
 
-def test_a_cancelled_budget_stops_the_box_grid_between_batches(service):
+def test_a_cancelled_budget_stops_the_box_prompts_between_batches(service):
     grey, _, _ = phantom_slice()
     budget = Budget(None)
     budget.cancel()
     with pytest.raises(Cancelled) as caught:
         service.automask_image(LITE, rgb_png(grey), AutomaskOptions(points_per_side=4), "single", budget=budget)
     assert caught.value.detail == {"grid_boxes": 0}
-
-
-def test_a_spent_budget_answers_deadline_with_what_was_done(service):
-    grey, _, _ = phantom_slice()
-    clock = iter(np.arange(0.0, 1000.0, 1.0))  # every look at the clock is one second later
-    budget = Budget(2.5, clock=lambda: float(next(clock)))
-    with pytest.raises(Exception) as caught:
-        service.automask_image(LITE, rgb_png(grey), AutomaskOptions(points_per_side=8, points_per_batch=16), "single",
-                               budget=budget)
-    assert caught.value.code == "deadline" and caught.value.detail["grid_boxes"] > 0
-    assert "grid_boxes" in caught.value.message and "points_per_side" in caught.value.message

@@ -1,4 +1,5 @@
-"""LiteMedSAM's encoder on ONNX Runtime: same masks as torch, and a cached export that is never used stale."""
+"""LiteMedSAM on ONNX Runtime (encoder and box decoder): same masks as torch, and cached exports that are never
+used stale."""
 
 from __future__ import annotations
 
@@ -9,7 +10,16 @@ import pytest
 import torch
 
 from medsam2_endpoint.engines.lite import LiteMedSAMEngine
-from medsam2_endpoint.engines.lite_onnx import SHA_KEY, OnnxEncoder, export_path
+from medsam2_endpoint.engines.lite_onnx import (
+    DECODER_GRAPH,
+    ENCODER_GRAPH,
+    GRAPH_KEY,
+    SHA_KEY,
+    OnnxDecoder,
+    OnnxEncoder,
+    export_path,
+    graph_path,
+)
 from medsam2_endpoint.pipeline.window import window_to_uint8
 from medsam2_endpoint.testing.phantoms import ct_phantom
 
@@ -74,7 +84,7 @@ def test_export_built_when_missing_and_rebuilt_when_corrupt_or_stale(engines, tm
     encoder = OnnxEncoder(torch_encoder, SHA, tmp_path)  # missing: exported
     assert encoder.path == path and path.is_file()
     props = {p.key: p.value for p in onnx.load(str(path)).metadata_props}
-    assert props == {SHA_KEY: SHA, "torch_version": torch.__version__}
+    assert props == {SHA_KEY: SHA, "torch_version": torch.__version__, GRAPH_KEY: ENCODER_GRAPH}
     check_output(encoder, torch_encoder)
     good, mtime = path.read_bytes(), path.stat().st_mtime_ns
     OnnxEncoder(torch_encoder, SHA, tmp_path)  # valid: reused as it is
@@ -86,7 +96,7 @@ def test_export_built_when_missing_and_rebuilt_when_corrupt_or_stale(engines, tm
     check_output(encoder, torch_encoder)
 
     model = onnx.load(str(path))  # stale: another checkpoint's sha256 in its metadata
-    onnx.helper.set_model_props(model, {SHA_KEY: "0" * 64, "torch_version": torch.__version__})
+    onnx.helper.set_model_props(model, {SHA_KEY: "0" * 64, "torch_version": torch.__version__, GRAPH_KEY: ENCODER_GRAPH})
     onnx.save(model, str(path))
     stale = path.read_bytes()
     encoder = OnnxEncoder(torch_encoder, SHA, tmp_path)
@@ -97,3 +107,37 @@ def test_export_built_when_missing_and_rebuilt_when_corrupt_or_stale(engines, tm
     check_output(encoder, torch_encoder)
     assert len(rebuilt) == len(good)
     assert [p.name for p in tmp_path.iterdir()] == [path.name]  # no temp file left behind
+
+
+@pytest.mark.slow
+def test_decoder_runs_on_onnx_with_the_torch_decoders_outputs(engines, phantom):
+    volume, lesion = phantom
+    assert engines["onnx"]._onnx_decoder is not None and engines["torch"]._onnx_decoder is None
+    rgb = np.repeat(volume[lesion.key_slice][:, :, None], 3, axis=-1)
+    embedding = engines["torch"].embed_image(rgb)  # one embedding for both: the decoders alone are compared
+    x0, y0, x1, y1 = lesion.bbox
+    boxes = np.array([[x0, y0, x1, y1], [0, 0, 128, 96], [x0 - 10, y0 - 5, x1 + 3, y1 + 8]], dtype=np.float64)
+    mask_input = engines["torch"].low_res_from_mask(np.zeros((96, 128), bool) | (volume[lesion.key_slice] > 128))
+    for multimask in (False, True):
+        for given in (None, mask_input):
+            ours = engines["onnx"].predict_logits_2d(embedding, boxes, mask_input=given, multimask=multimask)
+            theirs = engines["torch"].predict_logits_2d(embedding, boxes, mask_input=given, multimask=multimask)
+            assert ours[0].shape == theirs[0].shape == (3, 3 if multimask else 1, 96, 128)
+            for a, b in zip(ours[0] > 0, theirs[0] > 0, strict=True):
+                assert dice(a.numpy(), b.numpy()) >= 0.995 or not b.any()
+            np.testing.assert_allclose(ours[1], theirs[1], atol=1e-3)
+
+
+@pytest.mark.slow
+def test_decoder_export_is_cached_and_rebuilt_for_another_graph_version(engines, tmp_path):
+    net = engines["torch"].net
+    path = graph_path(tmp_path, DECODER_GRAPH, SHA)
+    OnnxDecoder(net, SHA, tmp_path)
+    assert path.is_file() and {p.key: p.value for p in onnx.load(str(path)).metadata_props}[GRAPH_KEY] == DECODER_GRAPH
+    model = onnx.load(str(path))  # an older wrapper's export: its graph version differs
+    onnx.helper.set_model_props(model, {SHA_KEY: SHA, "torch_version": torch.__version__, GRAPH_KEY: "lite_decoder/0"})
+    onnx.save(model, str(path))
+    decoder = OnnxDecoder(net, SHA, tmp_path)
+    assert {p.key: p.value for p in onnx.load(str(path)).metadata_props}[GRAPH_KEY] == DECODER_GRAPH
+    masks, iou = decoder(np.zeros((1, 256, 64, 64), np.float32), np.array([[10, 10, 90, 90]], np.float32), None)
+    assert masks.shape == (1, 4, 256, 256) and iou.shape == (1, 4)

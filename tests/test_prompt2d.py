@@ -166,7 +166,7 @@ def test_automask_with_medsam2_follows_sam2_generator_parameters(service):
         assert x0 > 0 and y0 > 0 and x1 < 127 and y1 < 95
 
 
-def test_automask_with_a_box_only_model_uses_a_box_grid(service):
+def test_automask_with_a_box_only_model_uses_region_boxes(service):
     grey, _, _ = phantom_slice()
     options = {"points_per_side": 2, "pred_iou_thresh": 0.5, "stability_score_thresh": 0.5, "include_image_edge": True}
     (result,) = score(service, image=png_b64(grey), model=LITE, task="automask", automask=options)

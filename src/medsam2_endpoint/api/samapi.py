@@ -69,6 +69,9 @@ ROUTES = ("GET version/, GET weights/?type=, POST weights/, GET weights/cancel/,
           "POST automask/, POST upload/, POST video/")
 
 
+PARTIAL_HEADER = "X-Automask-Partial"  # "decoded/planned" grid prompts, only on a partial automask answer
+
+
 @dataclass
 class SamapiState:
     """What handlers share: built once per app, read by every request."""
@@ -195,7 +198,11 @@ async def automask(body: SamAutomaskBody, state: State, request: Request) -> Res
     budget = state.service.budget()
     result = await run_until_disconnected(
         request, budget, lambda: state.service.automask_image(name, body.b64img, body, output_type, budget=budget))
-    return _json([feature(m.mask, object_idx=m.index, quality=m.quality, sam_model=sam_type) for m in result.masks])
+    features = [feature(m.mask, object_idx=m.index, quality=m.quality, sam_model=sam_type) for m in result.masks]
+    coverage = result.coverage
+    # samapi's answer is a bare Feature list; a partial one (the budget ran out) says so in a header
+    headers = {PARTIAL_HEADER: f"{coverage.decoded}/{coverage.planned}"} if coverage is not None and coverage.partial else None
+    return _json(features, headers=headers)
 
 
 @router.post("/upload/")

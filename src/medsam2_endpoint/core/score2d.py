@@ -101,6 +101,7 @@ def run(prompter: Prompter, p: Prepared2D, budget: Budget) -> dict[str, Any]:
             "model": info.as_metadata(),
             "low_res_size": engine.low_res_size,
             "embedding_cached": result.embedding_cached,
+            **({"automask": result.coverage.as_metadata()} if result.coverage is not None else {}),
             "timing_ms": timing,
         },
     }

@@ -220,8 +220,10 @@ class Service:
         with self.slots.hold(model):
             result = automask(self.prompter, model, rgb, automask_params(options, output_type), where=lambda column: column,
                               budget=budget)
-        log.info("route=samapi-automask model=%s size=%dx%d masks=%d ms=%.0f", model, rgb.shape[1], rgb.shape[0],
-                 len(result.masks), (time.perf_counter() - started) * 1000)
+        coverage = result.coverage
+        log.info("route=samapi-automask model=%s size=%dx%d masks=%d prompts=%s partial=%s ms=%.0f", model, rgb.shape[1],
+                 rgb.shape[0], len(result.masks), f"{coverage.decoded}/{coverage.planned}" if coverage else "-",
+                 bool(coverage and coverage.partial), (time.perf_counter() - started) * 1000)
         return result
 
     def track_video(self, model: str, frames: Sequence[Frame], prompts: Sequence[VideoPrompt], *, start: int = 0,

@@ -57,9 +57,9 @@ class Settings(BaseSettings):
     warmup: bool = Field(True, description="run a tiny propagation per model at start")
     enable_lite: bool = Field(True, description="serve LiteMedSAM (`lite-medsam`, the embedded default)")
     runtime: Literal["auto", "torch", "onnx"] = Field(
-        "auto", description="LiteMedSAM's image encoder: `torch`, `onnx` (ONNX Runtime, CPU only) or `auto` (onnx on CPU when onnxruntime is installed, else torch); MedSAM2 runs on torch")
+        "auto", description="where LiteMedSAM runs (image encoder, prompt encoder and mask decoder): `torch`, `onnx` (ONNX Runtime, CPU only) or `auto` (onnx on CPU when onnxruntime is installed, else torch); MedSAM2 runs on torch")
     onnx_cache_dir: Path | None = Field(
-        None, description="where LiteMedSAM's ONNX encoder export is cached; default `~/.cache/medsam2-endpoint/onnx`")
+        None, description="where LiteMedSAM's ONNX exports (encoder, box decoder) are cached; default `~/.cache/medsam2-endpoint/onnx`")
     request_deadline_s: float = Field(
         170.0, gt=0, description="per-request time budget in seconds (below the managed endpoint's 180 s)")
     inference_slots: int = Field(0, ge=0, description="requests a model computes at once per worker; 0: CPU count / torch threads (at least 1)")

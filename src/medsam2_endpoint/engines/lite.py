@@ -38,11 +38,11 @@ from medsam2_endpoint.engines.base import ModelInfo, bf16_autocast, sha256_file
 from medsam2_endpoint.engines.tracking import SliceStats, TrackRule
 
 if TYPE_CHECKING:
-    from medsam2_endpoint.engines.lite_onnx import OnnxEncoder
+    from medsam2_endpoint.engines.lite_onnx import OnnxDecoder, OnnxEncoder
 
 IMAGE_SIZE = 256  # the encoder's input side
 RESIZE_MODES = ("pad", "stretch")
-RUNTIMES = ("torch", "onnx")  # where the image encoder runs; the decoder always runs on torch
+RUNTIMES = ("torch", "onnx")  # where the image encoder, prompt encoder and mask decoder run
 # Tracking margin around the previous slice's mask: 3 px on the model's 256 grid, as the authors'
 # 3D inference (get_bbox256(bbox_shift=3)); in original pixels ceil(3 * max(H, W) / 256), so 2 px
 # for a 96-px slice and 6 px for a 512-px one.
@@ -103,8 +103,8 @@ class LiteMedSAMEngine:
     device: "cpu" or "cuda[:n]" (cuda runs under bf16 autocast). resize_mode: "pad" or "stretch"
     (module docstring). embedding_cache_slices: LRU bound on cached slice embeddings per state
     (about 4 MiB each in float32). rule: when tracking goes on (engines/tracking.py).
-    runtime: "torch", or "onnx" to run the image encoder on ONNX Runtime (CPU only; engines/lite_onnx.py),
-    its export cached under `onnx_cache_dir` (None: ~/.cache/medsam2-endpoint/onnx).
+    runtime: "torch", or "onnx" to run the image encoder and the box decoder on ONNX Runtime (CPU only;
+    engines/lite_onnx.py), their exports cached under `onnx_cache_dir` (None: ~/.cache/medsam2-endpoint/onnx).
     """
 
     def __init__(
@@ -154,10 +154,15 @@ class LiteMedSAMEngine:
             sha256=sha256,
         )
         self._onnx_encoder: OnnxEncoder | None = None
+        self._onnx_decoder: OnnxDecoder | None = None
         if runtime == "onnx":
-            from medsam2_endpoint.engines.lite_onnx import OnnxEncoder  # onnxruntime loads only when used
+            from medsam2_endpoint.engines.lite_onnx import (  # onnxruntime loads only when used
+                OnnxDecoder,
+                OnnxEncoder,
+            )
 
             self._onnx_encoder = OnnxEncoder(self.net.image_encoder, sha256, onnx_cache_dir)
+            self._onnx_decoder = OnnxDecoder(self.net, sha256, onnx_cache_dir)
 
     def _encode(self, image: torch.Tensor) -> torch.Tensor:
         """(1, 256, 64, 64) embedding of a (1, 3, 256, 256) encoder input, on the configured runtime."""
@@ -165,6 +170,31 @@ class LiteMedSAMEngine:
             return torch.from_numpy(self._onnx_encoder(image.numpy()))
         with torch.inference_mode(), bf16_autocast(self.device):
             return cast(torch.Tensor, self.net.image_encoder(image.to(self.device)))
+
+    def _decode(self, embedding: torch.Tensor, boxes_256: np.ndarray, mask_input: np.ndarray | None = None,
+                multimask: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """(low-res logits float32 (B, N, 256, 256), predicted IoU (B, N)) for boxes (B, 4) in the 256-px model
+        frame on one (1, 256, 64, 64) embedding, on the configured runtime; N is 3 with `multimask`, else 1.
+        mask_input: one (256, 256) low-res mask given to every box."""
+        outputs = slice(1, None) if multimask else slice(0, 1)  # the decoder's own selection
+        if self._onnx_decoder is not None:
+            masks, iou = self._onnx_decoder(embedding.numpy(), boxes_256, mask_input)
+            return torch.from_numpy(masks[:, outputs]), torch.from_numpy(iou[:, outputs])
+        box_t = torch.as_tensor(boxes_256, dtype=torch.float32, device=self.device).reshape(-1, 1, 4)
+        masks_t = None
+        if mask_input is not None:
+            masks_t = torch.as_tensor(mask_input, dtype=torch.float32, device=self.device).reshape(1, 1, IMAGE_SIZE, IMAGE_SIZE)
+            masks_t = masks_t.expand(len(box_t), -1, -1, -1)
+        with torch.inference_mode(), bf16_autocast(self.device):
+            sparse, dense = self.net.prompt_encoder(points=None, boxes=box_t, masks=masks_t)
+            low_res, iou = self.net.mask_decoder(
+                image_embeddings=embedding,
+                image_pe=self.net.prompt_encoder.get_dense_pe(),
+                sparse_prompt_embeddings=sparse,
+                dense_prompt_embeddings=dense,
+                multimask_output=multimask,
+            )
+        return low_res.float(), iou.float()
 
     def start(self, volume_u8: np.ndarray, volume_key: str | None = None) -> LiteState:
         """Wrap a uint8 (Z, Y, X) volume; nothing is computed until a slice is visited.
@@ -236,25 +266,15 @@ class LiteMedSAMEngine:
             raise ValueError(f"box must be [x_min, y_min, x_max, y_max], got {box.size} numbers")
         h, w = state.volume.shape[1:]
         embedding = self._embedding(state, z)
-        box_t = torch.as_tensor(self._box_256(box, h, w)[None, None], dtype=torch.float32, device=self.device)
-        with torch.inference_mode(), bf16_autocast(self.device):
-            sparse, dense = self.net.prompt_encoder(points=None, boxes=box_t, masks=None)
-            logits, iou = self.net.mask_decoder(
-                image_embeddings=embedding,
-                image_pe=self.net.prompt_encoder.get_dense_pe(),
-                sparse_prompt_embeddings=sparse,
-                dense_prompt_embeddings=dense,
-                multimask_output=False,
-            )  # (1, 1, 256, 256), (1, 1)
+        low_res, iou = self._decode(embedding, self._box_256(box, h, w)[None])  # (1, 1, 256, 256), (1, 1)
         with torch.inference_mode():
-            logits = logits.float()
             if self.resize_mode == "pad":
                 new_h, new_w = self._resized_size(h, w)
-                logits = logits[..., :new_h, :new_w]
-            logits = F.interpolate(logits, size=(h, w), mode="bilinear", align_corners=False)
-            logits = logits[0, 0].cpu().numpy()  # sigmoid > 0.5 is logits > 0
-        state.ious[z] = float(iou.float()[0, 0])
-        return logits, state.ious[z]
+                low_res = low_res[..., :new_h, :new_w]
+            logits = F.interpolate(low_res, size=(h, w), mode="bilinear", align_corners=False)
+            out = logits[0, 0].cpu().numpy()  # sigmoid > 0.5 is logits > 0
+        state.ious[z] = float(iou[0, 0])
+        return out, state.ious[z]
 
     def track(
         self, state: LiteState, *, key_index: int, box: np.ndarray, reverse: bool
@@ -346,24 +366,9 @@ class LiteMedSAMEngine:
         (B, N), low-res logits (B, N, 256, 256)); N is 3 with `multimask`, else 1. Mask = logits > 0."""
         h, w = embedding.orig_hw
         boxes = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
-        box_t = torch.as_tensor(
-            np.stack([self._box_256(b, h, w) for b in boxes])[:, None], dtype=torch.float32, device=self.device
-        )  # (B, 1, 4)
-        masks_t = None
-        if mask_input is not None:
-            masks_t = torch.as_tensor(mask_input, dtype=torch.float32, device=self.device).reshape(1, 1, IMAGE_SIZE, IMAGE_SIZE)
-            masks_t = masks_t.expand(len(boxes), -1, -1, -1)
-        with torch.inference_mode(), bf16_autocast(self.device):
-            sparse, dense = self.net.prompt_encoder(points=None, boxes=box_t, masks=masks_t)
-            low_res, iou = self.net.mask_decoder(
-                image_embeddings=embedding.embedding,
-                image_pe=self.net.prompt_encoder.get_dense_pe(),
-                sparse_prompt_embeddings=sparse,
-                dense_prompt_embeddings=dense,
-                multimask_output=multimask,
-            )  # (B, N, 256, 256), (B, N)
+        boxes_256 = np.stack([self._box_256(b, h, w) for b in boxes])
+        low_res, iou = self._decode(embedding.embedding, boxes_256, mask_input, multimask)  # (B, N, 256, 256), (B, N)
         with torch.inference_mode():
-            low_res = low_res.float()
             logits = low_res
             if self.resize_mode == "pad":
                 new_h, new_w = self._resized_size(h, w)

@@ -27,8 +27,9 @@ import torch
 from sam2.automatic_mask_generator import SAM2AutomaticMaskGenerator
 from sam2.modeling.sam2_base import SAM2Base
 from sam2.sam2_image_predictor import SAM2ImagePredictor
-from sam2.utils.amg import MaskData, area_from_rle
+from sam2.utils.amg import MaskData, area_from_rle, generate_crop_boxes
 
+from medsam2_endpoint.base.budget import Pace
 from medsam2_endpoint.engines.base import ModelInfo, bf16_autocast
 
 SELECT_RULES = ("all", "largest", "smallest", "best_quality")
@@ -98,26 +99,43 @@ class MedSAM2MaskGenerator(SAM2AutomaticMaskGenerator):  # type: ignore[misc]  #
     """
 
     def __init__(self, predictor: MedSAM2ImagePredictor, *, select: str, min_mask_region_area: int,
-                 before_batch: Callable[[int], None] | None = None, **params: Any) -> None:
+                 pace: Pace | None = None, **params: Any) -> None:
         super().__init__(predictor.model, min_mask_region_area=0, **params)
-        self.before_batch = before_batch  # called with the grid points done so far; may raise to stop the work
-        self.points_done = 0
+        self.pace = pace  # asked before each batch; a refused batch (budget running low) is skipped
+        self._empty: MaskData | None = None  # a batch's fields with no rows: what a skipped batch returns
         self.predictor = predictor  # replaces the base class's predictor, which assumes a 1024-px model
         self.select = select
         self.min_region = min_mask_region_area
+
+    def planned_points(self, image_hw: tuple[int, int]) -> int:
+        """Grid points over every crop: what a full answer decodes."""
+        _, layer_idxs = generate_crop_boxes(image_hw, self.crop_n_layers, self.crop_overlap_ratio)
+        return sum(len(self.point_grids[layer]) for layer in layer_idxs)
+
+    def _process_crop(self, image: np.ndarray, crop_box: list[int], crop_layer_idx: int, orig_size: tuple[int, ...]) -> MaskData:
+        if self.pace is not None and self.pace.stopped:
+            return MaskData()  # out of time: not even this crop's embedding
+        return super()._process_crop(image, crop_box, crop_layer_idx, orig_size)
 
     def _process_batch(
         self, points: np.ndarray, im_size: tuple[int, ...], crop_box: list[int], orig_size: tuple[int, ...],
         normalize: bool = False,
     ) -> MaskData:
-        if self.before_batch is not None:
-            self.before_batch(self.points_done)
+        pace = self.pace
+        if pace is not None and not pace.fits(len(points)) and self._empty is not None:
+            return MaskData(**{k: v for k, v in self._empty.items()})
+        if pace is not None:
+            pace.start()
         data = super()._process_batch(points, im_size, crop_box, orig_size, normalize=normalize)
-        self.points_done += len(points)
+        if pace is not None:
+            pace.finish(len(points))
         if self.select != "all" and len(data["rles"]) > 0:
             areas = np.array([area_from_rle(rle) for rle in data["rles"]])
             keep = keep_one_per_prompt(data["points"].cpu().numpy(), areas, data["iou_preds"].float().cpu().numpy(), self.select)
             data.filter(torch.as_tensor(keep))
+        if self._empty is None:
+            self._empty = MaskData(**{k: v for k, v in data.items()})
+            self._empty.filter(torch.zeros(len(data["rles"]), dtype=torch.bool))
         return data
 
     def _generate_masks(self, image: np.ndarray) -> MaskData:
@@ -180,17 +198,20 @@ class SAM2ImageEngine:
 
     def automask_2d(
         self, rgb_u8: np.ndarray, *, embed: Callable[[np.ndarray], SAM2Embedding], select: str, multimask: bool,
-        min_mask_region_area: int, params: dict[str, Any], before_batch: Callable[[int], None] | None = None,
-    ) -> list[dict[str, Any]]:
+        min_mask_region_area: int, params: dict[str, Any], pace: Pace | None = None,
+    ) -> tuple[list[dict[str, Any]], int]:
         """sam2's automatic masks; `params` are the generator's own keyword arguments (points_per_side, ...).
 
-        `embed` computes (or fetches) the embedding of the image or of a crop of it. Returns the
-        generator's records: segmentation bool (H, W), area, predicted_iou, stability_score, point_coords.
+        `embed` computes (or fetches) the embedding of the image or of a crop of it. `pace` (base/budget.py)
+        decides before each batch of grid points whether it still fits the budget; skipped batches leave
+        the answer partial (pace.done < the planned points). Returns the generator's records (segmentation
+        bool (H, W), area, predicted_iou, stability_score, point_coords) and the planned grid points.
         """
         predictor = MedSAM2ImagePredictor(self.model, embed_fn=embed)
         generator = MedSAM2MaskGenerator(
             predictor, select=select, min_mask_region_area=min_mask_region_area, multimask_output=multimask,
-            before_batch=before_batch, **params,
+            pace=pace, **params,
         )
+        planned = generator.planned_points((int(rgb_u8.shape[0]), int(rgb_u8.shape[1])))
         with torch.inference_mode(), bf16_autocast(self.device):
-            return cast("list[dict[str, Any]]", generator.generate(rgb_u8))
+            return cast("list[dict[str, Any]]", generator.generate(rgb_u8)), planned

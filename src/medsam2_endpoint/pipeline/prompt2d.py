@@ -63,6 +63,28 @@ class Mask2D:
         return [int(xs.min()), int(ys.min()), int(xs.max()), int(ys.max())]
 
 
+@dataclass(frozen=True)
+class Coverage:
+    """How much of an automatic-mask request's prompt grid was decoded.
+
+    planned: prompts that would be decoded with time enough; decoded: those that were; pruned: grid prompts
+    skipped before decoding because their answer could not differ from one already planned. partial: the
+    budget ran out first, so the masks come from the `decoded` prompts only.
+    """
+
+    planned: int
+    decoded: int
+    pruned: int = 0
+
+    @property
+    def partial(self) -> bool:
+        return self.decoded < self.planned
+
+    def as_metadata(self) -> dict[str, int | bool]:
+        return {"partial": self.partial, "prompts_planned": self.planned, "prompts_decoded": self.decoded,
+                "prompts_pruned": self.pruned}
+
+
 @dataclass
 class Result2D:
     masks: list[Mask2D]
@@ -70,6 +92,7 @@ class Result2D:
     embedding_cached: bool
     timing_ms: dict[str, float] = field(default_factory=dict)
     box_clipped_to: list[float] | None = None  # the box used when the one sent reached past the image
+    coverage: Coverage | None = None  # automatic masks only
 
 
 def clip_box(prompt: Prompt2D, *, width: int, height: int) -> tuple[Prompt2D, list[float] | None]:

@@ -431,3 +431,17 @@ def phantom_set(name: str) -> list[Phantom]:
     if name not in _SETS:
         raise ValueError(f"unknown phantom set {name!r}; choose from {sorted(_SETS)}")
     return [factory(name=pname, **kwargs) for pname, factory, kwargs in _SETS[name]]
+
+
+def disk_image(height: int = 240, width: int = 320, *, centre_xy: tuple[float, float] = (180.0, 110.0), radius: float = 45.0,
+               value: float = 200.0, background: float = 40.0, noise: float = 3.0, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """A field of view holding one obvious bright disk on a noisy flat background (the automask check).
+
+    Returns (uint8 RGB (H, W, 3), the disk's bool (H, W) mask).
+    """
+    yy, xx = np.mgrid[:height, :width]
+    disk = (xx - centre_xy[0]) ** 2 + (yy - centre_xy[1]) ** 2 <= radius**2
+    pixels = np.full((height, width), background) + np.random.default_rng(seed).normal(0.0, noise, (height, width))
+    pixels[disk] = value
+    grey = np.clip(np.round(pixels), 0, 255).astype(np.uint8)
+    return np.repeat(grey[:, :, None], 3, axis=2), disk
