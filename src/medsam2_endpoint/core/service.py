@@ -32,12 +32,13 @@ from medsam2_endpoint.contract.samapi import VideoPrompt
 from medsam2_endpoint.contract.score2d import AutomaskOptions, ImageItem, ImagePrompt
 from medsam2_endpoint.contract.score3d import VolumeItem
 from medsam2_endpoint.core import score2d, volumes
+from medsam2_endpoint.core.held import HeldVolumes
 from medsam2_endpoint.core.images import automask_params, load_rgb, mask_logits, read_rgb, typed_prompt
 from medsam2_endpoint.core.registration import WeightRecords, WeightRegistrar
 from medsam2_endpoint.core.registry import ModelRegistry, choose_device, choose_runtime, configure_threads
 from medsam2_endpoint.core.settings import Settings
 from medsam2_endpoint.core.slots import InferenceSlots
-from medsam2_endpoint.engines.base import ModelInfo
+from medsam2_endpoint.engines.base import ModelInfo, PromptedVolumeEngine
 from medsam2_endpoint.io.encode import encode_mask
 from medsam2_endpoint.io.volume import read_nifti, write_nifti
 from medsam2_endpoint.pipeline.automask import automask
@@ -72,6 +73,7 @@ class Service:
         self.settings = settings
         self.registry = registry
         self.prompter = Prompter(registry, EmbeddingCache(settings.embedding_cache_mb * 1024 * 1024))
+        self.held = HeldVolumes(settings.held_volumes_mb * 1024 * 1024)  # volume_id -> decoded volume (no re-upload)
         samapi = settings.samapi
         self.records = records or WeightRecords(samapi.weights_dir)
         self.registrar = WeightRegistrar(registry, self.records, samapi, settings.fetch)
@@ -126,8 +128,18 @@ class Service:
     def _prepare_3d(self, item: VolumeItem) -> volumes.PreparedItem:
         name = self.registry.resolve(item.model, field=item.field("model"))
         started = time.perf_counter()
-        volume = volumes.load_volume(item, policy=self.settings.fetch, limits=self.settings.limits)
-        return volumes.prepare(item, volume, name, decode_ms=(time.perf_counter() - started) * 1000)
+        if item.image is None and item.volume_id is not None:
+            volume = self.held.get(item.volume_id, field=item.field("volume_id"))
+            volume_id = item.volume_id
+        else:
+            volume = volumes.load_volume(item, policy=self.settings.fetch, limits=self.settings.limits)
+            volume_id = self.held.hold(volume)
+        return volumes.prepare(item, volume, name, decode_ms=(time.perf_counter() - started) * 1000, volume_id=volume_id,
+                               accepts_points=self._accepts_points(name), limits=self.settings.limits)
+
+    def _accepts_points(self, name: str) -> bool:
+        """Whether the model conditions on point prompts in 3D (MedSAM2) or takes boxes only (LiteMedSAM)."""
+        return isinstance(self.registry.get(name), PromptedVolumeEngine)
 
     def score_3d(self, items: Sequence[VolumeItem], budget: Budget | None = None) -> list[dict[str, Any]]:
         """Validate every item (decode, geometry, prompts) before running any; one result per item."""
@@ -151,7 +163,9 @@ class Service:
         name = self.registry.resolve(item.model, field=item.field("model"))
         started = time.perf_counter()
         volume = read_nifti(path.read_bytes(), field=path.name, limits=self.settings.limits)
-        prepared = volumes.prepare(item, volume, name, decode_ms=(time.perf_counter() - started) * 1000)
+        prepared = volumes.prepare(item, volume, name, decode_ms=(time.perf_counter() - started) * 1000,
+                                   volume_id=volume.content_id(), accepts_points=self._accepts_points(name),
+                                   limits=self.settings.limits)
         with self.slots.hold(name):
             mask, metadata = volumes.run(prepared, self.registry.get(name), budget or self.budget())
         return FileResult(write_nifti(prepared.windowed.image_like(mask)), metadata)

@@ -43,7 +43,7 @@ class ObjectResult:
     logits: dict[int, np.ndarray] = field(default_factory=dict)  # z -> float32 (Y, X) max logit, slices with foreground (keep_logits)
 
 
-def _as_logits(step: np.ndarray) -> np.ndarray:
+def as_logits(step: np.ndarray) -> np.ndarray:
     """Engines yield logits (mask = logits > 0); a bool mask is accepted as logits of +-1."""
     return np.where(step, np.float32(1.0), np.float32(-1.0)) if step.dtype == bool else step
 
@@ -61,7 +61,7 @@ def _walk(
     empty_run = 0
     try:
         for z, step in steps:
-            slice_logits = _as_logits(step)
+            slice_logits = as_logits(step)
             foreground = slice_logits > 0
             mask[z] |= foreground
             count += 1

@@ -1,0 +1,191 @@
+"""One object from prompts on several slices, optionally refining an earlier answer (corrections).
+
+Two ways to use the prompts, chosen by what the engine can do:
+
+- anchors (any engine; LiteMedSAM, and MedSAM2 with a single box): each prompted slice's box starts
+  a walk up and a walk down (`engine.track`); a walk never crosses the next prompted slice, so between
+  two anchors both walks meet, and each slice takes the mask of the nearer anchor's walk (the other's
+  when the nearer one stopped before it).
+- conditioned (a `PromptedVolumeEngine`: MedSAM2): every prompted slice conditions the predictor at
+  once; one pass runs up from the lowest prompted slice, one down from the highest, and the slices
+  both passes cover are OR-ed, as the single-box route OR-s its two directions.
+
+With an earlier mask (`previous`), a walk past the outermost prompted slices (or, for anchors, past
+its own anchor) also stops on the first slice whose new mask agrees with the earlier one (Dice >=
+`AGREE_DICE`): from there on the earlier answer stands. Slices no walk reached keep the earlier mask;
+prompted slices always take the new one.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from medsam2_endpoint.base.budget import Budget
+from medsam2_endpoint.base.heap import release_if_grown
+from medsam2_endpoint.engines.base import PromptedVolumeEngine, SlicePrompt, VolumeEngine
+from medsam2_endpoint.pipeline.propagate import (
+    ADVICE,
+    ObjectResult,
+    PropagationOptions,
+    as_logits,
+    keep_largest_component,
+)
+
+# A corrected walk rejoins the earlier answer once the two masks on a slice overlap this much: the
+# earlier answer was right from there on, so recomputing further slices could only disturb it.
+AGREE_DICE = 0.9
+
+
+@dataclass
+class PromptedResult(ObjectResult):
+    reached: np.ndarray | None = None  # bool (Z,): slices computed from this request's prompts
+
+
+def dice(a: np.ndarray, b: np.ndarray) -> float:
+    """Dice of two bool masks; two empty masks agree (1.0)."""
+    total = int(a.sum()) + int(b.sum())
+    return 1.0 if total == 0 else 2.0 * int(np.logical_and(a, b).sum()) / total
+
+
+@dataclass(frozen=True)
+class _Walk:
+    """How far one stream of engine steps may go, and where its stop rules apply."""
+
+    bound: int  # first slice it must not yield (exclusive), in its direction
+    free_until: int  # stop rules (empty run, agreement) apply only beyond this slice
+    step: int  # +1 up, -1 down
+
+
+def _consume(steps: Iterator[tuple[int, np.ndarray]], walk: _Walk, options: PropagationOptions,
+             previous: np.ndarray | None, check: Callable[[int], None]) -> dict[int, np.ndarray]:
+    """z -> logits of one walk, honouring its bound, the options' stop rules and agreement with `previous`."""
+    out: dict[int, np.ndarray] = {}
+    empty_run = 0
+    count = 0
+    try:
+        for z, step in steps:
+            if (z - walk.bound) * walk.step >= 0:
+                break
+            logits = as_logits(step)
+            foreground = logits > 0
+            beyond = (z - walk.free_until) * walk.step > 0
+            if beyond and previous is not None and dice(foreground, previous[z]) >= AGREE_DICE:
+                break  # the earlier answer holds from here
+            out[z] = logits
+            count += 1
+            release_if_grown()
+            empty_run = 0 if foreground.any() or not beyond else empty_run + 1
+            if options.stop_after_empty is not None and empty_run >= options.stop_after_empty:
+                break
+            if options.max_slices is not None and beyond and count >= options.max_slices:
+                break
+            check(1)
+    finally:
+        close = getattr(steps, "close", None)
+        if close is not None:
+            close()
+    return out
+
+
+def merge_prompts(prompts: Sequence[SlicePrompt]) -> list[SlicePrompt]:
+    """One prompt per slice, sorted by z: points of the same slice joined, its box kept (validation allows one)."""
+    by_z: dict[int, SlicePrompt] = {}
+    for p in prompts:
+        old = by_z.get(p.z)
+        if old is None:
+            by_z[p.z] = p
+            continue
+        points = [a for a in (old.points, p.points) if a is not None]
+        labels = [a for a in (old.labels, p.labels) if a is not None]
+        by_z[p.z] = SlicePrompt(p.z, p.box if p.box is not None else old.box,
+                                np.concatenate(points) if points else None, np.concatenate(labels) if labels else None)
+    return [by_z[z] for z in sorted(by_z)]
+
+
+def segment_prompts(
+    engine: VolumeEngine,
+    state: object,
+    *,
+    prompts: Sequence[SlicePrompt],
+    shape: tuple[int, int, int],
+    options: PropagationOptions | None = None,
+    budget: Budget | None = None,
+    previous: np.ndarray | None = None,
+    mask_prompt: bool = False,
+) -> PromptedResult:
+    """The object's mask (uint8 (Z, Y, X)) from its prompts, over `previous` (bool (Z, Y, X)) when given."""
+    options = options or PropagationOptions()
+    merged = merge_prompts(prompts)
+    depth = shape[0]
+    done = 0
+
+    def check(n: int) -> None:
+        nonlocal done
+        done += n
+        if budget is not None:
+            budget.check(done, "slices_processed", advice=ADVICE)
+
+    conditioned = isinstance(engine, PromptedVolumeEngine) and (
+        len(merged) > 1 or mask_prompt or any(p.points is not None for p in merged))
+    walks: list[tuple[int, dict[int, np.ndarray]]] = []  # (anchor z, z -> logits)
+    if conditioned:
+        assert isinstance(engine, PromptedVolumeEngine)  # narrowed above; for mypy
+        low, high = merged[0].z, merged[-1].z
+        for reverse, start, walk in ((False, low, _Walk(depth, high, 1)), (True, high, _Walk(-1, low, -1))):
+            if options.direction in ("both", "down" if reverse else "up"):
+                steps = engine.track_prompts(state, prompts=merged, reverse=reverse, mask_prompt=mask_prompt)
+                walks.append((start, _consume(steps, walk, options, previous, check)))
+    else:
+        for k, p in enumerate(merged):
+            if p.box is None:
+                raise ValueError("anchors need a box on every prompted slice")  # refused in core.volumes before this
+            up = _Walk(merged[k + 1].z if k + 1 < len(merged) else depth, p.z, 1)
+            down = _Walk(merged[k - 1].z if k > 0 else -1, p.z, -1)
+            for reverse, walk in ((False, up), (True, down)):
+                outer = (k == len(merged) - 1) if not reverse else (k == 0)
+                if outer and options.direction not in ("both", "down" if reverse else "up"):
+                    continue
+                steps = engine.track(state, key_index=p.z, box=p.box, reverse=reverse)
+                walks.append((p.z, _consume(steps, walk, options, previous, check)))
+    return _compose(walks, merged, shape, options, previous, union=conditioned, processed=done)
+
+
+def _largest_per_walk(found: dict[int, np.ndarray], enabled: bool) -> dict[int, np.ndarray]:
+    """z -> bool mask of one walk, its largest 3D component kept (a walk's slices are contiguous)."""
+    if not found:
+        return {}
+    zs = sorted(found)
+    stack = np.stack([found[z] > 0 for z in zs]).astype(np.uint8)
+    if enabled:
+        stack = keep_largest_component(stack)
+    return {z: stack[k].astype(bool) for k, z in enumerate(zs)}
+
+
+def _compose(walks: list[tuple[int, dict[int, np.ndarray]]], prompts: list[SlicePrompt], shape: tuple[int, int, int],
+             options: PropagationOptions, previous: np.ndarray | None, *, union: bool, processed: int) -> PromptedResult:
+    """Each reached slice from its walks (OR, or the nearest anchor's), the rest from `previous`.
+
+    The largest component is kept per walk, not over the whole answer: with an earlier mask the new walks
+    may be separated by slices the earlier answer keeps, and those must not decide which walk survives."""
+    masks = [_largest_per_walk(found, options.largest_component) for _, found in walks]
+    mask = np.zeros(shape, dtype=np.uint8)
+    reached = np.zeros(shape[0], dtype=bool)
+    logits: dict[int, np.ndarray] = {}
+    for z in sorted({z for _, found in walks for z in found}):
+        candidates = sorted((abs(z - anchor), k) for k, (anchor, found) in enumerate(walks) if z in found)
+        chosen = [k for _, k in candidates] if union else [candidates[0][1]]
+        slice_mask = np.logical_or.reduce([masks[k][z] for k in chosen])
+        mask[z] = slice_mask
+        reached[z] = True
+        if options.keep_logits and slice_mask.any():
+            best = np.maximum.reduce([walks[k][1][z] for k in chosen]) if len(chosen) > 1 else walks[chosen[0]][1][z]
+            logits[z] = np.where(slice_mask, best, np.float32(-1.0))
+    if previous is not None:
+        untouched = ~reached
+        mask[untouched] = previous[untouched]
+    for p in prompts:
+        reached[p.z] = True
+    return PromptedResult(mask=mask, slices_processed=processed, logits=logits, reached=reached)
