@@ -75,6 +75,10 @@ def prepare_object(spec: ObjectSpec, offset: int, shape: tuple[int, ...], model:
                 raise InvalidRequest(f"{prompt.where}.recist_mode: {mode!r} gives point prompts and {model} takes boxes only; "
                                      "use recist_mode 'box', or a MedSAM2 model")
             _points(prompt.recist + (prompt.recist_short or []), width=width, height=height, field=prompt.field)
+            (x1, y1), (x2, y2) = prompt.recist
+            if np.hypot(x2 - x1, y2 - y1) < 1:
+                raise InvalidRequest(f"{prompt.field}: the long axis [[{x1:g}, {y1:g}], [{x2:g}, {y2:g}]] is shorter than a pixel; "
+                                     "give the lesion's two long-axis endpoints")
             derived = derive(prompt.recist, prompt.recist_short, mode, width=width, height=height)
             if derived.box is not None:
                 box = parse_box([float(v) for v in derived.box], width=width, height=height, field=prompt.field)
