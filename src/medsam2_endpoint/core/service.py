@@ -43,12 +43,16 @@ from medsam2_endpoint.io.encode import encode_mask
 from medsam2_endpoint.io.volume import read_nifti, write_nifti
 from medsam2_endpoint.pipeline.automask import automask
 from medsam2_endpoint.pipeline.embedding_cache import EmbeddingCache
+from medsam2_endpoint.pipeline.interactive import WalkMemo
 from medsam2_endpoint.pipeline.prompt2d import Prompter, Result2D, check_prompt
 from medsam2_endpoint.pipeline.propagate import segment_object
 from medsam2_endpoint.pipeline.video import ObjectPrompt, frames_to_volume, track_objects
 
 __all__ = ["FileResult", "Frame", "ModelInfo", "Result2D", "Service"]
 log = logging.getLogger("azmlinfsrv.medsam2")
+# Per worker: a correction round's replayed walks (float32 logits, 1 MiB a 512 x 512 slice: about 20 rounds
+# of a 20-slice CT structure). Only correction rounds use it, so it is off when no volumes are held.
+WALK_MEMO_MB = 128
 
 
 @dataclass(frozen=True)
@@ -74,6 +78,8 @@ class Service:
         self.registry = registry
         self.prompter = Prompter(registry, EmbeddingCache(settings.embedding_cache_mb * 1024 * 1024))
         self.held = HeldVolumes(settings.held_volumes_mb * 1024 * 1024)  # volume_id -> decoded volume (no re-upload)
+        # anchor walks of earlier rounds, replayed in a correction round instead of decoded again
+        self.walks = WalkMemo(WALK_MEMO_MB * 1024 * 1024 if settings.held_volumes_mb else 0)
         samapi = settings.samapi
         self.records = records or WeightRecords(samapi.weights_dir)
         self.registrar = WeightRegistrar(registry, self.records, samapi, settings.fetch)
@@ -148,7 +154,7 @@ class Service:
         results = []
         for p in prepared:
             with self.slots.hold(p.engine_name):
-                mask, metadata = volumes.run(p, self.registry.get(p.engine_name), budget)
+                mask, metadata = volumes.run(p, self.registry.get(p.engine_name), budget, self.walks)
             t0 = time.perf_counter()
             encoded = encode_mask(mask, p.windowed, p.item.mask_format, label_map=p.item.multi_object)
             metadata["timing_ms"]["encode"] = round((time.perf_counter() - t0) * 1000, 1)

@@ -6,6 +6,7 @@ import hashlib
 import logging
 import time
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import numpy as np
@@ -13,13 +14,13 @@ import numpy as np
 from medsam2_endpoint.base.budget import Budget
 from medsam2_endpoint.contract.score3d import VolumeItem
 from medsam2_endpoint.core.prompts import PreparedObject, prepare_object
-from medsam2_endpoint.engines.base import VolumeEngine
+from medsam2_endpoint.engines.base import PromptedVolumeEngine, VolumeEngine
 from medsam2_endpoint.io.encode import decode_mask
 from medsam2_endpoint.io.fetch import FetchPolicy
 from medsam2_endpoint.io.limits import Limits
 from medsam2_endpoint.io.sources import source_bytes
 from medsam2_endpoint.io.volume import Volume, base64_chunks, read_nifti
-from medsam2_endpoint.pipeline.interactive import segment_prompts
+from medsam2_endpoint.pipeline.interactive import WalkMemo, segment_prompts
 from medsam2_endpoint.pipeline.propagate import (
     ObjectResult,
     PropagationOptions,
@@ -80,7 +81,7 @@ def prepare(item: VolumeItem, volume: Volume, engine_name: str, *, decode_ms: fl
                         window_ms=(time.perf_counter() - started) * 1000)
 
 
-def run(p: PreparedItem, engine: VolumeEngine, budget: Budget) -> tuple[np.ndarray, dict[str, Any]]:
+def run(p: PreparedItem, engine: VolumeEngine, budget: Budget, memo: WalkMemo | None = None) -> tuple[np.ndarray, dict[str, Any]]:
     """Encode each visited slice once (shared by all objects), propagate each object; (mask, metadata)."""
     item, volume = p.item, p.windowed
     windowed = volume.array
@@ -94,12 +95,16 @@ def run(p: PreparedItem, engine: VolumeEngine, budget: Budget) -> tuple[np.ndarr
     for obj in p.objects:
         result: ObjectResult
         if obj.plain and p.previous is None and obj.box is not None:
+            # a box-only engine's walks are recorded for later correction rounds; MedSAM2's are not (its
+            # corrections condition on every prompt at once, and its single-box path stays the reference's)
+            record = memo is not None and not isinstance(engine, PromptedVolumeEngine)
+            track = partial(memo.track, engine, volume_key=p.volume_key) if memo is not None and record else None
             result = segment_object(engine, state, key_index=obj.key_index, box=obj.box, shape=windowed.shape, options=options,
-                                    budget=budget)
+                                    budget=budget, track=track)
         else:
             earlier = None if p.previous is None else (p.previous == obj.id if item.multi_object else p.previous != 0)
             result = segment_prompts(engine, state, prompts=obj.prompts, shape=windowed.shape, options=options, budget=budget,
-                                     previous=earlier, mask_prompt=obj.mask_prompt)
+                                     previous=earlier, mask_prompt=obj.mask_prompt, memo=memo, volume_key=p.volume_key)
         processed += result.slices_processed
         results.append((obj, result))
     mask = results[0][1].mask if not item.multi_object else merge_objects([(o.id, r) for o, r in results], windowed.shape)

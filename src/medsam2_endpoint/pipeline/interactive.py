@@ -25,6 +25,7 @@ import numpy as np
 
 from medsam2_endpoint.base.budget import Budget
 from medsam2_endpoint.base.heap import release_if_grown
+from medsam2_endpoint.base.lru import ByteLRU
 from medsam2_endpoint.engines.base import PromptedVolumeEngine, SlicePrompt, VolumeEngine
 from medsam2_endpoint.pipeline.propagate import (
     ADVICE,
@@ -90,6 +91,56 @@ def _consume(steps: Iterator[tuple[int, np.ndarray]], walk: _Walk, options: Prop
     return out
 
 
+class WalkMemo:
+    """The steps an anchor's walk yielded, kept across requests (a bounded LRU of bytes).
+
+    A correction round sends every prompt so far: the walks from the earlier anchors are the ones the
+    earlier rounds ran, step for step (a walk is a function of the volume, the engine, its rule, the
+    slice, the box and the direction), so they are replayed from here instead of run through the
+    decoder again. A walk that goes further than its recorded steps continues on the engine (which
+    recomputes the recorded prefix once, from cached features)."""
+
+    def __init__(self, max_bytes: int) -> None:
+        self._cache = ByteLRU(max_bytes)
+
+    def track(self, engine: VolumeEngine, state: object, volume_key: str, *, key_index: int, box: np.ndarray,
+              reverse: bool) -> Iterator[tuple[int, np.ndarray]]:
+        """`engine.track(state, ...)`, its steps recorded under this walk's key and replayed when recorded."""
+        key = (engine.info.name, engine.info.sha256, repr(getattr(engine, "rule", None)), volume_key, key_index,
+               tuple(int(v) for v in box), reverse)
+        entry: _Recorded | None = self._cache.get(key)
+        recorded = entry.steps if entry is not None else []
+        steps, complete = list(recorded), entry is not None and entry.complete
+        try:
+            yield from recorded
+            if complete:
+                return  # the engine's walk ended there
+            live = engine.track(state, key_index=key_index, box=box, reverse=reverse)
+            try:
+                for k, step in enumerate(live):
+                    if k >= len(recorded):
+                        steps.append(step)
+                        yield step
+                complete = True
+            finally:
+                close = getattr(live, "close", None)
+                if close is not None:
+                    close()
+        finally:
+            if len(steps) > len(recorded) or (complete and entry is not None and not entry.complete):
+                self._cache.put(key, _Recorded(steps, complete))
+
+
+@dataclass(frozen=True)
+class _Recorded:
+    steps: list[tuple[int, np.ndarray]]
+    complete: bool  # the engine's walk ended after these steps (a replay never needs the engine)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(int(logits.nbytes) for _, logits in self.steps)
+
+
 def merge_prompts(prompts: Sequence[SlicePrompt]) -> list[SlicePrompt]:
     """One prompt per slice, sorted by z: points of the same slice joined, its box kept (validation allows one)."""
     by_z: dict[int, SlicePrompt] = {}
@@ -115,8 +166,12 @@ def segment_prompts(
     budget: Budget | None = None,
     previous: np.ndarray | None = None,
     mask_prompt: bool = False,
+    memo: WalkMemo | None = None,
+    volume_key: str | None = None,
 ) -> PromptedResult:
-    """The object's mask (uint8 (Z, Y, X)) from its prompts, over `previous` (bool (Z, Y, X)) when given."""
+    """The object's mask (uint8 (Z, Y, X)) from its prompts, over `previous` (bool (Z, Y, X)) when given.
+
+    memo + volume_key (the windowed volume's content key): anchor walks replayed from earlier requests."""
     options = options or PropagationOptions()
     merged = merge_prompts(prompts)
     depth = shape[0]
@@ -148,7 +203,10 @@ def segment_prompts(
                 outer = (k == len(merged) - 1) if not reverse else (k == 0)
                 if outer and options.direction not in ("both", "down" if reverse else "up"):
                     continue
-                steps = engine.track(state, key_index=p.z, box=p.box, reverse=reverse)
+                if memo is not None and volume_key is not None:
+                    steps = memo.track(engine, state, volume_key, key_index=p.z, box=p.box, reverse=reverse)
+                else:
+                    steps = engine.track(state, key_index=p.z, box=p.box, reverse=reverse)
                 walks.append((p.z, _consume(steps, walk, options, previous, check)))
     return _compose(walks, merged, shape, options, previous, union=conditioned, processed=done)
 

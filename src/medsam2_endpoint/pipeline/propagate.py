@@ -172,8 +172,12 @@ def segment_object(
     shape: tuple[int, int, int],
     options: PropagationOptions = PropagationOptions(),
     budget: Budget | None = None,
+    track: Callable[..., Iterator[tuple[int, np.ndarray]]] | None = None,
 ) -> ObjectResult:
-    """Propagate one box prompt through the volume, checking `budget` before every slice."""
+    """Propagate one box prompt through the volume, checking `budget` before every slice.
+
+    track: what yields each direction's steps, called as `engine.track` is (default): a recording
+    wrapper (pipeline/interactive.WalkMemo) lets a later correction round replay them."""
     mask = np.zeros(shape, dtype=np.uint8)
     processed = 0
 
@@ -185,7 +189,7 @@ def segment_object(
     logits: dict[int, np.ndarray] = {}
     for direction, reverse in (("up", False), ("down", True)):
         if options.direction in ("both", direction):
-            steps = engine.track(state, key_index=key_index, box=box, reverse=reverse)
+            steps = (track or engine.track)(state, key_index=key_index, box=box, reverse=reverse)
             processed += _walk(steps, bool_view, logits, options, check_deadline, processed)
     if options.largest_component:
         mask = keep_largest_component(mask)
