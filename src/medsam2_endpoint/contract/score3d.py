@@ -69,10 +69,6 @@ class VolumeColumns(BaseModel):
 
     nii_image: list[StrictStr | None] = Field(
         min_length=1, description="base64 of a .nii/.nii.gz file, or an https URL; null with a volume_id the worker holds")
-    volume_id: list[StrictStr | None] | None = Field(
-        default=None, description="metadata.volume_id of an earlier answer: the worker's held copy is used instead of nii_image")
-    previous_mask: list[dict[str, Any] | StrictStr | None] | None = Field(
-        default=None, description="the earlier answer's mask (its rle object or nifti base64): slices the new prompts do not reach keep it")
     bbox: list[Box | None] | None = Field(default=None, description="[x_min, y_min, x_max, y_max] on the key slice, original pixel indices")
     key_slice_idx: list[int | None] | None = Field(default=None, description="key slice index in the full series")
     objects: list[list[ObjectPrompt] | None] | None = Field(default=None, description="several objects per item (instead of bbox/key_slice_idx)")
@@ -87,6 +83,10 @@ class VolumeColumns(BaseModel):
         default=None, description=f"stop a direction after this many consecutive empty slices (default {DEFAULT_STOP_AFTER_EMPTY}; 0 = never)"
     )
     max_slices: list[Annotated[int, Field(ge=1)] | None] | None = Field(default=None, description="at most this many slices per direction")
+    volume_id: list[StrictStr | None] | None = Field(
+        default=None, description="metadata.volume_id of an earlier answer: the worker's held copy is used instead of nii_image")
+    previous_mask: list[dict[str, Any] | StrictStr | None] | None = Field(
+        default=None, description="the earlier answer's mask (its rle object or nifti base64): slices the new prompts do not reach keep it")
 
 
 class ScoreRequest(BaseModel):
