@@ -383,3 +383,18 @@ def test_volume_id_is_the_hash_of_what_the_client_uploads(phantom):
     (first,) = json.loads(dumps(score_body(service, request_for(phantom))))
     data = base64.b64decode(request_for(phantom)["input_data"]["nii_image"][0])
     assert read_nifti(data, field="x", limits=Limits()).content_id() == first["metadata"]["volume_id"]
+
+
+def test_batch_sidecar_takes_prompts_recist_and_previous_mask(tmp_path):
+    from medsam2_endpoint.api.batch import read_prompt
+
+    volume = tmp_path / "case.nii.gz"
+    volume.write_bytes(b"not read by read_prompt")
+    prompt = {"objects": [{"id": 1, "prompts": [{"slice": 3, "box": [1, 1, 9, 9]}, {"slice": 6, "box": [2, 2, 8, 8]}]},
+                          {"id": 2, "recist": [[1, 1], [9, 9]], "key_slice_idx": 4, "recist_mode": "box"}],
+              "previous_mask": {"counts": [10], "size": [1, 2, 5]}}
+    (tmp_path / "case.prompt.json").write_text(json.dumps(prompt))
+    item = read_prompt(volume)
+    first, second = item.objects
+    assert [p.slice for p in first.prompts] == [3, 6] and second.prompts[0].recist == [[1, 1], [9, 9]]
+    assert second.recist_mode == "box" and item.previous_mask == {"counts": [10], "size": [1, 2, 5]}
