@@ -26,6 +26,7 @@ from typing import Any, cast
 import numpy as np
 import SimpleITK as sitk
 
+from medsam2_endpoint.client.prompts import first_box, first_slice, load_prompts, previous_column
 from medsam2_endpoint.client.transport import KEY_ENV, ClientError, EndpointError, post_request
 from medsam2_endpoint.io.encode import rle_decode
 from medsam2_endpoint.io.limits import Limits
@@ -290,18 +291,6 @@ def _scalar_image(volume: str | Path | sitk.Image, series_uid: str | None) -> si
     return image
 
 
-def _previous_column(previous: str | Path | sitk.Image, image: sitk.Image) -> str:
-    """The earlier mask as base64 NIfTI on the volume's grid (the server checks its shape)."""
-    mask = previous if isinstance(previous, sitk.Image) else read_volume(previous)
-    if mask.GetSize() != image.GetSize():
-        raise ClientError(f"previous mask: size {list(mask.GetSize())} differs from the volume's {list(image.GetSize())}")
-    labels = sitk.GetArrayFromImage(mask)
-    labels = labels.astype(np.uint8 if labels.max(initial=0) <= 255 else np.uint16)
-    out = sitk.GetImageFromArray(labels)
-    out.CopyInformation(image)
-    return base64.b64encode(write_nifti(out, compressed=True)).decode("ascii")
-
-
 def _run(image: sitk.Image, prompt_columns: dict[str, list[Any]], objects: list[ObjectPrompt], send: _Send, *,
          window: Sequence[float] | None, preset: str | None, model: str | None, mask_format: str,
          previous: str | Path | sitk.Image | None, reuse_volume: bool | None, max_id: int | None = None) -> SegmentationResult:
@@ -315,7 +304,7 @@ def _run(image: sitk.Image, prompt_columns: dict[str, list[Any]], objects: list[
     if model:
         columns["model"] = [model]
     if previous is not None:
-        columns["previous_mask"] = [_previous_column(previous, image)]
+        columns["previous_mask"] = [previous_column(previous, image)]
     answer = None
     if reuse_volume if reuse_volume is not None else previous is not None:
         # the server's id of this upload: the same hash over the volume as the server decodes it
@@ -354,34 +343,9 @@ def _segment_prompts(volume: str | Path | sitk.Image, prompts: list[dict[str, An
         raise ClientError(f"prompts: object ids must be unique integers within 1..65535, got {ids}")
     image = _scalar_image(volume, series_uid)
     # the preview outlines each object's first box (or its first prompt's slice)
-    shown = [ObjectPrompt(_first_box(e), _first_slice(e), e["id"]) for e in entries]
+    shown = [ObjectPrompt(first_box(e), first_slice(e), e["id"]) for e in entries]
     send = _Send(endpoint, key, deployment, timeout, retries, backoff_s, progress)
     return _run(image, {"objects": [entries]}, shown, send, max_id=max(ids), **options)
-
-
-def _first_slice(entry: dict[str, Any]) -> int:
-    first = (entry.get("prompts") or [{}])[0]
-    return int(first.get("slice", entry.get("key_slice_idx", 0)))
-
-
-def _first_box(entry: dict[str, Any]) -> tuple[float, float, float, float]:
-    for source in [entry, *(entry.get("prompts") or [])]:
-        box = source.get("bbox") or source.get("box")
-        if isinstance(box, list) and len(box) == 4:
-            return cast("tuple[float, float, float, float]", tuple(float(v) for v in box))
-    return (0.0, 0.0, 0.0, 0.0)
-
-
-def load_prompts(path: str | Path) -> list[dict[str, Any]]:
-    """Prompts file: the request's objects, `[{"id": 1, "prompts": [...]}, ...]` or `{"objects": [...]}` (checked by the server)."""
-    try:
-        data = json.loads(Path(path).read_text())
-    except (OSError, ValueError) as exc:
-        raise ClientError(f"{path}: cannot read the prompts file as JSON ({exc})") from None
-    entries = data.get("objects") if isinstance(data, dict) else data
-    if not isinstance(entries, list) or not entries or not all(isinstance(e, dict) for e in entries):
-        raise ClientError(f'{path}: expected a non-empty list of objects such as {{"id": 1, "prompts": [{{"slice": 3, "box": [...]}}]}}')
-    return cast("list[dict[str, Any]]", entries)
 
 
 # ----------------------------------------------------------------------------------------- CLI
