@@ -398,3 +398,20 @@ def test_batch_sidecar_takes_prompts_recist_and_previous_mask(tmp_path):
     first, second = item.objects
     assert [p.slice for p in first.prompts] == [3, 6] and second.prompts[0].recist == [[1, 1], [9, 9]]
     assert second.recist_mode == "box" and item.previous_mask == {"counts": [10], "size": [1, 2, 5]}
+
+
+def test_an_anchor_the_earlier_answer_follows_is_not_walked_again(phantom):
+    engine = ReachEngine(reach=1)
+    # no held volumes: no walk memory either, so every walk that runs calls the engine
+    service = Service(Settings.from_env({"MEDSAM2_WARMUP": "0", "MEDSAM2_HELD_VOLUMES_MB": "0"}),
+                      ModelRegistry({engine.info.name: engine}, engine.info.name))
+    first = {"id": 1, "prompts": [{"slice": 3, "box": [4, 4, 12, 12]}]}
+    (answer,) = json.loads(dumps(score_body(service, volume_body(phantom, [first], mask_format=["rle"]))))
+    engine.calls.clear()
+    both = {"id": 1, "prompts": [{"slice": 3, "box": [4, 4, 12, 12]}, {"slice": 9, "box": [16, 16, 24, 24]}]}
+    (result,) = json.loads(dumps(score_body(service, volume_body(phantom, [both], mask_format=["rle"], previous_mask=[answer["mask"]]))))
+    # slice 3's box is in the earlier answer: its walk stops at its first step (one call, no way down);
+    # slice 9 is new and walks both ways
+    assert sorted(engine.calls) == [(3, False), (9, False), (9, True)]
+    assert result["metadata"]["changed_slices"] == [8, 9, 10]
+    assert np.array_equal(labels_of(result)[2:5] > 0, labels_of(answer)[2:5] > 0)

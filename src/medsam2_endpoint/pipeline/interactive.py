@@ -10,7 +10,8 @@ Two ways to use the prompts, chosen by what the engine can do:
   once; one pass runs up from the lowest prompted slice, one down from the highest, and the slices
   both passes cover are OR-ed, as the single-box route OR-s its two directions.
 
-With an earlier mask (`previous`), a walk past the outermost prompted slices (or, for anchors, past
+With an earlier mask (`previous`), an anchor whose own slice the earlier answer already has (Dice >=
+`AGREE_DICE`: a prompt of an earlier round, sent again) keeps that slice and is not walked again, and a walk past the outermost prompted slices (or, for anchors, past
 its own anchor) also stops on the first slice whose new mask agrees with the earlier one (Dice >=
 `AGREE_DICE`): from there on the earlier answer stands. Slices no walk reached keep the earlier mask;
 prompted slices always take the new one.
@@ -141,6 +142,22 @@ class _Recorded:
         return sum(int(logits.nbytes) for _, logits in self.steps)
 
 
+def _close(steps: Iterator[tuple[int, np.ndarray]]) -> None:
+    close = getattr(steps, "close", None)
+    if close is not None:
+        close()
+
+
+def _prepend(first: tuple[int, np.ndarray] | None, steps: Iterator[tuple[int, np.ndarray]]) -> Iterator[tuple[int, np.ndarray]]:
+    """`steps` with the step already taken from it put back in front; closing it closes `steps`."""
+    try:
+        if first is not None:
+            yield first
+            yield from steps
+    finally:
+        _close(steps)
+
+
 def merge_prompts(prompts: Sequence[SlicePrompt]) -> list[SlicePrompt]:
     """One prompt per slice, sorted by z: points of the same slice joined, its box kept (validation allows one)."""
     by_z: dict[int, SlicePrompt] = {}
@@ -199,14 +216,28 @@ def segment_prompts(
                 raise ValueError("anchors need a box on every prompted slice")  # refused in core.volumes before this
             up = _Walk(merged[k + 1].z if k + 1 < len(merged) else depth, p.z, 1)
             down = _Walk(merged[k - 1].z if k > 0 else -1, p.z, -1)
-            for reverse, walk in ((False, up), (True, down)):
-                outer = (k == len(merged) - 1) if not reverse else (k == 0)
-                if outer and options.direction not in ("both", "down" if reverse else "up"):
-                    continue
-                if memo is not None and volume_key is not None:
-                    steps = memo.track(engine, state, volume_key, key_index=p.z, box=p.box, reverse=reverse)
-                else:
-                    steps = engine.track(state, key_index=p.z, box=p.box, reverse=reverse)
+            ways = [(reverse, walk) for reverse, walk in ((False, up), (True, down))
+                    if not ((k == len(merged) - 1 if not reverse else k == 0)
+                            and options.direction not in ("both", "down" if reverse else "up"))]
+            for n, (reverse, walk) in enumerate(ways):
+                box = p.box
+
+                def track(reverse: bool = reverse, box: np.ndarray = box, z: int = p.z) -> Iterator[tuple[int, np.ndarray]]:
+                    if memo is not None and volume_key is not None:
+                        return memo.track(engine, state, volume_key, key_index=z, box=box, reverse=reverse)
+                    return engine.track(state, key_index=z, box=box, reverse=reverse)
+
+                steps = track()
+                if n == 0 and previous is not None:
+                    # An anchor the earlier answer already follows (a prompt of an earlier round, sent again):
+                    # its slice alone is taken, its walks are not run again.
+                    first = next(steps, None)
+                    if first is not None and dice(as_logits(first[1]) > 0, previous[first[0]]) >= AGREE_DICE:
+                        _close(steps)
+                        walks.append((p.z, {first[0]: as_logits(first[1])}))
+                        check(1)
+                        break
+                    steps = _prepend(first, steps)
                 walks.append((p.z, _consume(steps, walk, options, previous, check)))
     return _compose(walks, merged, shape, options, previous, union=conditioned, processed=done)
 
