@@ -415,3 +415,16 @@ def test_an_anchor_the_earlier_answer_follows_is_not_walked_again(phantom):
     assert sorted(engine.calls) == [(3, False), (9, False), (9, True)]
     assert result["metadata"]["changed_slices"] == [8, 9, 10]
     assert np.array_equal(labels_of(result)[2:5] > 0, labels_of(answer)[2:5] > 0)
+
+
+def test_a_correction_overwrites_only_its_neighbours_where_the_earlier_answer_has_foreground(phantom):
+    engine = ReachEngine(reach=12)
+    earlier = np.zeros(SHAPE, np.uint8)
+    earlier[:, 20:28, 20:28] = 1  # the earlier answer: another box on every slice but the last two
+    earlier[10:] = 0
+    obj = {"id": 1, "prompts": [{"slice": 6, "box": [4, 4, 12, 12]}]}
+    body = volume_body(phantom, [obj], mask_format=["rle"], previous_mask=[{"counts": rle_counts(earlier), "size": list(SHAPE)}],
+                       stop_after_empty=[0])
+    (result,) = json.loads(dumps(score_body(service_with(engine), body)))
+    # slices 5 and 7 are overwritten (OVERWRITE_REACH = 1 each way); 4 and 8 and beyond keep the earlier answer
+    assert result["metadata"]["changed_slices"] == [5, 6, 7]

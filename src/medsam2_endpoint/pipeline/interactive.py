@@ -39,6 +39,11 @@ from medsam2_endpoint.pipeline.propagate import (
 # A corrected walk rejoins the earlier answer once the two masks on a slice overlap this much: the
 # earlier answer was right from there on, so recomputing further slices could only disturb it.
 AGREE_DICE = 0.9
+# How many slices past its prompt a correction may overwrite where the earlier answer has foreground.
+# Box-tracked masks drift from a corrected slice (a box grown from a small end slice under-segments
+# the slices inward), so a correction replaces its neighbours only and leaves the rest to later
+# prompts; into slices the earlier answer left empty (it stopped early) the walk goes on by the rules.
+OVERWRITE_REACH = 1
 
 
 @dataclass
@@ -67,6 +72,7 @@ def _consume(steps: Iterator[tuple[int, np.ndarray]], walk: _Walk, options: Prop
     out: dict[int, np.ndarray] = {}
     empty_run = 0
     count = 0
+    overwritten = 0
     try:
         for z, step in steps:
             if (z - walk.bound) * walk.step >= 0:
@@ -74,8 +80,13 @@ def _consume(steps: Iterator[tuple[int, np.ndarray]], walk: _Walk, options: Prop
             logits = as_logits(step)
             foreground = logits > 0
             beyond = (z - walk.free_until) * walk.step > 0
-            if beyond and previous is not None and dice(foreground, previous[z]) >= AGREE_DICE:
-                break  # the earlier answer holds from here
+            if beyond and previous is not None:
+                if dice(foreground, previous[z]) >= AGREE_DICE:
+                    break  # the earlier answer holds from here
+                if previous[z].any():
+                    overwritten += 1
+                    if overwritten > OVERWRITE_REACH:
+                        break
             out[z] = logits
             count += 1
             release_if_grown()
