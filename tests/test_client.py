@@ -317,3 +317,68 @@ def test_dicom_folder_with_two_series_asks_which(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(ClientError, match="no DICOM series"):
         read_volume(tmp_path / "empty")
+
+
+# ---------------------------------------------------------------------------------- corrections
+
+
+def not_held_then_masks(shape: tuple[int, int, int]) -> Responder:
+    """As a worker that does not hold the volume: 409 volume_not_held without nii_image, else a mask on each prompted slice."""
+
+    def respond(body: dict, headers: dict) -> tuple[int, dict, bytes]:
+        cols = body["input_data"]
+        if cols["nii_image"] == [None]:
+            return error(409, "input_data.volume_id[0]: this worker does not hold volume x; send nii_image again",
+                         azure=True, code="volume_not_held")(body, headers)
+        labels = np.zeros(shape, np.uint8)
+        for obj in cols["objects"][0]:
+            for p in obj["prompts"]:
+                x0, y0, x1, y1 = (int(v) for v in p["box"])
+                labels[p["slice"], y0 : y1 + 1, x0 : x1 + 1] = obj["id"]
+        meta = {"mask_format": "rle", "model": {"name": "fake"}, "volume_id": "v", "objects": [{"id": o["id"]} for o in cols["objects"][0]]}
+        return 200, {}, json.dumps([{"mask": {**value_rle(labels), "size": list(shape), "order": "F"}, "metadata": meta}]).encode()
+
+    return respond
+
+
+def test_correction_sends_volume_id_first_and_uploads_on_409(small_volume, tmp_path):
+    import base64
+
+    from medsam2_endpoint.io.limits import Limits
+    from medsam2_endpoint.io.volume import read_nifti
+
+    previous = tmp_path / "previous.nii.gz"
+    earlier = sitk.GetImageFromArray(np.zeros((6, 24, 32), np.uint8))
+    earlier.CopyInformation(sitk.ReadImage(str(small_volume)))
+    sitk.WriteImage(earlier, str(previous))
+    prompts = [{"id": 2, "prompts": [{"slice": 1, "box": [2, 3, 10, 12]}, {"slice": 4, "box": [5, 5, 9, 9]}]}]
+    with FakeFrontEnd([not_held_then_masks((6, 24, 32))]) as fake:
+        result = segment(small_volume, prompts=prompts, previous=previous, endpoint=fake.url, mask_format="rle", backoff_s=0.01)
+    first, second = (r["body"]["input_data"] for r in fake.requests)
+    assert len(fake.requests) == 2 and first["nii_image"] == [None] and first["objects"] == [prompts]
+    assert "volume_id" not in second and second["nii_image"][0] and second["objects"] == [prompts]
+    uploaded = read_nifti(base64.b64decode(second["nii_image"][0]), field="x", limits=Limits())
+    assert first["volume_id"] == [uploaded.content_id()]  # the id the server would give this upload
+    assert first["previous_mask"] == second["previous_mask"] and first["previous_mask"][0]
+    labels = result.array()
+    assert (labels[1, 3:13, 2:11] == 2).all() and (labels[4, 5:10, 5:10] == 2).all()
+
+
+def test_correction_on_a_worker_that_holds_the_volume_is_one_request(small_volume, tmp_path, capsys):
+    prompts = tmp_path / "prompts.json"
+    prompts.write_text(json.dumps([{"id": 1, "prompts": [{"slice": 2, "box": [2, 3, 10, 12]}]}]))
+    earlier = sitk.GetImageFromArray(np.zeros((6, 24, 32), np.uint8))
+    earlier.CopyInformation(sitk.ReadImage(str(small_volume)))
+    sitk.WriteImage(earlier, str(tmp_path / "m0.nii.gz"))
+
+    def held(body, headers):
+        cols = body["input_data"]
+        assert cols["nii_image"] == [None] and cols["volume_id"][0]
+        return not_held_then_masks((6, 24, 32))({"input_data": {**cols, "nii_image": ["x"]}}, headers)
+
+    with FakeFrontEnd([held]) as fake:
+        code = predict_main([str(small_volume), "--prompts", str(prompts), "--previous", str(tmp_path / "m0.nii.gz"),
+                             "--endpoint", fake.url, "-o", str(tmp_path / "m1.nii.gz"), "--quiet"])
+    assert code == 0, capsys.readouterr().err
+    assert len(fake.requests) == 1
+    assert sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "m1.nii.gz")))[2, 3:13, 2:11].all()

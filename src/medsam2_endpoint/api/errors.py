@@ -17,6 +17,7 @@ STATUS_OF_CODE: dict[str, int] = {
     "forbidden": 403,
     "not_found": 404,
     "conflict": 409,
+    "volume_not_held": 409,
     "too_large": 413,
     "unsupported_media": 415,
     "fetch_failed": 502,

@@ -74,6 +74,12 @@ class Conflict(ServiceError):
     code = "conflict"
 
 
+class VolumeNotHeld(ServiceError):
+    """A request named a `volume_id` this worker no longer holds (or never did): send the volume again."""
+
+    code = "volume_not_held"
+
+
 class ModelUnavailable(ServiceError):
     """The requested model is not loaded or cannot be used right now."""
 

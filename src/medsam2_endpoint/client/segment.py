@@ -28,14 +28,16 @@ import SimpleITK as sitk
 
 from medsam2_endpoint import __version__
 from medsam2_endpoint.base.errors import ServiceError
+from medsam2_endpoint.client.prompts import first_box, first_slice, load_prompts, previous_column
 from medsam2_endpoint.client.transport import KEY_ENV, ClientError, EndpointError, post_request
 from medsam2_endpoint.io.dicom_seg import SEG_SUFFIX, Algorithm, Segment, write_dicom_seg
 from medsam2_endpoint.io.encode import rle_decode
 from medsam2_endpoint.io.limits import Limits
 from medsam2_endpoint.io.volume import read_nifti, write_nifti
 
-__all__ = ["PRESETS", "ClientError", "EndpointError", "ObjectPrompt", "SegmentationResult", "predict_main", "segment"]
+__all__ = ["PRESETS", "ClientError", "EndpointError", "ObjectPrompt", "SegmentationResult", "load_prompts", "predict_main", "segment"]
 DEFAULT_ENDPOINT = "http://127.0.0.1:5001/score"
+log = logging.getLogger("medsam2_endpoint.client")
 #: CT windows [lower, upper] in HU, from the usual radiology (width, level) pairs.
 PRESETS: dict[str, tuple[float, float]] = {
     "ct-soft-tissue": (-160.0, 240.0),  # W 400, L 40 (MedSAM2's abdominal default)
@@ -236,7 +238,8 @@ def segment(
     model: str | None = None, endpoint: str = DEFAULT_ENDPOINT, key: str | None = None, deployment: str | None = None,
     mask_format: str = "nifti", series_uid: str | None = None, timeout: float = 600.0, retries: int = 4,
     backoff_s: float = 2.0, progress: bool = False, propagation: str | None = None, stop_after_empty: int | None = None,
-    max_slices: int | None = None, modality: str | None = None,
+    max_slices: int | None = None, modality: str | None = None, prompts: Sequence[dict[str, Any]] | None = None,
+    previous: str | Path | sitk.Image | None = None, reuse_volume: bool | None = None,
 ) -> SegmentationResult:
     """Segment one object (`bbox` + `key_slice`) or several (`objects`) in a volume through the endpoint.
 
@@ -246,7 +249,23 @@ def segment(
     is encoded once for all objects, and the server returns a label map (overlaps to the highest logit).
     `propagation` ("both", "up", "down"), `stop_after_empty`, `max_slices` and `modality` ("CT", "MR") are
     the 3D route's columns of those names (None: the server's default).
+
+    `prompts`: objects in the request's own form (instead of bbox/objects), e.g. `[{"id": 1, "prompts":
+    [{"slice": 41, "box": [...]}, {"slice": 47, "points": [[x, y]], "labels": [1]}]}]` or with `recist`;
+    slices are z indices of the volume as read. `previous`: the earlier answer's mask (file or image) to
+    refine: slices the new prompts do not reach keep it. `reuse_volume` (default: when `previous` is
+    given): send the volume's `volume_id` instead of the volume, and upload it only when the server
+    answers 409 `volume_not_held`.
     """
+    route_options = {"propagation": propagation, "stop_after_empty": stop_after_empty, "max_slices": max_slices,
+                     "modality": modality}
+    if prompts is not None:
+        if objects is not None or bbox is not None or key_slice is not None:
+            raise ClientError("give prompts, or bbox and key_slice, or objects; not several")
+        return _segment_prompts(volume, list(prompts), window=window, preset=preset, model=model, endpoint=endpoint, key=key,
+                                deployment=deployment, mask_format=mask_format, series_uid=series_uid, timeout=timeout,
+                                retries=retries, backoff_s=backoff_s, progress=progress, previous=previous,
+                                reuse_volume=reuse_volume, route_options=route_options)
     if objects is None:
         if bbox is None or key_slice is None:
             raise ClientError("give bbox and key_slice, or objects")
@@ -257,6 +276,42 @@ def segment(
     check_objects(objects)
     if mask_format not in ("nifti", "rle"):
         raise ClientError(f"mask_format must be nifti or rle, got {mask_format!r}")
+    image, source_files = _scalar_image(volume, series_uid)
+    width, height, depth = image.GetSize()
+    for o in objects:  # cheap checks before uploading a large volume; the server checks everything again
+        if not 0 <= o.key_slice < depth:
+            raise ClientError(f"object {o.object_id}: key slice {o.key_slice} is outside the volume's {depth} slices (0..{depth - 1})")
+        x0, y0, x1, y1 = o.bbox
+        if not (0 <= x0 < x1 < width and 0 <= y0 < y1 < height):
+            raise ClientError(f"object {o.object_id}: box {list(o.bbox)} must satisfy 0 <= x_min < x_max < {width}, 0 <= y_min < y_max < {height}")
+    single = len(objects) == 1 and objects[0].object_id == 1
+    if single:
+        prompt_columns: dict[str, list[Any]] = {"bbox": [list(objects[0].bbox)], "key_slice_idx": [objects[0].key_slice]}
+    else:
+        prompt_columns = {"objects": [[{"id": o.object_id, "bbox": list(o.bbox), "key_slice_idx": o.key_slice} for o in objects]]}
+    send = _Send(endpoint, key, deployment, timeout, retries, backoff_s, progress)
+    return _run(image, prompt_columns, objects, send, window=window, preset=preset, model=model, mask_format=mask_format,
+                previous=previous, reuse_volume=reuse_volume, route_options=route_options, source_files=source_files)
+
+
+@dataclass(frozen=True)
+class _Send:
+    endpoint: str
+    key: str | None
+    deployment: str | None
+    timeout: float
+    retries: int
+    backoff_s: float
+    progress: bool
+
+    def __call__(self, columns: dict[str, list[Any]]) -> Any:
+        return post_request(self.endpoint, {"input_data": columns}, key=self.key if self.key is not None else os.environ.get(KEY_ENV),
+                            deployment=self.deployment, timeout=self.timeout, retries=self.retries, backoff_s=self.backoff_s,
+                            progress=self.progress)
+
+
+def _scalar_image(volume: str | Path | sitk.Image, series_uid: str | None) -> tuple[sitk.Image, tuple[Path, ...]]:
+    """The 3D scalar image, and the DICOM series' files in z order when the volume was one."""
     source_files: tuple[Path, ...] = ()
     if isinstance(volume, sitk.Image):
         image = volume
@@ -269,39 +324,66 @@ def segment(
             f"expected a 3D scalar volume, got {image.GetDimension()}D with "
             f"{image.GetNumberOfComponentsPerPixel()} components"
         )
+    return image, source_files
+
+
+def _run(image: sitk.Image, prompt_columns: dict[str, list[Any]], objects: list[ObjectPrompt], send: _Send, *,
+         window: Sequence[float] | None, preset: str | None, model: str | None, mask_format: str,
+         previous: str | Path | sitk.Image | None, reuse_volume: bool | None, route_options: dict[str, Any],
+         source_files: tuple[Path, ...] = (), max_id: int | None = None) -> SegmentationResult:
+    """Send the prompts (with volume_id first when reusing, the upload on 409 volume_not_held) and read the answer."""
     width, height, depth = image.GetSize()
-    for o in objects:  # cheap checks before uploading a large volume; the server checks everything again
-        if not 0 <= o.key_slice < depth:
-            raise ClientError(f"object {o.object_id}: key slice {o.key_slice} is outside the volume's {depth} slices (0..{depth - 1})")
-        x0, y0, x1, y1 = o.bbox
-        if not (0 <= x0 < x1 < width and 0 <= y0 < y1 < height):
-            raise ClientError(f"object {o.object_id}: box {list(o.bbox)} must satisfy 0 <= x_min < x_max < {width}, 0 <= y_min < y_max < {height}")
     win = resolve_window(image, window, preset)
-    encoded = base64.b64encode(write_nifti(image, compressed=True)).decode("ascii")
-    columns: dict[str, list[Any]] = {"nii_image": [encoded], "mask_format": [mask_format]}
-    single = len(objects) == 1 and objects[0].object_id == 1
-    if single:
-        columns.update(bbox=[list(objects[0].bbox)], key_slice_idx=[objects[0].key_slice])
-    else:
-        columns["objects"] = [[{"id": o.object_id, "bbox": list(o.bbox), "key_slice_idx": o.key_slice} for o in objects]]
+    data = write_nifti(image, compressed=True)
+    columns: dict[str, list[Any]] = {**prompt_columns, "mask_format": [mask_format]}
     if win is not None:
         columns["dicom_window"] = [list(win)]
     if model:
         columns["model"] = [model]
-    options = {"propagation": propagation, "stop_after_empty": stop_after_empty, "max_slices": max_slices, "modality": modality}
-    columns.update({name: [value] for name, value in options.items() if value is not None})
-    answer = post_request(endpoint, {"input_data": columns}, key=key if key is not None else os.environ.get(KEY_ENV),
-                          deployment=deployment, timeout=timeout, retries=retries, backoff_s=backoff_s, progress=progress)
+    columns.update({name: [value] for name, value in route_options.items() if value is not None})
+    if previous is not None:
+        columns["previous_mask"] = [previous_column(previous, image)]
+    answer = None
+    if reuse_volume if reuse_volume is not None else previous is not None:
+        # the server's id of this upload: the same hash over the volume as the server decodes it
+        volume_id = read_nifti(data, field="volume", limits=Limits(max_file_bytes=1 << 62, max_voxels=1 << 62,
+                                                                    max_slice_pixels=1 << 62)).content_id()
+        try:
+            answer = send({**columns, "nii_image": [None], "volume_id": [volume_id]})
+        except EndpointError as exc:
+            if exc.code != "volume_not_held":
+                raise
+            log.info("the endpoint does not hold volume %s; uploading it", volume_id)
+    if answer is None:
+        answer = send({**columns, "nii_image": [base64.b64encode(data).decode("ascii")]})
     if not isinstance(answer, list) or len(answer) != 1:
         raise EndpointError(200, f"expected a list of 1 result, got {type(answer).__name__}", http_status=200)
     (entry,) = answer
     labels = _decode_mask(entry, (depth, height, width))
-    labels = labels.astype(np.uint8 if max(o.object_id for o in objects) <= 255 else np.uint16)
+    top = max_id if max_id is not None else max(o.object_id for o in objects)
+    labels = labels.astype(np.uint8 if top <= 255 else np.uint16)
     mask = sitk.GetImageFromArray(labels)
     # exact source geometry, not the NIfTI round trip's float32 copy
     mask.CopyInformation(image)
     metadata = entry.get("metadata", {})
     return SegmentationResult(mask, metadata.get("objects") or [metadata], objects, image, win, source_files)
+
+
+def _segment_prompts(volume: str | Path | sitk.Image, prompts: list[dict[str, Any]], *, series_uid: str | None,
+                     endpoint: str, key: str | None, deployment: str | None, timeout: float, retries: int,
+                     backoff_s: float, progress: bool, **options: Any) -> SegmentationResult:
+    """`segment(prompts=...)`: the objects as the request's JSON, always as the objects column (a label map)."""
+    if not prompts or not all(isinstance(o, dict) for o in prompts):
+        raise ClientError('prompts: expected a non-empty list of objects such as {"id": 1, "prompts": [{"slice": 3, "box": [...]}]}')
+    entries = [{"id": i + 1, **o} for i, o in enumerate(prompts)]
+    ids = [e["id"] for e in entries]
+    if len(set(ids)) != len(ids) or not all(isinstance(i, int) and 1 <= i <= 65535 for i in ids):
+        raise ClientError(f"prompts: object ids must be unique integers within 1..65535, got {ids}")
+    image, source_files = _scalar_image(volume, series_uid)
+    # the preview outlines each object's first box (or its first prompt's slice)
+    shown = [ObjectPrompt(first_box(e), first_slice(e), e["id"]) for e in entries]
+    send = _Send(endpoint, key, deployment, timeout, retries, backoff_s, progress)
+    return _run(image, {"objects": [entries]}, shown, send, max_id=max(ids), source_files=source_files, **options)
 
 
 # ----------------------------------------------------------------------------------------- CLI
@@ -328,6 +410,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--key-slice", type=int, help="z index of the key slice")
     p.add_argument("--objects", help='JSON file: [{"id": 1, "bbox": [...], "key_slice": 12, "label": "liver"}, ...] (instead of --bbox/--key-slice)')
     p.add_argument("--label", help="the object's label in a DICOM SEG (with --bbox; default 'object 1')")
+    p.add_argument("--prompts", help='JSON file: the request\'s objects, [{"id": 1, "prompts": [{"slice": 12, "box": [...]}, '
+                   '{"slice": 15, "points": [[x, y]], "labels": [1]}]}] (boxes, points, recist per slice)')
+    p.add_argument("--previous", help="an earlier answer's mask file to refine (sends volume_id first, uploads on 409)")
     win = p.add_mutually_exclusive_group()
     win.add_argument("--window", nargs=2, type=float, metavar=("LO", "HI"), help="intensity window [lower, upper]")
     win.add_argument("--preset", choices=[*PRESETS, "mri"], help="a named window (see below)")
@@ -365,7 +450,13 @@ def predict_main(argv: list[str]) -> int:
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.ERROR if args.quiet else logging.INFO, format="%(message)s", stream=sys.stderr)
     try:
-        if args.objects:
+        prompts = None
+        if args.prompts:
+            if args.objects or args.bbox or args.key_slice is not None or args.label:
+                raise ClientError("give --prompts, --objects or --bbox/--key-slice (and --label), not several")
+            prompts = load_prompts(args.prompts)
+            objects = None
+        elif args.objects:
             if args.bbox or args.key_slice is not None or args.label:
                 raise ClientError("give --objects or --bbox/--key-slice (and --label), not both")
             objects = load_objects(args.objects)
@@ -378,6 +469,7 @@ def predict_main(argv: list[str]) -> int:
             endpoint=args.endpoint, deployment=args.deployment, mask_format=args.mask_format, series_uid=args.series,
             timeout=args.timeout, retries=args.retries, progress=not args.quiet and sys.stderr.isatty(),
             propagation=args.propagation, stop_after_empty=args.stop_after_empty, max_slices=args.max_slices, modality=args.modality,
+            prompts=prompts, previous=args.previous,
         )
     except EndpointError as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -32,6 +32,7 @@ from medsam2_endpoint.contract.samapi import VideoPrompt
 from medsam2_endpoint.contract.score2d import AutomaskOptions, ImageItem, ImagePrompt
 from medsam2_endpoint.contract.score3d import VolumeItem
 from medsam2_endpoint.core import score2d, volumes
+from medsam2_endpoint.core.held import HeldVolumes
 from medsam2_endpoint.core.images import (
     Frame,
     automask_params,
@@ -44,19 +45,23 @@ from medsam2_endpoint.core.registration import WeightRecords, WeightRegistrar
 from medsam2_endpoint.core.registry import ModelRegistry, choose_device, choose_runtime, configure_threads
 from medsam2_endpoint.core.settings import Settings
 from medsam2_endpoint.core.slots import InferenceSlots
-from medsam2_endpoint.engines.base import ModelInfo
+from medsam2_endpoint.engines.base import ModelInfo, PromptedVolumeEngine
 from medsam2_endpoint.io.dicom_seg import read_series, series_files
 from medsam2_endpoint.io.encode import encode_mask
 from medsam2_endpoint.io.limits import VoxelTally
 from medsam2_endpoint.io.volume import read_nifti, write_nifti
 from medsam2_endpoint.pipeline.automask import automask
 from medsam2_endpoint.pipeline.embedding_cache import EmbeddingCache
+from medsam2_endpoint.pipeline.interactive import WalkMemo
 from medsam2_endpoint.pipeline.prompt2d import Prompter, Result2D, check_prompt, clip_box
 from medsam2_endpoint.pipeline.propagate import segment_object
 from medsam2_endpoint.pipeline.video import ObjectPrompt, frames_to_volume, track_objects
 
 __all__ = ["FileResult", "Frame", "ModelInfo", "Result2D", "Service"]
 log = logging.getLogger("azmlinfsrv.medsam2")
+# Per worker: a correction round's replayed walks (float32 logits, 1 MiB a 512 x 512 slice: about 20 rounds
+# of a 20-slice CT structure). Only correction rounds use it, so it is off when no volumes are held.
+WALK_MEMO_MB = 128
 
 
 @dataclass(frozen=True)
@@ -74,6 +79,9 @@ class Service:
         self.settings = settings
         self.registry = registry
         self.prompter = Prompter(registry, EmbeddingCache(settings.embedding_cache_mb * 1024 * 1024))
+        self.held = HeldVolumes(settings.held_volumes_mb * 1024 * 1024)  # volume_id -> decoded volume (no re-upload)
+        # anchor walks of earlier rounds, replayed in a correction round instead of decoded again
+        self.walks = WalkMemo(WALK_MEMO_MB * 1024 * 1024 if settings.held_volumes_mb else 0)
         samapi = settings.samapi
         self.records = records or WeightRecords(samapi.weights_dir)
         self.registrar = WeightRegistrar(registry, self.records, samapi, settings.fetch)
@@ -134,8 +142,19 @@ class Service:
     def _prepare_3d(self, item: VolumeItem, budget: Budget, tally: VoxelTally) -> volumes.PreparedItem:
         name = self.registry.resolve(item.model, field=item.field("model"))
         started = time.perf_counter()
-        volume = volumes.load_volume(item, policy=self.settings.fetch, limits=self.settings.limits, budget=budget, tally=tally)
-        return volumes.prepare(item, volume, name, decode_ms=(time.perf_counter() - started) * 1000)
+        if item.image is None and item.volume_id is not None:
+            volume = self.held.get(item.volume_id, field=item.field("volume_id"))
+            volume_id = item.volume_id
+        else:
+            volume = volumes.load_volume(item, policy=self.settings.fetch, limits=self.settings.limits, budget=budget,
+                                         tally=tally)
+            volume_id = self.held.hold(volume)
+        return volumes.prepare(item, volume, name, decode_ms=(time.perf_counter() - started) * 1000, volume_id=volume_id,
+                               accepts_points=self._accepts_points(name), limits=self.settings.limits)
+
+    def _accepts_points(self, name: str) -> bool:
+        """Whether the model conditions on point prompts in 3D (MedSAM2) or takes boxes only (LiteMedSAM)."""
+        return isinstance(self.registry.get(name), PromptedVolumeEngine)
 
     def score_3d(self, items: Sequence[VolumeItem], budget: Budget | None = None) -> list[dict[str, Any]]:
         """Check the request-wide limits from the headers, validate every item (decode, geometry, prompts) before
@@ -146,7 +165,7 @@ class Service:
         results = []
         for p in prepared:
             with self.slots.hold(p.engine_name):
-                mask, metadata = volumes.run(p, self.registry.get(p.engine_name), budget)
+                mask, metadata = volumes.run(p, self.registry.get(p.engine_name), budget, self.walks)
             t0 = time.perf_counter()
             encoded = encode_mask(mask, p.windowed, p.item.mask_format, label_map=p.item.multi_object)
             metadata["timing_ms"]["encode"] = round((time.perf_counter() - t0) * 1000, 1)
@@ -169,7 +188,9 @@ class Service:
             volume = read_nifti(write_nifti(image), field=path.name, limits=self.settings.limits, budget=budget)
         else:
             volume = read_nifti(path.read_bytes(), field=path.name, limits=self.settings.limits, budget=budget)
-        prepared = volumes.prepare(item, volume, name, decode_ms=(time.perf_counter() - started) * 1000)
+        prepared = volumes.prepare(item, volume, name, decode_ms=(time.perf_counter() - started) * 1000,
+                                   volume_id=volume.content_id(), accepts_points=self._accepts_points(name),
+                                   limits=self.settings.limits)
         with self.slots.hold(name):
             mask, metadata = volumes.run(prepared, self.registry.get(name), budget)
         return FileResult(write_nifti(prepared.windowed.image_like(mask)), metadata, mask, files)

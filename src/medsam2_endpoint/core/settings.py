@@ -66,6 +66,8 @@ class Settings(BaseSettings):
     busy_wait_s: float = Field(2.0, ge=0, description="how long a request waits for a free inference slot before a 503 `busy` with Retry-After")
     retry_after_s: float = Field(5.0, gt=0, description="the Retry-After a `busy` answer suggests, seconds")
     feature_cache_mb: int = Field(256, ge=0, description="per model per worker: 3D slice features reused across objects and requests")
+    held_volumes_mb: int = Field(
+        1024, ge=0, description="per worker: decoded 3D volumes kept by `volume_id` for correction rounds without re-upload (LRU); 0: none held")
     embedding_cache_mb: int = Field(256, ge=0, description="2D image embeddings shared by the 2D route and the samapi server; 0 disables")
     max_items: int = Field(16, ge=1, description="items per request")
     max_base64_mb: int = Field(256, ge=1, description="base64 text per item, MiB")

@@ -7,29 +7,31 @@ import logging
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import numpy as np
 
 from medsam2_endpoint.base.budget import Budget
-from medsam2_endpoint.base.errors import InvalidRequest, PayloadTooLarge
+from medsam2_endpoint.base.errors import PayloadTooLarge
 from medsam2_endpoint.contract.score3d import VolumeItem
-from medsam2_endpoint.engines.base import VolumeEngine
+from medsam2_endpoint.core.prompts import PreparedObject, prepare_object
+from medsam2_endpoint.engines.base import PromptedVolumeEngine, VolumeEngine
+from medsam2_endpoint.io.encode import decode_mask
 from medsam2_endpoint.io.fetch import FetchPolicy
 from medsam2_endpoint.io.limits import Limits, VoxelTally
 from medsam2_endpoint.io.sources import is_url, source_bytes
 from medsam2_endpoint.io.volume import Volume, base64_chunks, base64_head, peek_shape, read_nifti
-from medsam2_endpoint.pipeline.propagate import PropagationOptions, merge_objects, segment_object
-from medsam2_endpoint.pipeline.window import parse_box, percentile_window, window_to_uint8
+from medsam2_endpoint.pipeline.interactive import WalkMemo, segment_prompts
+from medsam2_endpoint.pipeline.propagate import (
+    ObjectResult,
+    PropagationOptions,
+    merge_objects,
+    segment_object,
+)
+from medsam2_endpoint.pipeline.window import percentile_window, window_to_uint8
 
 log = logging.getLogger("azmlinfsrv.medsam2")
-
-
-@dataclass(frozen=True)
-class PreparedObject:
-    id: int
-    key_index: int  # inside the volume (key_slice_idx - slice_offset)
-    box: np.ndarray  # int64 [x_min, y_min, x_max, y_max]
 
 
 @dataclass(frozen=True)
@@ -37,6 +39,8 @@ class PreparedItem:
     item: VolumeItem
     windowed: Volume  # uint8 windowed voxels with the source geometry (the raw voxels are let go)
     volume_key: str  # content hash of what the model sees: same volume + same window -> same features
+    volume_id: str  # content hash of the decoded volume (metadata.volume_id: later requests may send it instead)
+    previous: np.ndarray | None  # the earlier answer's mask (0/1 or object ids), (Z, Y, X)
     engine_name: str
     objects: tuple[PreparedObject, ...]
     window: tuple[float, float] | None  # the window applied: the request's, the MR percentiles, or None (min-max)
@@ -47,7 +51,7 @@ class PreparedItem:
 def request_tally(items: Sequence[VolumeItem], limits: Limits) -> VoxelTally:
     """The request-wide limits, checked before any item is decoded: the base64 of all items together, and the
     voxels every base64 item's NIfTI header declares (URL items are added once fetched, before their decoding)."""
-    sent = sum(len(item.image) for item in items if not is_url(item.image.strip()))
+    sent = sum(len(item.image) for item in items if item.image is not None and not is_url(item.image.strip()))
     if sent > limits.max_request_base64_bytes:
         raise PayloadTooLarge(
             f"nii_image: the request's {len(items)} items hold {sent} characters of base64 in all, over the limit of "
@@ -56,6 +60,8 @@ def request_tally(items: Sequence[VolumeItem], limits: Limits) -> VoxelTally:
         )
     tally = VoxelTally(limits.max_request_voxels)
     for item in items:
+        if item.image is None:  # a volume_id: the worker holds it already
+            continue
         text = item.image.strip()
         head = None if is_url(text) else base64_head(text)
         shape = None if head is None else peek_shape(head, field=item.field("nii_image"), limits=limits)
@@ -71,6 +77,8 @@ def load_volume(item: VolumeItem, *, policy: FetchPolicy, limits: Limits, budget
     With the request's `tally`, an item it has not counted yet (a URL) adds its header's voxels to the
     request's total before its voxels are decoded."""
     field = item.field("nii_image")
+    if item.image is None:
+        raise ValueError("load_volume needs nii_image; the Service resolves volume_id")  # parse_request ensures one of them
     data = source_bytes(item.image, field=field, policy=policy, budget=budget,
                         decode=lambda text: base64_chunks(text, field=field, limits=limits, budget=budget))
     if tally is not None and field not in tally.counted and isinstance(data, bytes):
@@ -83,8 +91,12 @@ def load_volume(item: VolumeItem, *, policy: FetchPolicy, limits: Limits, budget
     return volume
 
 
-def prepare(item: VolumeItem, volume: Volume, engine_name: str, *, decode_ms: float = 0.0) -> PreparedItem:
-    """Window and check the prompts: every error a request can cause is raised here, before any inference."""
+def prepare(item: VolumeItem, volume: Volume, engine_name: str, *, decode_ms: float = 0.0, accepts_points: bool = False,
+            volume_id: str = "", limits: Limits | None = None) -> PreparedItem:
+    """Window and check the prompts: every error a request can cause is raised here, before any inference.
+
+    accepts_points: the engine takes point prompts (MedSAM2); otherwise points are refused with a 400.
+    """
     started = time.perf_counter()
     window = item.dicom_window
     if window is None and item.modality == "MR":
@@ -92,22 +104,19 @@ def prepare(item: VolumeItem, volume: Volume, engine_name: str, *, decode_ms: fl
     windowed = volume.with_array(window_to_uint8(volume.array, window, field=item.field("dicom_window")))
     del volume  # the raw voxels (often int16, twice the windowed bytes) are not needed past this point
     volume_key = hashlib.blake2b(windowed.array.data, digest_size=16).hexdigest() + str(windowed.array.shape)
-    depth, height, width = windowed.array.shape
-    objects = []
-    for spec in item.objects:
-        key_index = spec.key_slice_idx - item.slice_offset
-        if not 0 <= key_index < depth:
-            raise InvalidRequest(
-                f"{spec.key_field}: key slice {spec.key_slice_idx} minus slice_offset {item.slice_offset} "
-                f"is {key_index}, outside the volume's {depth} slices (0..{depth - 1})"
-            )
-        box = parse_box(spec.bbox, width=width, height=height, field=spec.bbox_field)
-        objects.append(PreparedObject(spec.id, key_index, box))
-    return PreparedItem(item, windowed, volume_key, engine_name, tuple(objects), window, decode_ms=decode_ms,
+    shape = windowed.array.shape
+    previous = None
+    if item.previous_mask is not None:
+        previous = decode_mask(item.previous_mask, shape, field=item.field("previous_mask"), limits=limits or Limits())
+    objects = tuple(
+        prepare_object(spec, item.slice_offset, shape, engine_name, accepts_points=accepts_points, corrects=previous is not None)
+        for spec in item.objects
+    )
+    return PreparedItem(item, windowed, volume_key, volume_id, previous, engine_name, objects, window, decode_ms=decode_ms,
                         window_ms=(time.perf_counter() - started) * 1000)
 
 
-def run(p: PreparedItem, engine: VolumeEngine, budget: Budget) -> tuple[np.ndarray, dict[str, Any]]:
+def run(p: PreparedItem, engine: VolumeEngine, budget: Budget, memo: WalkMemo | None = None) -> tuple[np.ndarray, dict[str, Any]]:
     """Encode each visited slice once (shared by all objects), propagate each object; (mask, metadata)."""
     item, volume = p.item, p.windowed
     windowed = volume.array
@@ -115,14 +124,27 @@ def run(p: PreparedItem, engine: VolumeEngine, budget: Budget) -> tuple[np.ndarr
     options = PropagationOptions(
         direction=item.propagation, stop_after_empty=item.stop_after_empty, max_slices=item.max_slices, keep_logits=item.multi_object
     )
-    results = []
+    results: list[tuple[PreparedObject, ObjectResult]] = []
     processed = 0
     state = engine.start(windowed, p.volume_key)  # one state for the item: its objects share the slices it caches
     for obj in p.objects:
-        result = segment_object(engine, state, key_index=obj.key_index, box=obj.box, shape=windowed.shape, options=options, budget=budget)
+        result: ObjectResult
+        if obj.plain and p.previous is None and obj.box is not None:
+            # a box-only engine's walks are recorded for later correction rounds; MedSAM2's are not (its
+            # corrections condition on every prompt at once, and its single-box path stays the reference's)
+            record = memo is not None and not isinstance(engine, PromptedVolumeEngine)
+            track = partial(memo.track, engine, volume_key=p.volume_key) if memo is not None and record else None
+            result = segment_object(engine, state, key_index=obj.key_index, box=obj.box, shape=windowed.shape, options=options,
+                                    budget=budget, track=track)
+        else:
+            earlier = None if p.previous is None else (p.previous == obj.id if item.multi_object else p.previous != 0)
+            result = segment_prompts(engine, state, prompts=obj.prompts, shape=windowed.shape, options=options, budget=budget,
+                                     previous=earlier, mask_prompt=obj.mask_prompt, memo=memo, volume_key=p.volume_key)
         processed += result.slices_processed
         results.append((obj, result))
     mask = results[0][1].mask if not item.multi_object else merge_objects([(o.id, r) for o, r in results], windowed.shape)
+    if item.multi_object and p.previous is not None:
+        mask = keep_other_labels(mask, p.previous, [o.id for o in p.objects], results)
     t2 = time.perf_counter()
     voxels = int(np.count_nonzero(mask))
     timing = {"decode": round(p.decode_ms, 1), "window": round(p.window_ms, 1), "inference": round((t2 - t1) * 1000, 1)}
@@ -152,6 +174,9 @@ def run(p: PreparedItem, engine: VolumeEngine, budget: Budget) -> tuple[np.ndarr
         "voxel_count": voxels,
         "volume_ml": round(voxels * volume.voxel_ml, 4),
         "timing_ms": timing,
+        "volume_id": p.volume_id,
+        "previous_mask_used": p.previous is not None,
+        "changed_slices": changed_slices(mask, p.previous),
     }
     if item.multi_object:
         metadata["objects"] = [
@@ -159,8 +184,9 @@ def run(p: PreparedItem, engine: VolumeEngine, budget: Budget) -> tuple[np.ndarr
                 "id": obj.id,
                 "key_slice_index": obj.key_index + item.slice_offset,
                 "adjusted_key_slice_index": obj.key_index,
-                "bbox_used": obj.box.tolist(),
+                "bbox_used": None if obj.box is None else obj.box.tolist(),
                 "slices_processed": result.slices_processed,
+                **({} if obj.plain else {"prompts_used": list(obj.prompts_used)}),
                 "voxel_count": int(np.count_nonzero(mask == obj.id)),
                 "volume_ml": round(int(np.count_nonzero(mask == obj.id)) * volume.voxel_ml, 4),
             }
@@ -172,6 +198,27 @@ def run(p: PreparedItem, engine: VolumeEngine, budget: Budget) -> tuple[np.ndarr
             key_slice_index=spec.key_slice_idx,
             adjusted_key_slice_index=obj.key_index,
             bbox=spec.bbox,
-            bbox_used=obj.box.tolist(),
+            bbox_used=None if obj.box is None else obj.box.tolist(),
         )
+        if not obj.plain:
+            metadata["prompts_used"] = list(obj.prompts_used)
     return mask, metadata
+
+
+def changed_slices(mask: np.ndarray, previous: np.ndarray | None) -> list[int]:
+    """Volume slice indices (z of the mask) where the answer differs from `previous` (without one: from an empty mask)."""
+    if previous is None:
+        return [int(z) for z in np.flatnonzero(mask.reshape(mask.shape[0], -1).any(axis=1))]
+    earlier = previous if previous.dtype == mask.dtype else previous.astype(mask.dtype)
+    return [int(z) for z in np.flatnonzero((mask != earlier).reshape(mask.shape[0], -1).any(axis=1))]
+
+
+def keep_other_labels(mask: np.ndarray, previous: np.ndarray, ids: list[int], results: list[tuple[PreparedObject, ObjectResult]]) -> np.ndarray:
+    """Objects of the earlier label map this request does not prompt keep their voxels where no prompted object is."""
+    others = (previous != 0) & ~np.isin(previous, ids) & (mask == 0)
+    if not others.any():
+        return mask
+    if int(previous.max()) > np.iinfo(mask.dtype).max:
+        mask = mask.astype(np.uint16)
+    mask[others] = previous[others]
+    return mask

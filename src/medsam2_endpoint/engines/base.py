@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 import torch
@@ -81,3 +81,29 @@ def bf16_autocast(device: torch.device) -> contextlib.AbstractContextManager[Any
     if device.type == "cuda":
         return torch.autocast("cuda", dtype=torch.bfloat16)
     return contextlib.nullcontext()
+
+
+@dataclass(frozen=True)
+class SlicePrompt:
+    """One prompt on slice z of the volume: box float (4,) [x_min, y_min, x_max, y_max] and/or points
+    float (N, 2) [x, y] with labels int (N,) (1 inside, 0 outside), original pixel indices."""
+
+    z: int
+    box: np.ndarray | None = None
+    points: np.ndarray | None = None
+    labels: np.ndarray | None = None
+
+
+@runtime_checkable
+class PromptedVolumeEngine(VolumeEngine, Protocol):
+    """A 3D engine conditioned on several prompted slices at once (MedSAM2's video predictor).
+
+    `track_prompts` conditions every prompted slice (boxes and points), then walks from the lowest
+    prompted slice up (reverse=False) or from the highest down (reverse=True), yielding (z, logits)
+    for every slice it passes, the prompted ones included. `mask_prompt`: the prompted slice's mask
+    from its prompt is added back as a mask prompt before the walk (MedSAM2's RECIST inference);
+    only with one prompted slice.
+    """
+
+    def track_prompts(self, state: Any, *, prompts: Sequence[SlicePrompt], reverse: bool,
+                      mask_prompt: bool = False) -> Iterator[tuple[int, np.ndarray]]: ...

@@ -15,7 +15,7 @@ is the reference's voxel for voxel; a request served from the cache computes wit
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from importlib.resources import files
 from pathlib import Path
@@ -29,7 +29,7 @@ from omegaconf import OmegaConf
 from scipy import ndimage
 
 from medsam2_endpoint.base.lru import ByteLRU
-from medsam2_endpoint.engines.base import ModelInfo, bf16_autocast, sha256_file
+from medsam2_endpoint.engines.base import ModelInfo, SlicePrompt, bf16_autocast, sha256_file
 from medsam2_endpoint.engines.frames import sam2_frame
 from medsam2_endpoint.engines.sam2_image import SAM2ImageEngine
 
@@ -315,6 +315,50 @@ class MedSAM2Engine:
                     z, _, logits = step
                     logits = logits[0, 0].float().cpu().numpy()
                 predictor.forget_frame(state, z + behind)  # out of memory attention's reach from here on
+                yield int(z), logits
+        finally:
+            predictor.reset_state(state)
+
+    def track_prompts(
+        self, state: dict[str, Any], *, prompts: Sequence[SlicePrompt], reverse: bool, mask_prompt: bool = False
+    ) -> Iterator[tuple[int, np.ndarray]]:
+        """Every prompted slice conditions the predictor (boxes and points, one call per slice), then the
+        reference's propagation from the lowest prompted slice up or the highest down; the state is reset afterwards.
+
+        mask_prompt (one prompted slice): the slice's mask from its prompt replaces the prompt as a mask
+        prompt before propagating, as MedSAM2's RECIST inference does (`add_new_mask`).
+        """
+        predictor = self.predictor
+        frames = sorted({p.z for p in prompts})
+        if mask_prompt and len(frames) != 1:
+            raise ValueError("mask_prompt needs prompts on exactly one slice")
+        start = frames[-1] if reverse else frames[0]
+        behind = predictor.memory_reach if reverse else -predictor.memory_reach
+        if state["key_frame"] != start:
+            state["key_frame"], state["key_frame_features"] = start, None
+        try:
+            with bf16_autocast(self.device):
+                masks = None
+                for p in prompts:
+                    _, _, masks = predictor.add_new_points_or_box(
+                        state, frame_idx=p.z, obj_id=1,
+                        points=None if p.points is None else np.asarray(p.points, dtype=np.float32),
+                        labels=None if p.labels is None else np.asarray(p.labels, dtype=np.int32),
+                        box=None if p.box is None else np.asarray(p.box, dtype=np.float32),
+                    )
+                if mask_prompt and masks is not None:
+                    key_mask = (masks[0, 0] > 0).float().cpu()
+                    predictor.reset_state(state)
+                    predictor.add_new_mask(state, frame_idx=start, obj_id=1, mask=key_mask)
+            steps = predictor.propagate_in_video(state, start_frame_idx=start, reverse=reverse)
+            while True:
+                with bf16_autocast(self.device):
+                    step = next(steps, None)
+                    if step is None:
+                        return
+                    z, _, logits = step
+                    logits = logits[0, 0].float().cpu().numpy()
+                predictor.forget_frame(state, z + behind)  # conditioning outputs are kept: only tracked ones go
                 yield int(z), logits
         finally:
             predictor.reset_state(state)

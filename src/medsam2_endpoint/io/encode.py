@@ -8,8 +8,10 @@ from typing import cast
 
 import numpy as np
 
+from medsam2_endpoint.base.errors import InvalidRequest
+from medsam2_endpoint.io.limits import Limits
 from medsam2_endpoint.io.polygons import mask_to_geometry
-from medsam2_endpoint.io.volume import Volume, write_nifti
+from medsam2_endpoint.io.volume import Volume, read_nifti, write_nifti
 
 _SPARSE_FRACTION = 64  # at most 1 voxel in 64 in the foreground: encode from the foreground's positions
 _CHUNK_VOXELS = 8 * 1024 * 1024  # a dense mask is put in column-major order this many voxels at a time
@@ -167,3 +169,41 @@ def encode_mask_2d(mask: np.ndarray, mask_format: str, simplify_tolerance: float
     if mask_format == "list":
         return RawJSON(list_json(mask[None])[1:-1])
     return {"counts": rle_counts(mask), "size": list(mask.shape), "order": "F"}
+
+
+def decode_mask(value: object, shape: tuple[int, int, int], *, field: str, limits: Limits) -> np.ndarray:
+    """An earlier answer's `mask` sent back (`previous_mask`): its rle object (counts, or values + counts, for
+    label maps) or its nifti base64. Returns the (Z, Y, X) array (0/1 or object ids); errors name `field`."""
+    if isinstance(value, str):
+        try:
+            data = base64.b64decode(value, validate=True)
+        except ValueError:
+            raise InvalidRequest(f"{field}: not base64; send the earlier answer's nifti mask as it came, or its rle object") from None
+        array = read_nifti(data, field=field, limits=limits).array
+    elif isinstance(value, dict) and isinstance(value.get("counts"), list) and isinstance(value.get("size"), list):
+        array = _decode_runs(value, field=field)
+    else:
+        raise InvalidRequest(f'{field}: expected the earlier answer\'s mask: an rle object {{"counts": [...], "size": [Z, Y, X]}} '
+                             "or a nifti base64 string")
+    if array.shape != tuple(shape):
+        raise InvalidRequest(f"{field}: the mask has shape {list(array.shape)} (z, y, x), the volume {list(shape)}; "
+                             "send the mask of an answer on this volume")
+    return array
+
+
+def _decode_runs(value: dict[str, object], *, field: str) -> np.ndarray:
+    size, counts = cast("list[object]", value["size"]), cast("list[object]", value["counts"])
+    if len(size) != 3 or not all(isinstance(v, int) and v > 0 for v in size):
+        raise InvalidRequest(f"{field}.size: expected [Z, Y, X], three positive integers")
+    if not all(isinstance(c, int) and c >= 0 for c in counts):
+        raise InvalidRequest(f"{field}.counts: expected non-negative integers")
+    shape = tuple(cast("list[int]", size))
+    total = int(np.prod(shape))
+    if sum(cast("list[int]", counts)) != total:
+        raise InvalidRequest(f"{field}.counts: the runs cover {sum(cast('list[int]', counts))} voxels, size {list(shape)} has {total}")
+    if "values" in value:
+        values = value["values"]
+        if not isinstance(values, list) or len(values) != len(counts) or not all(isinstance(v, int) and 0 <= v <= 65535 for v in values):
+            raise InvalidRequest(f"{field}.values: expected one object id (0..65535) per run")
+        return np.repeat(np.asarray(values, dtype=np.uint16), np.asarray(counts, dtype=np.int64)).reshape(shape, order="F")
+    return rle_decode(cast("list[int]", counts), shape)

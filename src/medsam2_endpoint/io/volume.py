@@ -8,6 +8,7 @@ from __future__ import annotations
 import base64
 import binascii
 import dataclasses
+import hashlib
 import io
 import math
 import re
@@ -54,6 +55,18 @@ class Volume:
     @property
     def voxel_ml(self) -> float:
         return float(np.prod(self.spacing)) / 1000.0  # spacing in mm
+
+    @property
+    def nbytes(self) -> int:
+        return int(self.array.nbytes)
+
+    def content_id(self) -> str:
+        """A hash of the voxels (dtype, shape, values) and the geometry: equal ids, equal decoded volumes.
+        The 3D route's `volume_id`; a client computes it from its own upload the same way (read_nifti first)."""
+        digest = hashlib.blake2b(digest_size=16)
+        digest.update(f"{self.array.dtype.str}{self.array.shape}{self.spacing}{self.origin}{self.direction}".encode())
+        digest.update(np.ascontiguousarray(self.array).data)
+        return digest.hexdigest()
 
     @classmethod
     def from_sitk(cls, image: sitk.Image) -> Volume:

@@ -43,7 +43,7 @@ class ObjectResult:
     logits: dict[int, np.ndarray] = field(default_factory=dict)  # z -> float32 (Y, X) max logit, slices with foreground (keep_logits)
 
 
-def _as_logits(step: np.ndarray) -> np.ndarray:
+def as_logits(step: np.ndarray) -> np.ndarray:
     """Engines yield logits (mask = logits > 0); a bool mask is accepted as logits of +-1."""
     return np.where(step, np.float32(1.0), np.float32(-1.0)) if step.dtype == bool else step
 
@@ -61,7 +61,7 @@ def _walk(
     empty_run = 0
     try:
         for z, step in steps:
-            slice_logits = _as_logits(step)
+            slice_logits = as_logits(step)
             foreground = slice_logits > 0
             mask[z] |= foreground
             count += 1
@@ -172,8 +172,12 @@ def segment_object(
     shape: tuple[int, int, int],
     options: PropagationOptions = PropagationOptions(),
     budget: Budget | None = None,
+    track: Callable[..., Iterator[tuple[int, np.ndarray]]] | None = None,
 ) -> ObjectResult:
-    """Propagate one box prompt through the volume, checking `budget` before every slice."""
+    """Propagate one box prompt through the volume, checking `budget` before every slice.
+
+    track: what yields each direction's steps, called as `engine.track` is (default): a recording
+    wrapper (pipeline/interactive.WalkMemo) lets a later correction round replay them."""
     mask = np.zeros(shape, dtype=np.uint8)
     processed = 0
 
@@ -185,7 +189,7 @@ def segment_object(
     logits: dict[int, np.ndarray] = {}
     for direction, reverse in (("up", False), ("down", True)):
         if options.direction in ("both", direction):
-            steps = engine.track(state, key_index=key_index, box=box, reverse=reverse)
+            steps = (track or engine.track)(state, key_index=key_index, box=box, reverse=reverse)
             processed += _walk(steps, bool_view, logits, options, check_deadline, processed)
     if options.largest_component:
         mask = keep_largest_component(mask)

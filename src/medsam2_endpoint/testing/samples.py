@@ -160,7 +160,35 @@ def _builders() -> dict[str, Callable[[], _Case]]:
         body["input_data"]["key_slice_idx"] = [40]
         return body, {"status": 400, "error_contains": ["input_data.key_slice_idx[0]", "40", "16 slices"]}
 
+    def correction_round() -> _Case:
+        # A correction round as a reader sends it: every prompt so far (the first box, a box on a slice the
+        # earlier answer missed) and the earlier answer as previous_mask. A static file cannot count on a
+        # worker holding its volume, so it uploads nii_image; a client sends volume_id first (README).
+        p = ct_phantom((20, 96, 96), lesions=("ellipsoid",), seed=12, name="correction")
+        lesion = p.lesions[0]
+        truth = p.labels == lesion.label
+        lo, hi = lesion.z_range
+        earlier = truth.copy()
+        earlier[hi - 1 :] = False  # the earlier answer stopped two slices early
+        ys, xs = np.nonzero(truth[hi - 1])
+        fix = [float(xs.min()), float(ys.min()), float(xs.max() + 1), float(ys.max() + 1)]
+        body = _columns([_item(p)], mask_format=["rle"], model=["lite-medsam"],
+                        previous_mask=[{"counts": rle_counts(earlier), "size": list(truth.shape), "order": "F"}])
+        cols = body["input_data"]
+        cols["objects"] = [[{"id": 1, "prompts": [{"slice": lesion.key_slice, "box": [float(v) for v in lesion.bbox]},
+                                                  {"slice": hi - 1, "box": fix}]}]]
+        del cols["bbox"], cols["key_slice_idx"]
+        return body, _expect_ok([(p, 0)], min_dice=0.8, mask_format="rle")
+
+    def volume_not_held() -> _Case:
+        p = ct_phantom((16, 64, 64), lesions=("ellipsoid",), seed=5, name="held")
+        body = _columns([_item(p)])
+        body["input_data"].update(nii_image=[None], volume_id=["0" * 32])
+        return body, {"status": 409, "error_contains": ["input_data.volume_id[0]", "does not hold volume", "send nii_image again"]}
+
     return {
+        "3d_correction_round": correction_round,
+        "3d_volume_not_held": volume_not_held,
         "3d_ct_liver_lesion": ct_liver_lesion,
         "3d_two_items_offset": ct_two_items_offset,
         "3d_mask_rle": ct_mask_rle,
