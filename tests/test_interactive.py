@@ -394,7 +394,7 @@ def test_batch_sidecar_takes_prompts_recist_and_previous_mask(tmp_path):
                           {"id": 2, "recist": [[1, 1], [9, 9]], "key_slice_idx": 4, "recist_mode": "box"}],
               "previous_mask": {"counts": [10], "size": [1, 2, 5]}}
     (tmp_path / "case.prompt.json").write_text(json.dumps(prompt))
-    item = read_prompt(volume)
+    item, _ = read_prompt(volume)
     first, second = item.objects
     assert [p.slice for p in first.prompts] == [3, 6] and second.prompts[0].recist == [[1, 1], [9, 9]]
     assert second.recist_mode == "box" and item.previous_mask == {"counts": [10], "size": [1, 2, 5]}
