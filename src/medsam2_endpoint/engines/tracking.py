@@ -7,11 +7,15 @@ from signals measured on that slice against the key slice and the previous accep
 - the decoder's predicted IoU: below an absolute floor, or below a share of the key slice's;
 - the mask's area against the previous slice's (a jump is a leak, a collapse an end);
 - the mask's centroid shift against the previous slice's size (a jump sideways is a neighbour);
-- the mean intensity inside the mask against the key slice's object (in the key's spread).
+- the mean intensity inside the mask against the key slice's object (in the key's spread, or in the
+  pooled spread of the key's and this slice's object).
 
 A rejected slice ends the walk unless `lookahead` later slices, prompted with the last accepted box,
 are accepted: then the walk goes on (the structure was only unclear there) and the rejected slices
-keep their masks.
+keep their masks. A slice rejected by intensity alone whose mask shrank is the structure's tapering
+tip: it is kept, and the walk ends after it. A key mask that covers little of the caller's box is a
+part of the object: the walk starts from the caller's box and takes its reference from the first
+tracked slice.
 """
 
 from __future__ import annotations
@@ -49,9 +53,28 @@ class TrackRule:
     min_area_ratio: float | None = None  # reject when area < ratio x the previous accepted slice's
     max_shift: float | None = None  # reject when the centroid moves more than this x sqrt(previous area)
     intensity_z: float | None = None  # reject when |mean - key mean| > intensity_z x the key's std
+    # reject when |mean - key mean| > z x the pooled std of the key's and this slice's object: a key slice
+    # whose object is uniform (small std) must not stop a walk into slices where it is textured
+    pooled_intensity_z: float | None = None
+    # when the key slice's mask covers less than this share of the caller's box, the model answered a part
+    # of the object (a bright core, say): the first tracked slices are prompted with the caller's box
+    min_key_fill: float | None = None
     lookahead: int = 0  # slices tried past a rejected one before the walk ends
+    # A structure's last slice is partial (partial volume, a tapering tip): its mean drifts towards the
+    # neighbour's and the intensity tests reject it. A slice rejected by intensity alone whose mask shrank
+    # to at most this share of the previous accepted slice's is kept as the walk's last slice.
+    end_area_ratio: float | None = None
 
-    def accepts(self, step: SliceStats, key: SliceStats, previous: SliceStats) -> bool:
+    def accepts(self, step: SliceStats, key: SliceStats, previous: SliceStats, *, intensity: bool = True) -> bool:
+        """intensity=False judges the slice by IoU, area and shift alone (no trusted intensity reference yet)."""
+        return self._shape_accepts(step, key, previous) and (not intensity or self._intensity_accepts(step, key))
+
+    def ends_at(self, step: SliceStats, key: SliceStats, previous: SliceStats) -> bool:
+        """Whether a rejected slice is the structure's tapering last slice, kept before the walk stops."""
+        return (self.end_area_ratio is not None and self._shape_accepts(step, key, previous)
+                and step.area <= self.end_area_ratio * previous.area)
+
+    def _shape_accepts(self, step: SliceStats, key: SliceStats, previous: SliceStats) -> bool:
         if step.area == 0:
             return False
         if step.iou < self.min_iou:
@@ -66,6 +89,20 @@ class TrackRule:
             shift = float(np.hypot(step.centroid[0] - previous.centroid[0], step.centroid[1] - previous.centroid[1]))
             if shift > self.max_shift * float(np.sqrt(max(previous.area, 1))):
                 return False
+        return True
+
+    def _intensity_accepts(self, step: SliceStats, key: SliceStats) -> bool:
         if self.intensity_z is not None and abs(step.mean - key.mean) > self.intensity_z * max(key.std, 1.0):
             return False
+        if self.pooled_intensity_z is not None:
+            pooled = float(np.sqrt((key.std**2 + step.std**2) / 2))
+            if abs(step.mean - key.mean) > self.pooled_intensity_z * max(pooled, 1.0):
+                return False
         return True
+
+    def keeps_caller_box(self, key_mask_area: int, box: np.ndarray) -> bool:
+        """Whether the walk's first prompt is the caller's box rather than the key mask's."""
+        if self.min_key_fill is None:
+            return False
+        box_area = float(max(box[2] - box[0], 1.0) * max(box[3] - box[1], 1.0))
+        return key_mask_area < self.min_key_fill * box_area
