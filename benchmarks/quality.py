@@ -33,7 +33,8 @@ from medsam2_endpoint.testing.phantoms import phantom_set
 
 
 def build_service(model_dir: Path | None, lite_modes: list[str], lite_min_iou: float | None = None,
-                  lite_intensity_z: float | None = None) -> Service:
+                  lite_intensity_z: float | None = None, lite_key_fill: float | None = None,
+                  lite_end_area: float | None = None) -> Service:
     engines = {}
     for path in find_checkpoints(model_dir):
         engines[path.stem] = MedSAM2Engine(path)
@@ -42,6 +43,10 @@ def build_service(model_dir: Path | None, lite_modes: list[str], lite_min_iou: f
         rule = DEFAULT_RULE if lite_min_iou is None else dataclasses.replace(DEFAULT_RULE, min_iou=lite_min_iou)
         if lite_intensity_z is not None:
             rule = dataclasses.replace(rule, intensity_z=lite_intensity_z or None)
+        if lite_key_fill is not None:
+            rule = dataclasses.replace(rule, min_key_fill=lite_key_fill or None)
+        if lite_end_area is not None:
+            rule = dataclasses.replace(rule, end_area_ratio=lite_end_area or None)
         options = {"rule": rule}
         engines[name] = LiteMedSAMEngine(resize_mode=mode, **options)
     settings = Settings.from_env({"MEDSAM2_WARMUP": "0", "MEDSAM2_REQUEST_DEADLINE_S": "3600"})
@@ -113,9 +118,12 @@ def main() -> None:
     parser.add_argument("--lite-min-iou", type=float, help="LiteMedSAM's IoU floor while tracking (0 turns it off; default 0.5)")
     parser.add_argument("--lite-intensity-z", type=float,
                         help="LiteMedSAM's intensity rule (0 turns it off; default 1.5). --lite-min-iou 0.8 --lite-intensity-z 0: the old rule")
+    parser.add_argument("--lite-key-fill", type=float, help="LiteMedSAM's key-fill rule (0 turns it off; default 0.3)")
+    parser.add_argument("--lite-end-area", type=float, help="LiteMedSAM's tapering-tip rule, e.g. 0.75 (default off)")
     args = parser.parse_args()
     configure_threads(0)
-    service = build_service(args.model_dir, [m for m in args.lite_modes.split(",") if m], args.lite_min_iou, args.lite_intensity_z)
+    service = build_service(args.model_dir, [m for m in args.lite_modes.split(",") if m], args.lite_min_iou, args.lite_intensity_z,
+                            args.lite_key_fill, args.lite_end_area)
     print(markdown(evaluate(service, args.set, [int(v) for v in args.stop_after_empty.split(",")])))
 
 

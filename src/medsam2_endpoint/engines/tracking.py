@@ -12,8 +12,8 @@ from signals measured on that slice against the key slice and the previous accep
 
 A rejected slice ends the walk unless `lookahead` later slices, prompted with the last accepted box,
 are accepted: then the walk goes on (the structure was only unclear there) and the rejected slices
-keep their masks. A slice rejected by intensity alone whose mask shrank is the structure's tapering
-tip: it is kept, and the walk ends after it. A key mask that covers little of the caller's box is a
+keep their masks. With `end_area_ratio`, a slice rejected by intensity alone whose mask shrank is taken
+for the structure's tapering tip: it is kept, and the walk ends after it (off by default). A key mask that covers little of the caller's box is a
 part of the object: the walk starts from the caller's box and takes its reference from the first
 tracked slice.
 """
