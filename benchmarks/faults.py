@@ -17,7 +17,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from medsam2_endpoint.testing.faults import cpu_seconds, field_of_view, qupath_load, samapi_server
+from medsam2_endpoint.testing.faults import cpu_seconds, crowded_view, qupath_load, samapi_server
 
 
 def walk_away(url: str, body: dict[str, object]) -> socket.socket:
@@ -39,7 +39,7 @@ def main() -> None:
     env = {"MEDSAM2_REQUEST_DEADLINE_S": str(args.deadline), "MEDSAM2_BUSY_WAIT_S": "1", "MEDSAM2_RETRY_AFTER_S": "1"}
     result: dict[str, object] = {"load_average_before": os.getloadavg()[0]}
     with tempfile.TemporaryDirectory() as tmp, samapi_server(Path(tmp), env) as server:
-        b64img, _ = field_of_view(7, size=(512, 384))
+        b64img = crowded_view(7)
         body = {"type": "vit_t", "b64img": b64img, "points_per_side": 32, "box_nms_thresh": 0.7, "output_type": "Single mask"}
         sock = walk_away(server.url + "automask/", body)
         time.sleep(5.0)

@@ -15,7 +15,7 @@ import time
 import pytest
 import requests
 
-from medsam2_endpoint.testing.faults import HEADERS, cpu_seconds, field_of_view, qupath_load, samapi_server
+from medsam2_endpoint.testing.faults import HEADERS, cpu_seconds, crowded_view, qupath_load, samapi_server
 
 DEADLINE_S = 30
 ENV = {"MEDSAM2_REQUEST_DEADLINE_S": str(DEADLINE_S), "MEDSAM2_BUSY_WAIT_S": "1", "MEDSAM2_RETRY_AFTER_S": "1"}
@@ -40,7 +40,7 @@ def walk_away_post(url: str, body: dict) -> socket.socket:
 
 
 def test_a_client_gone_5_s_into_a_builder_defaults_automask_leaves_under_1_cpu_second(samapi):
-    b64img, _ = field_of_view(7, size=(512, 384))
+    b64img = crowded_view(7)  # hundreds of region boxes: still decoding when the client leaves
     sock = walk_away_post(samapi.url + "automask/", {"type": "vit_t", "b64img": b64img, **BUILDER_DEFAULTS})
     time.sleep(5.0)
     busy = cpu_seconds(samapi.proc.pid)
@@ -65,7 +65,7 @@ def test_concurrent_qupath_clients_get_200_or_busy_with_retry_after_and_liveness
 
 def test_one_sigterm_stops_the_server_within_seconds_cancelling_running_work(samapi):
     """Last in this module: it stops the shared server."""
-    b64img, _ = field_of_view(8, size=(512, 384))
+    b64img = crowded_view(8)
     answers: list[requests.Response] = []
     body = {"type": "vit_t", "b64img": b64img, **BUILDER_DEFAULTS}
     worker = threading.Thread(target=lambda: answers.append(

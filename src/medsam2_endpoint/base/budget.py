@@ -50,12 +50,11 @@ class Budget:
     def check_cancelled(self, done: int, unit: str) -> None:
         """Raise Cancelled when the client went away; a spent deadline is left to the caller (see `Pace`)."""
         if self._cancel.is_set():
-            raise Cancelled(f"the request was cancelled after {done} {unit}", detail={unit: done})
+            raise Cancelled(f"the request was cancelled ({self.reason}) after {done} {unit}", detail={unit: done})
 
     def check(self, done: int, unit: str, *, advice: str = "") -> None:
         """Raise when the budget is spent or cancelled; `done` and `unit` say how far the work got."""
-        if self._cancel.is_set():
-            raise Cancelled(f"the request was cancelled ({self.reason}) after {done} {unit}", detail={unit: done})
+        self.check_cancelled(done, unit)
         if self.expired():
             hint = f"; {advice}" if advice else ""
             raise DeadlineExceeded(

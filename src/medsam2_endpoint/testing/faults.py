@@ -118,6 +118,24 @@ def field_of_view(seed: int, size: tuple[int, int] = (256, 192)) -> tuple[str, l
     return base64.b64encode(buffer.getvalue()).decode(), [int(v) for v in lesion.bbox]
 
 
+def crowded_view(seed: int, size: tuple[int, int] = (512, 384), spacing: int = 32) -> str:
+    """A field of view crowded with small blobs of different brightness (cells on a slide, say), as base64 PNG:
+    every grid point of an automask seeds a region of its own, so a builder-defaults automask has hundreds of
+    region boxes to decode and runs for tens of seconds, long enough to walk away from or to stop."""
+    rng = np.random.default_rng(seed)
+    width, height = size
+    yy, xx = np.mgrid[:height, :width]
+    grey = np.full((height, width), 30.0)
+    for cy in range(spacing // 2, height, spacing):
+        for cx in range(spacing // 2, width, spacing):
+            radius = rng.uniform(0.2, 0.4) * spacing
+            grey[(yy - cy) ** 2 + (xx - cx) ** 2 <= radius**2] = rng.uniform(90, 250)
+    grey = np.clip(grey + rng.normal(0, 4, grey.shape), 0, 255).astype(np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(np.repeat(grey[:, :, None], 3, axis=2)).save(buffer, "PNG")
+    return base64.b64encode(buffer.getvalue()).decode()
+
+
 @dataclass
 class LoadReport:
     requests: int = 0
