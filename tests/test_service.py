@@ -89,7 +89,7 @@ def test_every_item_is_validated_before_any_runs(phantom):
     good = request_for(phantom)["input_data"]
     body = {"input_data": {k: v * 2 for k, v in good.items()}}
     body["input_data"]["key_slice_idx"] = [good["key_slice_idx"][0], 99]
-    with pytest.raises(InvalidRequest, match=r"input_data.key_slice_idx\[1\]: key slice 99 minus slice_offset 0 is 99, outside the volume's 16 slices"):
+    with pytest.raises(InvalidRequest, match=r"input_data.key_slice_idx\[1\]: slice 99 minus slice_offset 0 is 99, outside the volume's 16 slices"):
         score_body(service, body)
     assert engine.starts == 0
     # a window that leaves the second volume constant is also refused before the first item runs
