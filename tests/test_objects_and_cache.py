@@ -72,7 +72,7 @@ def test_overlaps_go_to_the_highest_logit(pair):
         ([], {}, r"input_data.objects\[0\]: the list is empty"),
         ([{"id": 1, "bbox": [1, 1, 5, 5], "key_slice_idx": 0}] * 2, {}, "object ids must be unique"),
         ([{"id": 1, "bbox": [1, 1, 500, 5], "key_slice_idx": 0}], {}, r"input_data.objects\[0\]\[0\].bbox: x 500 is outside"),
-        ([{"id": 1, "bbox": [1, 1, 5, 5], "key_slice_idx": 99}], {}, r"input_data.objects\[0\]\[0\].key_slice_idx: key slice 99"),
+        ([{"id": 1, "bbox": [1, 1, 5, 5], "key_slice_idx": 99}], {}, r"input_data.objects\[0\]\[0\].key_slice_idx: slice 99"),
         ([{"id": 0, "bbox": [1, 1, 5, 5], "key_slice_idx": 0}], {}, r"input_data.objects\[0\]\[0\].id"),
         ([{"id": 1, "bbox": [1, 1, 5, 5], "key_slice_idx": 0, "colour": 1}], {}, r"colour: unknown field; allowed fields are id, bbox, key_slice_idx"),
         ([{"id": 1, "bbox": [1, 1, 5, 5], "key_slice_idx": 0}], {"bbox": [[1, 1, 5, 5]]}, "not both"),

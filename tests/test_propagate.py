@@ -87,7 +87,7 @@ def test_cancel_stops_propagation_and_says_how_far():
     engine = ScriptedEngine(0, 29, (30, 10, 10))
     budget = Budget(None)
     budget.cancel()
-    with pytest.raises(Cancelled, match=r"cancelled after 1 slices_processed") as caught:
+    with pytest.raises(Cancelled, match=r"cancelled \(the client went away\) after 1 slices_processed") as caught:
         segment_object(engine, None, key_index=10, box=BOX, shape=engine.shape, budget=budget)
     assert caught.value.code == "cancelled" and caught.value.detail == {"slices_processed": 1}
 
