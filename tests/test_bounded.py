@@ -3,8 +3,6 @@ whose slots are taken answers 503 busy with Retry-After, and cheap routes answer
 
 from __future__ import annotations
 
-import json
-import socket
 import threading
 import time
 
@@ -14,6 +12,7 @@ import requests
 from medsam2_endpoint.api.samapi import create_app
 from medsam2_endpoint.base.budget import Budget, Cancelled
 from medsam2_endpoint.contract.score2d import AutomaskOptions
+from medsam2_endpoint.testing.faults import walk_away_post
 from test_prompt2d import LITE, phantom_slice
 from test_samapi import HEADERS, live, post, rgb_png, with_settings
 
@@ -30,16 +29,6 @@ class SlowDecoder:
         return self.original(*args, **kwargs)
 
 
-def raw_post(url: str, body: dict) -> socket.socket:
-    """Send a POST and leave the socket open without reading: a client that will walk away."""
-    host, port_path = url.removeprefix("http://").split(":", 1)
-    port, path = port_path.split("/", 1)
-    data = json.dumps(body).encode()
-    sock = socket.create_connection((host, int(port)))
-    head = f"POST /{path} HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\nContent-Length: {len(data)}\r\n\r\n"
-    sock.sendall(head.encode() + data)
-    return sock
-
 
 def test_automask_stops_soon_after_its_client_disconnects(service, monkeypatch, tmp_path):
     engine = service.registry.get(LITE)
@@ -48,7 +37,7 @@ def test_automask_stops_soon_after_its_client_disconnects(service, monkeypatch, 
     grey, _, _ = phantom_slice()
     body = {"type": "vit_t", "b64img": rgb_png(grey), "points_per_side": 16, "points_per_batch": 1, "output_type": "Single Mask"}
     with live(create_app(with_settings(service, samapi_weights_dir=tmp_path))) as url:
-        sock = raw_post(url + "automask/", body)
+        sock = walk_away_post(url + "automask/", body)
         deadline = time.monotonic() + 60
         while slow.calls < 3 and time.monotonic() < deadline:  # the grid is being decoded
             time.sleep(0.05)

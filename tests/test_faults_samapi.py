@@ -6,16 +6,21 @@ issue's 2 minutes in benchmarks/faults.py (figures in SECURITY.md)."""
 
 from __future__ import annotations
 
-import json
 import signal
-import socket
 import threading
 import time
 
 import pytest
 import requests
 
-from medsam2_endpoint.testing.faults import HEADERS, cpu_seconds, crowded_view, qupath_load, samapi_server
+from medsam2_endpoint.testing.faults import (
+    HEADERS,
+    cpu_seconds,
+    crowded_view,
+    qupath_load,
+    samapi_server,
+    walk_away_post,
+)
 
 DEADLINE_S = 30
 ENV = {"MEDSAM2_REQUEST_DEADLINE_S": str(DEADLINE_S), "MEDSAM2_BUSY_WAIT_S": "1", "MEDSAM2_RETRY_AFTER_S": "1"}
@@ -27,16 +32,6 @@ def samapi(tmp_path_factory):
     with samapi_server(tmp_path_factory.mktemp("samapi-faults"), ENV) as server:
         yield server
 
-
-def walk_away_post(url: str, body: dict) -> socket.socket:
-    """POST and keep the socket open without reading: the client will give up (QuPath's read timeout)."""
-    host, rest = url.removeprefix("http://").split(":", 1)
-    port, path = rest.split("/", 1)
-    data = json.dumps(body).encode()
-    sock = socket.create_connection((host, int(port)))
-    head = f"POST /{path} HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\nContent-Length: {len(data)}\r\n\r\n"
-    sock.sendall(head.encode() + data)
-    return sock
 
 
 def test_a_client_gone_5_s_into_a_builder_defaults_automask_leaves_under_1_cpu_second(samapi):

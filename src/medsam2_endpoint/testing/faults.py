@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import io
+import json
 import os
 import signal
 import socket
@@ -225,3 +226,14 @@ def qupath_load(url: str, *, clients: int, duration_s: float, budget_s: float, a
         if t.is_alive():
             report.bad.append("hang: a client thread did not finish")
     return report
+
+
+def walk_away_post(url: str, body: dict[str, Any]) -> socket.socket:
+    """POST and keep the socket open without reading: a client that will give up (QuPath's read timeout)."""
+    host, rest = url.removeprefix("http://").split(":", 1)
+    port, path = rest.split("/", 1)
+    data = json.dumps(body).encode()
+    sock = socket.create_connection((host, int(port)))
+    head = f"POST /{path} HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\nContent-Length: {len(data)}\r\n\r\n"
+    sock.sendall(head.encode() + data)
+    return sock
