@@ -109,9 +109,12 @@ def run_structure(service: Service, model: str, image: sitk.Image, truth: np.nda
         columns = {**common, "nii_image": None, "volume_id": volume_id, "objects": [{"id": 1, "prompts": prompts}],
                    "previous_mask": result["mask"]}
         result, seconds = send(service, columns)
-        answer = decode_mask(result["mask"], shape, field="mask", limits=Limits()) > 0
+        before, answer = answer, decode_mask(result["mask"], shape, field="mask", limits=Limits()) > 0
         rows.append({"round": r, "slice": z, "dice": dice(answer, truth), "nsd": nsd(answer, truth, spacing_zyx),
-                     "seconds": seconds, "changed": len(result["metadata"]["changed_slices"])})
+                     "seconds": seconds, "changed": len(result["metadata"]["changed_slices"]),
+                     # per changed slice: (z, wrong voxels before, wrong voxels after), to see where a round lost
+                     "slice_errors": [(int(c), int((before[c] != truth[c]).sum()), int((answer[c] != truth[c]).sum()))
+                                      for c in np.flatnonzero((before != answer).any(axis=(1, 2)))]})
     return {"rounds": rows}
 
 
@@ -130,6 +133,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--only", default="ct,mr,lesion,phantom", help="comma-separated: ct, mr, lesion, phantom")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--json", default=None)
+    parser.add_argument("--verbose", action="store_true", help="print each round's changed slices and their errors")
     args = parser.parse_args(argv)
     settings = Settings.from_env({"MEDSAM2_WARMUP": "0"}, model_dir=args.model_dir or str(REPO / "benchmarks" / "no-models"))
     service = Service.from_settings(settings)
@@ -159,6 +163,9 @@ def main(argv: list[str] | None = None) -> int:
                    largest_drop=drop)
         out.append(row)
         times = " / ".join(f"{s['seconds']:.1f}" for s in steps[1:])
+        if args.verbose:
+            for s in steps[1:]:
+                print(f"  round {s['round']} slice {s['slice']}: Dice {s['dice']:.3f}, (z, wrong before, after) {s.get('slice_errors')}")
         print(f"| {scan} | {name} | " + " | ".join(f"{d:.3f}" for d in dices) + f" | {row['mean_dice']:.3f} | {row['mean_nsd']:.3f} "
               f"| {drop:.3f} | {steps[0]['seconds']:.1f} | {times} |", flush=True)
     print()

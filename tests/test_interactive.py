@@ -428,3 +428,49 @@ def test_a_correction_overwrites_only_its_neighbours_where_the_earlier_answer_ha
     (result,) = json.loads(dumps(score_body(service_with(engine), body)))
     # slices 5 and 7 are overwritten (OVERWRITE_REACH = 1 each way); 4 and 8 and beyond keep the earlier answer
     assert result["metadata"]["changed_slices"] == [5, 6, 7]
+
+
+class LeakEngine(ReachEngine):
+    """The prompt box on the key slice; on every other slice a box that leaks over most of the slice."""
+
+    def track(self, shape, *, key_index, box, reverse):
+        self.calls.append((key_index, reverse))
+        z = key_index
+        while 0 <= z < shape[0]:
+            yield z, box_logits(shape[1:], box if z == key_index else [0, 0, 30, 30])
+            z += -1 if reverse else 1
+
+
+def earlier_answer(slices, box):
+    earlier = np.zeros(SHAPE, np.uint8)
+    x0, y0, x1, y1 = box
+    earlier[slices, y0 : y1 + 1, x0 : x1 + 1] = 1
+    return {"counts": rle_counts(earlier), "size": list(SHAPE)}, earlier
+
+
+def test_a_neighbour_keeps_the_earlier_mask_when_that_continues_the_corrected_slice_better(phantom):
+    previous, earlier = earlier_answer(slice(2, 10), [4, 4, 12, 12])
+    obj = {"id": 1, "prompts": [{"slice": 6, "box": [5, 5, 13, 13]}]}
+    body = volume_body(phantom, [obj], mask_format=["rle"], previous_mask=[previous])
+    (result,) = json.loads(dumps(score_body(service_with(LeakEngine()), body)))
+    labels = labels_of(result)
+    # the leaking neighbours (Dice 0.3 with the corrected slice) lose to the earlier masks (Dice 0.77)
+    assert result["metadata"]["changed_slices"] == [6]
+    assert np.array_equal(labels[6] > 0, box_logits(SHAPE[1:], [5, 5, 13, 13]) > 0)
+    for z in (5, 7):
+        assert np.array_equal(labels[z], earlier[z]), z
+
+
+def test_a_correction_extends_the_answer_only_past_an_end_it_moves(phantom):
+    engine = ReachEngine(reach=12)
+    service = service_with(engine)
+    obj = {"id": 1, "prompts": [{"slice": 6, "box": [5, 5, 13, 13]}]}
+    # the earlier answer ends at the corrected slice: the walk up goes on by the engine's rules (to the edge)
+    previous, _ = earlier_answer(slice(2, 7), [4, 4, 12, 12])
+    (moved,) = json.loads(dumps(score_body(service, volume_body(phantom, [obj], mask_format=["rle"], previous_mask=[previous]))))
+    assert moved["metadata"]["changed_slices"] == [5, 6, 7, 8, 9, 10, 11]
+    # the earlier answer goes on one slice past it: that slice is overwritten, and the empty ones after it stay empty
+    previous, _ = earlier_answer(slice(2, 8), [4, 4, 12, 12])
+    (inside,) = json.loads(dumps(score_body(service, volume_body(phantom, [obj], mask_format=["rle"], previous_mask=[previous]))))
+    assert inside["metadata"]["changed_slices"] == [5, 6, 7]
+    assert not labels_of(inside)[8:].any()

@@ -41,8 +41,12 @@ from medsam2_endpoint.pipeline.propagate import (
 AGREE_DICE = 0.9
 # How many slices past its prompt a correction may overwrite where the earlier answer has foreground.
 # Box-tracked masks drift from a corrected slice (a box grown from a small end slice under-segments
-# the slices inward), so a correction replaces its neighbours only and leaves the rest to later
-# prompts; into slices the earlier answer left empty (it stopped early) the walk goes on by the rules.
+# the slices inward), so a correction replaces its neighbours only, and only where its mask continues
+# the corrected slice better (Dice with the walk's mask on the slice before) than the earlier mask does:
+# a box-tracked neighbour can leak where the earlier answer was right (benchmarks/interactive.py, CT
+# lesions). Into slices the earlier answer left empty the walk goes on by the engine's rules only when
+# they lie next to its prompt (the correction moves an end); after an overwritten slice they end it, as
+# the earlier walk had stopped there for a reason.
 OVERWRITE_REACH = 1
 
 
@@ -73,6 +77,7 @@ def _consume(steps: Iterator[tuple[int, np.ndarray]], walk: _Walk, options: Prop
     empty_run = 0
     count = 0
     overwritten = 0
+    last: np.ndarray | None = None  # the walk's mask on the slice before this one
     try:
         for z, step in steps:
             if (z - walk.bound) * walk.step >= 0:
@@ -87,7 +92,12 @@ def _consume(steps: Iterator[tuple[int, np.ndarray]], walk: _Walk, options: Prop
                     overwritten += 1
                     if overwritten > OVERWRITE_REACH:
                         break
+                    if last is not None and dice(previous[z], last) > dice(foreground, last):
+                        break  # the earlier mask continues the corrected slice better
+                elif overwritten:
+                    break  # past the earlier answer's end only where the correction moved that end
             out[z] = logits
+            last = foreground
             count += 1
             release_if_grown()
             empty_run = 0 if foreground.any() or not beyond else empty_run + 1
