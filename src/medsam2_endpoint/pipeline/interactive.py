@@ -41,10 +41,10 @@ from medsam2_endpoint.pipeline.propagate import (
 AGREE_DICE = 0.9
 # How many slices past its prompt a correction may overwrite where the earlier answer has foreground.
 # Box-tracked masks drift from a corrected slice (a box grown from a small end slice under-segments
-# the slices inward), so a correction replaces its neighbours only, and only where its mask continues
-# the corrected slice better (Dice with the walk's mask on the slice before) than the earlier mask does:
-# a box-tracked neighbour can leak where the earlier answer was right (benchmarks/interactive.py, CT
-# lesions). Into slices the earlier answer left empty the walk goes on by the engine's rules only when
+# the slices inward), so a correction replaces its neighbours only, and only where its mask sits at least
+# as well as the earlier mask between the corrected slice and the earlier answer beyond (`_fit`): a
+# box-tracked neighbour can leak, or shrink towards a small end slice, where the earlier answer was right
+# (benchmarks/interactive.py: CT lesions, the MR phantom). Into slices the earlier answer left empty the walk goes on by the engine's rules only when
 # they lie next to its prompt (the correction moves an end); after an overwritten slice they end it, as
 # the earlier walk had stopped there for a reason.
 OVERWRITE_REACH = 1
@@ -92,8 +92,8 @@ def _consume(steps: Iterator[tuple[int, np.ndarray]], walk: _Walk, options: Prop
                     overwritten += 1
                     if overwritten > OVERWRITE_REACH:
                         break
-                    if last is not None and dice(previous[z], last) > dice(foreground, last):
-                        break  # the earlier mask continues the corrected slice better
+                    if last is not None and _fit(previous[z], last, previous, z + walk.step) > _fit(foreground, last, previous, z + walk.step):
+                        break  # the earlier mask fits between the corrected slice and the earlier answer beyond better
                 elif overwritten:
                     break  # past the earlier answer's end only where the correction moved that end
             out[z] = logits
@@ -111,6 +111,13 @@ def _consume(steps: Iterator[tuple[int, np.ndarray]], walk: _Walk, options: Prop
         if close is not None:
             close()
     return out
+
+
+def _fit(candidate: np.ndarray, before: np.ndarray, previous: np.ndarray, beyond: int) -> float:
+    """How well a slice's candidate mask sits between the walk's mask on the slice before it and the
+    earlier answer on the slice after it (which the walk leaves as it is): the sum of the two Dice."""
+    after = dice(candidate, previous[beyond]) if 0 <= beyond < previous.shape[0] else 0.0
+    return dice(candidate, before) + after
 
 
 class WalkMemo:
