@@ -461,6 +461,18 @@ def test_a_neighbour_keeps_the_earlier_mask_when_that_continues_the_corrected_sl
         assert np.array_equal(labels[z], earlier[z]), z
 
 
+def test_a_correction_on_a_small_end_slice_leaves_the_larger_slices_inwards_of_it(phantom):
+    # the earlier answer: a large box on slices 0-8; the correction: a small box on its end slice 0. The
+    # walk's mask on slice 1 is the small box again (a box grown from a small end slice under-segments
+    # inwards); the earlier large mask fits between slice 0's small one and slice 2's large one better.
+    previous, earlier = earlier_answer(slice(0, 9), [4, 4, 15, 15])
+    obj = {"id": 1, "prompts": [{"slice": 0, "box": [8, 8, 11, 11]}]}
+    body = volume_body(phantom, [obj], mask_format=["rle"], previous_mask=[previous])
+    (result,) = json.loads(dumps(score_body(service_with(ReachEngine(reach=12)), body)))
+    assert result["metadata"]["changed_slices"] == [0]
+    assert np.array_equal(labels_of(result)[1:], earlier[1:])
+
+
 def test_a_correction_extends_the_answer_only_past_an_end_it_moves(phantom):
     engine = ReachEngine(reach=12)
     service = service_with(engine)

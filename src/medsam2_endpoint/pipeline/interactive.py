@@ -115,9 +115,13 @@ def _consume(steps: Iterator[tuple[int, np.ndarray]], walk: _Walk, options: Prop
 
 def _fit(candidate: np.ndarray, before: np.ndarray, previous: np.ndarray, beyond: int) -> float:
     """How well a slice's candidate mask sits between the walk's mask on the slice before it and the
-    earlier answer on the slice after it (which the walk leaves as it is): the sum of the two Dice."""
-    after = dice(candidate, previous[beyond]) if 0 <= beyond < previous.shape[0] else 0.0
-    return dice(candidate, before) + after
+    earlier answer on the slice after it (which the walk leaves as it is): its soft Dice with their mean
+    (1 where both have the object, 0.5 where one has). Unlike a Dice with either side alone, this does
+    not favour a mask the size of a small end slice inwards of it, nor one that leaks past both."""
+    after = previous[beyond] if 0 <= beyond < previous.shape[0] else np.zeros_like(before)
+    expected = (before.astype(np.float32) + after.astype(np.float32)) / 2
+    total = float(candidate.sum()) + float(expected.sum())
+    return 1.0 if total == 0 else 2.0 * float(expected[candidate].sum()) / total
 
 
 class WalkMemo:
