@@ -34,7 +34,7 @@ from medsam2_endpoint.testing.phantoms import phantom_set
 
 def build_service(model_dir: Path | None, lite_modes: list[str], lite_min_iou: float | None = None,
                   lite_intensity_z: float | None = None, lite_key_fill: float | None = None,
-                  lite_end_area: float | None = None) -> Service:
+                  lite_end_area: float | None = None, lite_core: float | None = None) -> Service:
     engines = {}
     for path in find_checkpoints(model_dir):
         engines[path.stem] = MedSAM2Engine(path)
@@ -47,6 +47,8 @@ def build_service(model_dir: Path | None, lite_modes: list[str], lite_min_iou: f
             rule = dataclasses.replace(rule, min_key_fill=lite_key_fill or None)
         if lite_end_area is not None:
             rule = dataclasses.replace(rule, end_area_ratio=lite_end_area or None)
+        if lite_core is not None:
+            rule = dataclasses.replace(rule, intensity_core=lite_core or None)
         options = {"rule": rule}
         engines[name] = LiteMedSAMEngine(resize_mode=mode, **options)
     settings = Settings.from_env({"MEDSAM2_WARMUP": "0", "MEDSAM2_REQUEST_DEADLINE_S": "3600"})
@@ -120,10 +122,11 @@ def main() -> None:
                         help="LiteMedSAM's intensity rule (0 turns it off; default 1.5). --lite-min-iou 0.8 --lite-intensity-z 0: the old rule")
     parser.add_argument("--lite-key-fill", type=float, help="LiteMedSAM's key-fill rule (0 turns it off; default 0.3)")
     parser.add_argument("--lite-end-area", type=float, help="LiteMedSAM's tapering-tip rule, e.g. 0.75 (default off)")
+    parser.add_argument("--lite-core", type=float, help="LiteMedSAM's intensity test on the mask's core: the logit quantile (0 turns it off)")
     args = parser.parse_args()
     configure_threads(0)
     service = build_service(args.model_dir, [m for m in args.lite_modes.split(",") if m], args.lite_min_iou, args.lite_intensity_z,
-                            args.lite_key_fill, args.lite_end_area)
+                            args.lite_key_fill, args.lite_end_area, args.lite_core)
     print(markdown(evaluate(service, args.set, [int(v) for v in args.stop_after_empty.split(",")])))
 
 

@@ -175,6 +175,8 @@ RULES: dict[str, dict[str, object]] = {
     "int+fill0.3+end0.75": {"min_iou": 0.5, "intensity_z": 1.5, "min_key_fill": 0.3, "end_area_ratio": 0.75},
     "pooled1.5+fill0.3+end0.75": {"min_iou": 0.5, "pooled_intensity_z": 1.5, "min_key_fill": 0.3, "end_area_ratio": 0.75},
     "pooled2.0+fill0.3+end0.75": {"min_iou": 0.5, "pooled_intensity_z": 2.0, "min_key_fill": 0.3, "end_area_ratio": 0.75},
+    "int+fill0.3+core0.5": {"min_iou": 0.5, "intensity_z": 1.5, "min_key_fill": 0.3, "intensity_core": 0.5},
+    "int+fill0.3+core0.75": {"min_iou": 0.5, "intensity_z": 1.5, "min_key_fill": 0.3, "intensity_core": 0.75},
     "pooled2.0+boxfirst": {"min_iou": 0.5, "pooled_intensity_z": 2.0, "min_key_fill": 2.0},
     "combo": {"min_iou": 0.6, "relative_iou": 0.8, "max_area_growth": 1.6, "intensity_z": 2.0, "max_shift": 0.5, "lookahead": 1},
 }

@@ -10,11 +10,13 @@ real_anatomy.py reports. The rule chosen is then confirmed by real_anatomy.py on
 
     .venv/bin/python benchmarks/walk_signals.py record --out benchmarks/out/walks
     .venv/bin/python benchmarks/walk_signals.py simulate --out benchmarks/out/walks [--rules a,b]
+    .venv/bin/python benchmarks/walk_signals.py oracle|grid|signals --out benchmarks/out/walks
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import math
 import sys
@@ -90,6 +92,7 @@ class WalkVariant:
     margin_frac: float | None = None  # grow the box by at most this share of the mask's smaller side
     box_cap: float | None = None  # no side longer than this x the caller's box side
     refine: int = 0  # segment each slice again from its own mask's tight box, this many times
+    core_quantile: float = 0.5  # the logit quantile of the core whose mean intensity each step records
 
 
 def _walk(engine: LiteMedSAMEngine, state: object, volume: np.ndarray, key: int, box: np.ndarray, step: int,
@@ -116,7 +119,7 @@ def _walk(engine: LiteMedSAMEngine, state: object, volume: np.ndarray, key: int,
             break
         zs.append(z)
         masks.append(mask)
-        stats.append(SliceStats.of(mask, volume[z], iou))
+        stats.append(SliceStats.of(mask, volume[z], iou, logits, variant.core_quantile))
         embs.append(_embedding_mean(engine, state, z, mask))
         prompt = _grown_box(mask, margin, margin_frac, cap)
         z += step
@@ -148,7 +151,7 @@ def record(out: Path, only: set[str], variant: WalkVariant) -> None:
             ceiling[z] = engine.segment_slice(state, int(z), box_of(truth[z]))[0]
         arrays: dict[str, np.ndarray] = {"truth": truth, "ceiling": ceiling, "key_mask": key_mask,
                                          "spacing_zyx": np.array(list(reversed(image.GetSpacing())))}
-        meta: dict[str, object] = {"key": key, "box": box.tolist(), "key_stats": SliceStats.of(key_mask, windowed[key], iou).__dict__,
+        meta: dict[str, object] = {"key": key, "box": box.tolist(), "key_stats": SliceStats.of(key_mask, windowed[key], iou, logits, variant.core_quantile).__dict__,
                                    "key_fill_rebase": bool(key_mask.sum() < KEY_FILL * max(box[2] - box[0], 1) * max(box[3] - box[1], 1))}
         arrays["key_emb"] = _embedding_mean(engine, state, key, key_mask)
         for name, step in (("up", 1), ("down", -1)):
@@ -213,11 +216,14 @@ Judge = Callable[[Step, Step, Step, dict[str, object]], bool]
 
 
 def run_walk(steps: list[Step], key: Step, judge: Judge, rebase: bool) -> int:
-    """How many of the recorded steps the rule accepts before its first rejection."""
+    """How many of the recorded steps the rule accepts before its first rejection ("last": accepted, then stop)."""
     reference, previous = key, key
     for n, step in enumerate(steps):
         context: dict[str, object] = {"n": n, "rebase_first": rebase and n == 0}
-        if not judge(step, reference, previous, context):
+        verdict = judge(step, reference, previous, context)
+        if verdict == "last":
+            return n + 1
+        if not verdict:
             return n
         previous = step
         if rebase and n == 0:
@@ -238,7 +244,7 @@ def answer(rec: Recording, judge: Judge) -> np.ndarray:
 
 def rule_judge(min_iou: float = 0.5, intensity_z: float | None = 1.5, emb_min: float | None = None,
                emb_prev_min: float | None = None, max_growth: float | None = None, min_ratio: float | None = None,
-               max_shift: float | None = None) -> Judge:
+               max_shift: float | None = None, core: bool = False) -> Judge:
     def judge(step: Step, ref: Step, prev: Step, ctx: dict[str, object]) -> bool:
         st = step.stats
         if st.area == 0 or st.iou < min_iou:
@@ -253,7 +259,8 @@ def rule_judge(min_iou: float = 0.5, intensity_z: float | None = 1.5, emb_min: f
                 return False
         if ctx["rebase_first"]:
             return True
-        if intensity_z is not None and abs(st.mean - ref.stats.mean) > intensity_z * max(ref.stats.std, 1.0):
+        mean, ref_mean = (st.core_mean, ref.stats.core_mean) if core else (st.mean, ref.stats.mean)
+        if intensity_z is not None and abs(mean - ref_mean) > intensity_z * max(ref.stats.std, 1.0):
             return False
         if emb_min is not None and cosine(step.emb, ref.emb) < emb_min:
             return False
@@ -265,7 +272,9 @@ def rule_judge(min_iou: float = 0.5, intensity_z: float | None = 1.5, emb_min: f
 
 
 RULES: dict[str, Judge] = {
-    "default": rule_judge(),
+    "default": rule_judge(core=True),  # the engine's DEFAULT_RULE: intensity on the mask's core (quantile 0.5)
+    "whole": rule_judge(),  # the default before: intensity over the whole mask
+    **{f"core{z}": rule_judge(intensity_z=z, core=True) for z in (1.0, 2.0, 2.5)},
     "iou0.5": rule_judge(intensity_z=None),
     **{f"emb{v}": rule_judge(emb_min=v) for v in (0.8, 0.85, 0.9, 0.93, 0.95)},
     **{f"embonly{v}": rule_judge(intensity_z=None, emb_min=v) for v in (0.85, 0.9, 0.93, 0.95)},
@@ -297,6 +306,43 @@ def simulate(out: Path, names: list[str], verbose: bool) -> None:
         worst = int(np.argmax(c - d))
         print(f"| {name} | {d.mean():.3f} | {c.mean():.3f} | {c.mean() - d.mean():.3f} | {(c - d)[worst]:.3f} ({rows[worst][0]}) "
               f"| {int(((c - d) > 0.10).sum())} | {sum(r[3] for r in rows)}/{len(rows)} |", flush=True)
+
+
+def grid(out: Path) -> None:
+    """Every combination of a few values of each test (a tapering tip too: a slice rejected by intensity
+    alone whose mask shrank to at most `tip` of the previous one's is kept as the walk's last), best first."""
+    recordings = load(out)
+
+    def tip_judge(min_iou: float, z: float | None, emb: float | None, growth: float | None, tip: float | None) -> Judge:
+        base = rule_judge(min_iou=min_iou, intensity_z=z, emb_min=emb, max_growth=growth)
+        shape = rule_judge(min_iou=min_iou, intensity_z=None, emb_min=emb, max_growth=growth)
+
+        def judge(step: Step, ref: Step, prev: Step, ctx: dict[str, object]) -> bool | str:
+            if base(step, ref, prev, ctx):
+                return True
+            if tip is not None and shape(step, ref, prev, ctx) and step.stats.area <= tip * prev.stats.area:
+                return "last"
+            return False
+
+        return judge  # type: ignore[return-value]
+
+    results = []
+    for min_iou, z, emb, growth, tip in itertools.product((0.5, 0.6, 0.7), (1.5, 2.0, 2.5, None), (None, 0.8, 0.85),
+                                                          (None, 1.5, 2.0), (None, 0.75, 0.9)):
+        judge = tip_judge(min_iou, z, emb, growth, tip)
+        d, c, ends = [], [], 0
+        for rec in recordings:
+            a = answer(rec, judge)
+            d.append(dice(a, rec.truth))
+            c.append(dice(rec.ceiling, rec.truth))
+            t, az = np.flatnonzero(rec.truth.any(axis=(1, 2))), np.flatnonzero(a.any(axis=(1, 2)))
+            ends += bool(az.size and abs(az[0] - t[0]) <= 1 and abs(az[-1] - t[-1]) <= 1)
+        gap = np.array(c) - np.array(d)
+        results.append((float(gap.mean()), ends, int((gap > 0.10).sum()), f"iou {min_iou} int {z} emb {emb} growth {growth} tip {tip}"))
+    for title, key in (("by gap", lambda r: r[0]), ("by ends", lambda r: (-r[1], r[0]))):
+        print(f"## {title}")
+        for gap_mean, ends, below, name in sorted(results, key=key)[:8]:
+            print(f"gap {gap_mean:.4f}, ends {ends}/{len(recordings)}, > 0.10 below {below}: {name}")
 
 
 def oracle(out: Path) -> None:
@@ -350,7 +396,7 @@ def signals(out: Path) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("mode", choices=["record", "simulate", "signals", "oracle"])
+    parser.add_argument("mode", choices=["record", "simulate", "signals", "oracle", "grid"])
     parser.add_argument("--out", default=str(HERE / "out" / "walks"))
     parser.add_argument("--only", default="ct,mr,lesion")
     parser.add_argument("--rules", default=",".join(RULES))
@@ -359,13 +405,16 @@ def main(argv: list[str] | None = None) -> int:
                         help="record: grow each tracked box by at most this share of the mask's smaller side")
     parser.add_argument("--box-cap", type=float, default=None, help="record: no tracked box side longer than this x the caller's")
     parser.add_argument("--refine", type=int, default=0, help="record: re-segment each slice from its mask's tight box, N times")
+    parser.add_argument("--core-quantile", type=float, default=0.5, help="record: the logit quantile of each mask's core")
     args = parser.parse_args(argv)
     if args.mode == "record":
-        record(Path(args.out), set(args.only.split(",")), WalkVariant(args.margin_frac, args.box_cap, args.refine))
+        record(Path(args.out), set(args.only.split(",")), WalkVariant(args.margin_frac, args.box_cap, args.refine, args.core_quantile))
     elif args.mode == "simulate":
         simulate(Path(args.out), args.rules.split(","), args.verbose)
     elif args.mode == "oracle":
         oracle(Path(args.out))
+    elif args.mode == "grid":
+        grid(Path(args.out))
     else:
         signals(Path(args.out))
     return 0

@@ -26,6 +26,28 @@ def test_stats_of_a_mask_measure_its_area_centroid_and_intensity():
     assert SliceStats.of(np.zeros((4, 4), bool), np.zeros((4, 4), np.uint8), 0.9).area == 0
 
 
+def test_the_core_of_a_mask_is_its_surest_pixels():
+    mask = np.zeros((10, 10), bool)
+    mask[2:6, 2:6] = True  # 16 px: a 2 x 2 centre at logit 8, the ring at logit 1
+    logits = np.where(mask, 1.0, -5.0).astype(np.float32)
+    logits[3:5, 3:5] = 8.0
+    image = np.where(mask, 40, 0).astype(np.uint8)
+    image[3:5, 3:5] = 200
+    assert SliceStats.of(mask, image, 0.9).core_mean == SliceStats.of(mask, image, 0.9).mean == 80.0
+    # the top quarter of the mask's logits is the 2 x 2 centre (4 px); the top half ties with the ring
+    assert SliceStats.of(mask, image, 0.9, logits, 0.75).core_mean == 200.0
+    logits[3, 3] = 9.0  # the top 1% is one pixel: too few, the whole mask's mean
+    assert SliceStats.of(mask, image, 0.9, logits, 0.99).core_mean == 80.0
+
+
+def test_the_core_intensity_test_judges_the_core_against_the_keys_core():
+    key = step(core_mean=100.0)
+    grown = step(mean=60.0, core_mean=110.0)  # grown into a darker surround; its core is still the object's
+    assert not TrackRule(min_iou=0.0, intensity_z=1.5).accepts(grown, key, key)
+    assert TrackRule(min_iou=0.0, intensity_z=1.5, intensity_core=0.5).accepts(grown, key, key)
+    assert not TrackRule(min_iou=0.0, intensity_z=1.5, intensity_core=0.5).accepts(step(mean=100.0, core_mean=116.0), key, key)
+
+
 def test_an_empty_mask_is_never_accepted():
     assert not TrackRule(min_iou=0.0).accepts(step(area=0), KEY, KEY)
 
@@ -151,3 +173,30 @@ def test_a_key_mask_that_is_a_small_part_of_the_box_hands_the_walk_the_callers_b
     assert all(walked[z].sum() == 400 for z in (3, 4, 5))  # judged against slice 3, not the bright core
     walked, prompts = scripted_walk(lite, monkeypatch, masks, means, box, TrackRule(min_iou=0.0, intensity_z=1.5))
     assert prompts[3] != [float(v) for v in box] and not walked[3].any()  # the core's box and its intensity
+
+
+def test_the_walk_follows_a_tapering_slice_by_its_core(lite, monkeypatch):
+    """Slice 4's mask has grown into a dark ring around the object (a 10 x 10 object inside a 20 x 20
+    mask): its whole mean is far off the key's, its core (the surest quarter) is the object's."""
+    volume = np.zeros((6, SIDE, SIDE), np.uint8)
+    logits = {z: np.full((SIDE, SIDE), -5.0, np.float32) for z in range(6)}
+    for z in (2, 3):
+        volume[z][square(20)] = 200
+        logits[z][square(20)] = 5.0
+    volume[4][square(20)] = 40
+    volume[4][square(10)] = 200
+    logits[4][square(20)] = 1.0
+    logits[4][square(10)] = 6.0
+
+    def slice_logits(state, z, prompt):
+        return logits[z], 0.9
+
+    monkeypatch.setattr(lite, "slice_logits", slice_logits)
+
+    def walk(rule):
+        monkeypatch.setattr(lite, "rule", rule)
+        state = lite.start(volume)
+        return {z: m > 0 for z, m in lite.track(state, key_index=2, box=np.array([22, 22, 42, 42]), reverse=False)}
+
+    assert walk(TrackRule(min_iou=0.0, intensity_z=1.5, intensity_core=0.75))[4].sum() == 400
+    assert not walk(TrackRule(min_iou=0.0, intensity_z=1.5))[4].any()

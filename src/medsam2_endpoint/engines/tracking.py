@@ -8,7 +8,8 @@ from signals measured on that slice against the key slice and the previous accep
 - the mask's area against the previous slice's (a jump is a leak, a collapse an end);
 - the mask's centroid shift against the previous slice's size (a jump sideways is a neighbour);
 - the mean intensity inside the mask against the key slice's object (in the key's spread, or in the
-  pooled spread of the key's and this slice's object).
+  pooled spread of the key's and this slice's object); with `intensity_core`, the mean over the mask's
+  core (its surest pixels) against the key's core.
 
 A rejected slice ends the walk unless `lookahead` later slices, prompted with the last accepted box,
 are accepted: then the walk goes on (the structure was only unclear there) and the rejected slices
@@ -32,15 +33,26 @@ class SliceStats:
     centroid: tuple[float, float]  # (y, x)
     mean: float  # intensity inside the mask
     std: float
+    core_mean: float = 0.0  # intensity inside the mask's core (see `of`); the mean when no core was asked for
 
     @classmethod
-    def of(cls, mask: np.ndarray, image: np.ndarray, iou: float) -> SliceStats:
+    def of(cls, mask: np.ndarray, image: np.ndarray, iou: float, logits: np.ndarray | None = None,
+           core_quantile: float | None = None) -> SliceStats:
+        """With logits and core_quantile: core_mean over the mask's pixels whose logits reach that quantile
+        of the mask's logits (the model's surest part; fewer than 3 such pixels: the whole mask)."""
         area = int(mask.sum())
         if area == 0:
-            return cls(iou, 0, (0.0, 0.0), 0.0, 0.0)
+            return cls(iou, 0, (0.0, 0.0), 0.0, 0.0, 0.0)
         ys, xs = np.nonzero(mask)
         values = image[mask].astype(np.float64)
-        return cls(iou, area, (float(ys.mean()), float(xs.mean())), float(values.mean()), float(values.std()))
+        mean = float(values.mean())
+        core_mean = mean
+        if logits is not None and core_quantile is not None:
+            inside = logits[mask]
+            core = inside >= np.quantile(inside, core_quantile)
+            if int(core.sum()) >= 3:
+                core_mean = float(values[core].mean())
+        return cls(iou, area, (float(ys.mean()), float(xs.mean())), mean, float(values.std()), core_mean)
 
 
 @dataclass(frozen=True)
@@ -59,6 +71,10 @@ class TrackRule:
     # when the key slice's mask covers less than this share of the caller's box, the model answered a part
     # of the object (a bright core, say): the first tracked slices are prompted with the caller's box
     min_key_fill: float | None = None
+    # judge intensity_z on the mask's core, the pixels whose logits reach this quantile of the mask's, against
+    # the key's core: a slice where the object tapers gets a mask grown into its surroundings (partial
+    # volume, a small object upsampled), whose whole mean drifts off while its core stays on the object
+    intensity_core: float | None = None
     lookahead: int = 0  # slices tried past a rejected one before the walk ends
     # A structure's last slice is partial (partial volume, a tapering tip): its mean drifts towards the
     # neighbour's and the intensity tests reject it. A slice rejected by intensity alone whose mask shrank
@@ -92,8 +108,10 @@ class TrackRule:
         return True
 
     def _intensity_accepts(self, step: SliceStats, key: SliceStats) -> bool:
-        if self.intensity_z is not None and abs(step.mean - key.mean) > self.intensity_z * max(key.std, 1.0):
-            return False
+        if self.intensity_z is not None:
+            step_mean, key_mean = (step.core_mean, key.core_mean) if self.intensity_core is not None else (step.mean, key.mean)
+            if abs(step_mean - key_mean) > self.intensity_z * max(key.std, 1.0):
+                return False
         if self.pooled_intensity_z is not None:
             pooled = float(np.sqrt((key.std**2 + step.std**2) / 2))
             if abs(step.mean - key.mean) > self.pooled_intensity_z * max(pooled, 1.0):

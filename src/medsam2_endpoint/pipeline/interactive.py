@@ -44,9 +44,10 @@ AGREE_DICE = 0.9
 # the slices inward), so a correction replaces its neighbours only, and only where its mask sits at least
 # as well as the earlier mask between the corrected slice and the earlier answer beyond (`_fit`): a
 # box-tracked neighbour can leak, or shrink towards a small end slice, where the earlier answer was right
-# (benchmarks/interactive.py: CT lesions, the MR phantom). Into slices the earlier answer left empty the walk goes on by the engine's rules only when
-# they lie next to its prompt (the correction moves an end); after an overwritten slice they end it, as
-# the earlier walk had stopped there for a reason.
+# (benchmarks/interactive.py: CT lesions, the MR phantom). Into slices the earlier answer left empty the
+# walk goes on by the engine's rules only from a prompt on a slice the earlier answer left empty too (the
+# correction moves an end); from a slice the earlier answer had, it stops there, as the earlier walk did
+# for a reason (on the MR vertebra a correction of its last slice otherwise ran into the next vertebra).
 OVERWRITE_REACH = 1
 
 
@@ -94,8 +95,8 @@ def _consume(steps: Iterator[tuple[int, np.ndarray]], walk: _Walk, options: Prop
                         break
                     if last is not None and _fit(previous[z], last, previous, z + walk.step) > _fit(foreground, last, previous, z + walk.step):
                         break  # the earlier mask fits between the corrected slice and the earlier answer beyond better
-                elif overwritten:
-                    break  # past the earlier answer's end only where the correction moved that end
+                elif overwritten or previous[walk.free_until].any():
+                    break  # past the earlier answer's end only from a prompt beyond it (the correction moves the end)
             out[z] = logits
             last = foreground
             count += 1
