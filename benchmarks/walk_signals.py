@@ -16,6 +16,7 @@ real_anatomy.py reports. The rule chosen is then confirmed by real_anatomy.py on
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import itertools
 import json
 import math
@@ -42,13 +43,17 @@ from real_anatomy import (  # noqa: E402
     volume_key,
 )
 
-from medsam2_endpoint.engines.lite import IMAGE_SIZE, TRACK_MARGIN_256, LiteMedSAMEngine, mask_box  # noqa: E402
-from medsam2_endpoint.engines.tracking import SliceStats  # noqa: E402
+from medsam2_endpoint.engines.lite import (  # noqa: E402
+    DEFAULT_RULE,
+    IMAGE_SIZE,
+    TRACK_MARGIN_256,
+    LiteMedSAMEngine,
+    mask_box,
+)
+from medsam2_endpoint.engines.tracking import SliceStats, TrackRule  # noqa: E402
 from medsam2_endpoint.pipeline.propagate import keep_largest_component  # noqa: E402
 from medsam2_endpoint.pipeline.window import percentile_window, window_to_uint8  # noqa: E402
 from medsam2_endpoint.testing.metrics import dice  # noqa: E402
-
-KEY_FILL = 0.3  # the default rule's min_key_fill: the walk's first prompt is the caller's box below it
 
 
 def _slug(s: Structure) -> str:
@@ -100,10 +105,9 @@ def _walk(engine: LiteMedSAMEngine, state: object, volume: np.ndarray, key: int,
           ) -> tuple[list[int], list[np.ndarray], list[SliceStats], list[np.ndarray]]:
     depth, h, w = volume.shape
     margin = math.ceil(TRACK_MARGIN_256 * max(h, w) / IMAGE_SIZE)
-    box_area = max(box[2] - box[0], 1.0) * max(box[3] - box[1], 1.0)
     margin_frac = variant.margin_frac
     cap = None if variant.box_cap is None else variant.box_cap * np.array([box[2] - box[0], box[3] - box[1]])
-    prompt = box if key_mask.sum() < KEY_FILL * box_area else _grown_box(key_mask, margin, margin_frac, cap)
+    prompt = box if DEFAULT_RULE.keeps_caller_box(int(key_mask.sum()), box) else _grown_box(key_mask, margin, margin_frac, cap)
     zs, masks, stats, embs = [], [], [], []
     z = key + step
     while prompt is not None and 0 <= z < depth:
@@ -152,7 +156,7 @@ def record(out: Path, only: set[str], variant: WalkVariant) -> None:
         arrays: dict[str, np.ndarray] = {"truth": truth, "ceiling": ceiling, "key_mask": key_mask,
                                          "spacing_zyx": np.array(list(reversed(image.GetSpacing())))}
         meta: dict[str, object] = {"key": key, "box": box.tolist(), "key_stats": SliceStats.of(key_mask, windowed[key], iou, logits, variant.core_quantile).__dict__,
-                                   "key_fill_rebase": bool(key_mask.sum() < KEY_FILL * max(box[2] - box[0], 1) * max(box[3] - box[1], 1))}
+                                   "key_fill_rebase": DEFAULT_RULE.keeps_caller_box(int(key_mask.sum()), box)}
         arrays["key_emb"] = _embedding_mean(engine, state, key, key_mask)
         for name, step in (("up", 1), ("down", -1)):
             zs, masks, stats, embs = _walk(engine, state, windowed, key, box, step, key_mask, variant)
@@ -212,7 +216,7 @@ def cosine(a: np.ndarray, b: np.ndarray) -> float:
 
 # A rule here: (step, key reference, previous accepted, context) -> accept. Context carries the key's
 # embedding and the slice index within the walk, for signals the engine does not have yet.
-Judge = Callable[[Step, Step, Step, dict[str, object]], bool]
+Judge = Callable[[Step, Step, Step, dict[str, object]], bool | str]
 
 
 def run_walk(steps: list[Step], key: Step, judge: Judge, rebase: bool) -> int:
@@ -242,46 +246,37 @@ def answer(rec: Recording, judge: Judge) -> np.ndarray:
     return keep_largest_component(mask).astype(bool)
 
 
-def rule_judge(min_iou: float = 0.5, intensity_z: float | None = 1.5, emb_min: float | None = None,
-               emb_prev_min: float | None = None, max_growth: float | None = None, min_ratio: float | None = None,
-               max_shift: float | None = None, core: bool = False) -> Judge:
-    def judge(step: Step, ref: Step, prev: Step, ctx: dict[str, object]) -> bool:
-        st = step.stats
-        if st.area == 0 or st.iou < min_iou:
+def rule_judge(rule: TrackRule, emb_min: float | None = None, emb_prev_min: float | None = None) -> Judge:
+    """A recorded step judged by the engine's own TrackRule (its `accepts`, and `ends_at` for a tapering
+    tip: "last"), plus the embedding tests the engine does not have. The core's quantile is the one the
+    recording used (`record --core-quantile`); `intensity_core` only switches the core test on."""
+    def judge(step: Step, ref: Step, prev: Step, ctx: dict[str, object]) -> bool | str:
+        first = bool(ctx["rebase_first"])  # judged without intensity or appearance: it becomes the reference
+        if not first and emb_min is not None and cosine(step.emb, ref.emb) < emb_min:
             return False
-        if max_growth is not None and st.area > max_growth * prev.stats.area:
+        if not first and emb_prev_min is not None and cosine(step.emb, prev.emb) < emb_prev_min:
             return False
-        if min_ratio is not None and st.area < min_ratio * prev.stats.area:
-            return False
-        if max_shift is not None:
-            shift = float(np.hypot(st.centroid[0] - prev.stats.centroid[0], st.centroid[1] - prev.stats.centroid[1]))
-            if shift > max_shift * math.sqrt(max(prev.stats.area, 1)):
-                return False
-        if ctx["rebase_first"]:
+        if rule.accepts(step.stats, ref.stats, prev.stats, intensity=not first):
             return True
-        mean, ref_mean = (st.core_mean, ref.stats.core_mean) if core else (st.mean, ref.stats.mean)
-        if intensity_z is not None and abs(mean - ref_mean) > intensity_z * max(ref.stats.std, 1.0):
-            return False
-        if emb_min is not None and cosine(step.emb, ref.emb) < emb_min:
-            return False
-        if emb_prev_min is not None and cosine(step.emb, prev.emb) < emb_prev_min:
-            return False
-        return True
+        return "last" if rule.ends_at(step.stats, ref.stats, prev.stats) else False
 
     return judge
 
 
+WHOLE = TrackRule(min_iou=0.5, intensity_z=1.5)  # the rule before the core test (key fill is in the recording)
+
+
 RULES: dict[str, Judge] = {
-    "default": rule_judge(core=True),  # the engine's DEFAULT_RULE: intensity on the mask's core (quantile 0.5)
-    "whole": rule_judge(),  # the default before: intensity over the whole mask
-    **{f"core{z}": rule_judge(intensity_z=z, core=True) for z in (1.0, 2.0, 2.5)},
-    "iou0.5": rule_judge(intensity_z=None),
-    **{f"emb{v}": rule_judge(emb_min=v) for v in (0.8, 0.85, 0.9, 0.93, 0.95)},
-    **{f"embonly{v}": rule_judge(intensity_z=None, emb_min=v) for v in (0.85, 0.9, 0.93, 0.95)},
-    **{f"embprev{v}": rule_judge(emb_prev_min=v) for v in (0.9, 0.95, 0.97)},
-    **{f"int{v}": rule_judge(intensity_z=v) for v in (1.0, 2.0, 2.5)},
-    "growth1.5": rule_judge(max_growth=1.5),
-    "shift0.5": rule_judge(max_shift=0.5),
+    "default": rule_judge(DEFAULT_RULE),  # the engine's: intensity on the mask's core
+    "whole": rule_judge(WHOLE),  # the default before: intensity over the whole mask
+    **{f"core{z}": rule_judge(dataclasses.replace(DEFAULT_RULE, intensity_z=z)) for z in (1.0, 2.0, 2.5)},
+    "iou0.5": rule_judge(TrackRule(min_iou=0.5)),
+    **{f"emb{v}": rule_judge(WHOLE, emb_min=v) for v in (0.8, 0.85, 0.9, 0.93, 0.95)},
+    **{f"embonly{v}": rule_judge(TrackRule(min_iou=0.5), emb_min=v) for v in (0.85, 0.9, 0.93, 0.95)},
+    **{f"embprev{v}": rule_judge(WHOLE, emb_prev_min=v) for v in (0.9, 0.95, 0.97)},
+    **{f"int{v}": rule_judge(dataclasses.replace(WHOLE, intensity_z=v)) for v in (1.0, 2.0, 2.5)},
+    "growth1.5": rule_judge(dataclasses.replace(WHOLE, max_area_growth=1.5)),
+    "shift0.5": rule_judge(dataclasses.replace(WHOLE, max_shift=0.5)),
 }
 
 
@@ -309,27 +304,14 @@ def simulate(out: Path, names: list[str], verbose: bool) -> None:
 
 
 def grid(out: Path) -> None:
-    """Every combination of a few values of each test (a tapering tip too: a slice rejected by intensity
-    alone whose mask shrank to at most `tip` of the previous one's is kept as the walk's last), best first."""
+    """Every combination of a few values of each test (the tapering tip too, `end_area_ratio`), best first;
+    intensity over the whole mask."""
     recordings = load(out)
-
-    def tip_judge(min_iou: float, z: float | None, emb: float | None, growth: float | None, tip: float | None) -> Judge:
-        base = rule_judge(min_iou=min_iou, intensity_z=z, emb_min=emb, max_growth=growth)
-        shape = rule_judge(min_iou=min_iou, intensity_z=None, emb_min=emb, max_growth=growth)
-
-        def judge(step: Step, ref: Step, prev: Step, ctx: dict[str, object]) -> bool | str:
-            if base(step, ref, prev, ctx):
-                return True
-            if tip is not None and shape(step, ref, prev, ctx) and step.stats.area <= tip * prev.stats.area:
-                return "last"
-            return False
-
-        return judge  # type: ignore[return-value]
 
     results = []
     for min_iou, z, emb, growth, tip in itertools.product((0.5, 0.6, 0.7), (1.5, 2.0, 2.5, None), (None, 0.8, 0.85),
                                                           (None, 1.5, 2.0), (None, 0.75, 0.9)):
-        judge = tip_judge(min_iou, z, emb, growth, tip)
+        judge = rule_judge(TrackRule(min_iou=min_iou, intensity_z=z, max_area_growth=growth, end_area_ratio=tip), emb_min=emb)
         d, c, ends = [], [], 0
         for rec in recordings:
             a = answer(rec, judge)
