@@ -22,13 +22,13 @@ from azureml_inference_server_http.api.aml_response import AMLResponse
 from medsam2_endpoint.api.errors import body_of, error_body, headers_of, http_status
 from medsam2_endpoint.api.shutdown import cancel_on_signals
 from medsam2_endpoint.base.errors import ServiceError
+from medsam2_endpoint.base.log import log
 from medsam2_endpoint.contract.score2d import parse_image_request
 from medsam2_endpoint.contract.score3d import parse_request
 from medsam2_endpoint.core.service import Service
 from medsam2_endpoint.core.settings import Settings
 from medsam2_endpoint.io.encode import dumps
 
-log = logging.getLogger("azmlinfsrv.medsam2")
 JSON = {"Content-Type": "application/json"}
 _UNSAFE_ID = re.compile(r"[^A-Za-z0-9._:-]")  # request ids are client-chosen: keep log lines one line each
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
@@ -83,7 +83,7 @@ class ScoreApp:
         self.service: Service | None = None
 
     def init(self) -> None:
-        logging.getLogger("azmlinfsrv.medsam2").setLevel(logging.INFO)
+        log.setLevel(logging.INFO)
         self.service = Service.from_settings(Settings.from_env())
         cancel_on_signals(self.service.cancel_running)  # SIGTERM: running work stops, the worker exits within seconds
         log.info("ready: models %s, default %s", ", ".join(self.service.available_models()), self.service.default)

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import os
 import time
 from collections.abc import Sequence
@@ -32,12 +31,12 @@ from typing import Any
 from medsam2_endpoint import __version__
 from medsam2_endpoint.api.batch_worker import IsolatedScorer
 from medsam2_endpoint.base.errors import InvalidRequest, ServiceError
+from medsam2_endpoint.base.log import log
 from medsam2_endpoint.contract.score3d import VolumeItem, parse_request
 from medsam2_endpoint.core.service import Service
 from medsam2_endpoint.core.settings import Settings
 from medsam2_endpoint.io.dicom_seg import Algorithm, Segment, write_dicom_seg
 
-log = logging.getLogger("azmlinfsrv.medsam2")
 NIFTI_SUFFIXES = (".nii.gz", ".nii")
 PROMPT_SUFFIX = ".prompt.json"
 

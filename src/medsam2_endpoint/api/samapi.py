@@ -47,6 +47,7 @@ from medsam2_endpoint.api.samapi_types import ModelTypes
 from medsam2_endpoint.api.shutdown import CancellingServer
 from medsam2_endpoint.api.uploads import UploadStore
 from medsam2_endpoint.base.errors import InvalidRequest, NotFound, ServiceError, Unauthorized
+from medsam2_endpoint.base.log import log
 from medsam2_endpoint.contract.messages import validation_message
 from medsam2_endpoint.contract.samapi import (
     SAMAPI_PROTOCOL_VERSION,
@@ -64,7 +65,6 @@ from medsam2_endpoint.core.service import Service
 from medsam2_endpoint.core.settings import SamapiOptions, Settings
 from medsam2_endpoint.io.polygons import mask_to_geometry
 
-log = logging.getLogger("azmlinfsrv.medsam2")
 ROUTES = ("GET version/, GET weights/?type=, POST weights/, GET weights/cancel/, GET progress/, POST (prompt), "
           "POST automask/, POST upload/, POST video/")
 
@@ -317,7 +317,7 @@ def serve(host: str, port: int, model_dir: str | None) -> int:
     """`medsam2-endpoint serve-samapi`: build the Service from the environment and the model folder, serve."""
     import uvicorn
 
-    logger = logging.getLogger("azmlinfsrv.medsam2")
+    logger = log
     if not logger.handlers:
         handler = logging.StreamHandler()
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))

@@ -8,7 +8,6 @@ current request and then exit.
 
 from __future__ import annotations
 
-import logging
 import signal
 import threading
 from collections.abc import Callable
@@ -16,8 +15,6 @@ from types import FrameType
 from typing import Any
 
 import uvicorn
-
-log = logging.getLogger("azmlinfsrv.medsam2")
 
 
 class CancellingServer(uvicorn.Server):

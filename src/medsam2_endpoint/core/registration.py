@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import logging
 import os
 import re
 import shutil
@@ -23,12 +22,12 @@ from pathlib import Path
 from typing import Any, cast
 
 from medsam2_endpoint.base.errors import Conflict, Forbidden, InvalidRequest, ServiceError
+from medsam2_endpoint.base.log import log
 from medsam2_endpoint.core.registry import ModelRegistry
 from medsam2_endpoint.core.settings import SamapiOptions
 from medsam2_endpoint.engines.medsam2 import STAGING_PREFIX, CheckpointError
 from medsam2_endpoint.io.fetch import FetchPolicy, fetch_bytes, redact_url
 
-log = logging.getLogger("azmlinfsrv.medsam2")
 REGISTRABLE = ("sam2_t",)
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 

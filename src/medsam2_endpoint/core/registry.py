@@ -8,7 +8,6 @@ is iterating.
 
 from __future__ import annotations
 
-import logging
 import os
 import threading
 from collections.abc import Mapping
@@ -18,11 +17,9 @@ from types import MappingProxyType
 import torch
 
 from medsam2_endpoint.base.errors import InvalidRequest, ModelUnavailable
-from medsam2_endpoint.engines.base import ImageEngine, ModelInfo, VolumeEngine
+from medsam2_endpoint.base.log import log
+from medsam2_endpoint.engines.base import LITE_NAME, ImageEngine, ModelInfo, VolumeEngine
 from medsam2_endpoint.engines.medsam2 import CheckpointError, MedSAM2Engine, find_checkpoints
-
-log = logging.getLogger("azmlinfsrv.medsam2")
-LITE_NAME = "lite-medsam"
 
 
 def choose_device(setting: str) -> str:
@@ -152,7 +149,7 @@ class ModelRegistry:
         return image
 
     def models_with_points(self) -> list[str]:
-        return [name for name, engine in self.snapshot().items() if engine.info.family == "medsam2"]
+        return [name for name, engine in self.snapshot().items() if engine.info.capabilities.points]
 
     def load_medsam2(self, path: Path, name: str) -> MedSAM2Engine:
         """Build (not add) a MedSAM2 engine from a checkpoint: `weights_only` load, strict keys.

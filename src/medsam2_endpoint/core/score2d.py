@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import logging
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -11,6 +10,7 @@ from typing import Any
 import numpy as np
 
 from medsam2_endpoint.base.budget import Budget
+from medsam2_endpoint.base.log import log
 from medsam2_endpoint.contract.score2d import ImageItem
 from medsam2_endpoint.core.images import automask_params, load_rgb, typed_prompt
 from medsam2_endpoint.io.encode import encode_mask_2d
@@ -19,8 +19,6 @@ from medsam2_endpoint.io.images import Picture
 from medsam2_endpoint.io.limits import Limits
 from medsam2_endpoint.pipeline.automask import automask, check_automask
 from medsam2_endpoint.pipeline.prompt2d import Mask2D, Prompt2D, Prompter, Result2D, check_prompt
-
-log = logging.getLogger("azmlinfsrv.medsam2")
 
 
 @dataclass(frozen=True)

@@ -14,7 +14,6 @@ typed `ServiceError` with a `code`, raised before inference where the request ca
 
 from __future__ import annotations
 
-import logging
 import os
 import time
 from collections.abc import Mapping, Sequence
@@ -28,6 +27,7 @@ import torch
 from medsam2_endpoint.base.budget import Budget, RunningBudgets
 from medsam2_endpoint.base.errors import InvalidRequest
 from medsam2_endpoint.base.heap import release_free_memory
+from medsam2_endpoint.base.log import log
 from medsam2_endpoint.contract.samapi import VideoPrompt
 from medsam2_endpoint.contract.score2d import AutomaskOptions, ImageItem, ImagePrompt
 from medsam2_endpoint.contract.score3d import VolumeItem
@@ -45,7 +45,7 @@ from medsam2_endpoint.core.registration import WeightRecords, WeightRegistrar
 from medsam2_endpoint.core.registry import ModelRegistry, choose_device, choose_runtime, configure_threads
 from medsam2_endpoint.core.settings import Settings
 from medsam2_endpoint.core.slots import InferenceSlots
-from medsam2_endpoint.engines.base import ModelInfo, PromptedVolumeEngine
+from medsam2_endpoint.engines.base import ModelInfo
 from medsam2_endpoint.io.dicom_seg import read_series, series_files
 from medsam2_endpoint.io.encode import encode_mask
 from medsam2_endpoint.io.limits import VoxelTally
@@ -58,7 +58,6 @@ from medsam2_endpoint.pipeline.propagate import segment_object
 from medsam2_endpoint.pipeline.video import ObjectPrompt, frames_to_volume, track_objects
 
 __all__ = ["FileResult", "Frame", "ModelInfo", "Result2D", "Service"]
-log = logging.getLogger("azmlinfsrv.medsam2")
 # Per worker: a correction round's replayed walks (float32 logits, 1 MiB a 512 x 512 slice: about 20 rounds
 # of a 20-slice CT structure). Only correction rounds use it, so it is off when no volumes are held.
 WALK_MEMO_MB = 128
@@ -153,8 +152,8 @@ class Service:
                                accepts_points=self._accepts_points(name), limits=self.settings.limits)
 
     def _accepts_points(self, name: str) -> bool:
-        """Whether the model conditions on point prompts in 3D (MedSAM2) or takes boxes only (LiteMedSAM)."""
-        return isinstance(self.registry.get(name), PromptedVolumeEngine)
+        """Whether the model takes point prompts in 3D (MedSAM2) or boxes only (LiteMedSAM): its capabilities."""
+        return self.registry.info(name).capabilities.points
 
     def score_3d(self, items: Sequence[VolumeItem], budget: Budget | None = None) -> list[dict[str, Any]]:
         """Check the request-wide limits from the headers, validate every item (decode, geometry, prompts) before

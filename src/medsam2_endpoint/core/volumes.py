@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import logging
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -14,6 +13,7 @@ import numpy as np
 
 from medsam2_endpoint.base.budget import Budget
 from medsam2_endpoint.base.errors import PayloadTooLarge
+from medsam2_endpoint.base.log import log
 from medsam2_endpoint.contract.score3d import VolumeItem
 from medsam2_endpoint.core.prompts import PreparedObject, prepare_object
 from medsam2_endpoint.engines.base import PromptedVolumeEngine, VolumeEngine
@@ -30,8 +30,6 @@ from medsam2_endpoint.pipeline.propagate import (
     segment_object,
 )
 from medsam2_endpoint.pipeline.window import percentile_window, window_to_uint8
-
-log = logging.getLogger("azmlinfsrv.medsam2")
 
 
 @dataclass(frozen=True)

@@ -12,6 +12,8 @@ from typing import Any, Protocol, runtime_checkable
 import numpy as np
 import torch
 
+LITE_NAME = "lite-medsam"  # the embedded default's registry name and family
+
 
 def sha256_file(path: str | Path) -> str:
     """Checksum of a checkpoint file, reported in every response's metadata."""
@@ -23,13 +25,38 @@ def sha256_file(path: str | Path) -> str:
 
 
 @dataclass(frozen=True)
+class Capabilities:
+    """What a model can take: every adapter advertises and validates from this, never from a model's name.
+
+    points: positive point prompts (in 3D and 2D); negative_points: label-0 points; mask_prompts: a mask as a
+    prompt (MedSAM2's `add_new_mask`, LiteMedSAM's low-res mask input in 2D); multi_slice: prompts on several
+    slices conditioned at once (otherwise each prompted slice is walked on its own); video: samapi video/;
+    automask: samapi automask/; precision: the arithmetic the model runs in ("fp32", "bf16").
+    """
+
+    points: bool = False
+    negative_points: bool = False
+    mask_prompts: bool = False
+    multi_slice: bool = False
+    video: bool = True
+    automask: bool = True
+    precision: str = "fp32"
+
+    def as_metadata(self) -> dict[str, bool | str]:
+        return {"points": self.points, "negative_points": self.negative_points, "mask_prompts": self.mask_prompts,
+                "multi_slice": self.multi_slice, "video": self.video, "automask": self.automask,
+                "precision": self.precision}
+
+
+@dataclass(frozen=True)
 class ModelInfo:
-    """What a response reports about the model that produced it."""
+    """What a response reports about the model that produced it, and what the model can take."""
 
     name: str  # registry name, e.g. "MedSAM2_latest" or "lite-medsam"
     family: str  # "medsam2" or "lite-medsam"
     checkpoint: str  # file name of the checkpoint
     sha256: str  # checksum of the checkpoint file
+    capabilities: Capabilities = Capabilities()
 
     def as_metadata(self) -> dict[str, str]:
         """The `metadata.model` of every response."""

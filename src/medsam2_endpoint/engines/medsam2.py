@@ -29,7 +29,7 @@ from omegaconf import OmegaConf
 from scipy import ndimage
 
 from medsam2_endpoint.base.lru import ByteLRU
-from medsam2_endpoint.engines.base import ModelInfo, SlicePrompt, bf16_autocast, sha256_file
+from medsam2_endpoint.engines.base import Capabilities, ModelInfo, SlicePrompt, bf16_autocast, sha256_file
 from medsam2_endpoint.engines.frames import sam2_frame
 from medsam2_endpoint.engines.sam2_image import SAM2ImageEngine
 
@@ -274,7 +274,8 @@ class MedSAM2Engine:
         self.predictor: MedSAM2VideoPredictor = predictor.to(self.device).eval()
         self._image: SAM2ImageEngine | None = None
         self.info = ModelInfo(
-            name=name or checkpoint.stem, family="medsam2", checkpoint=checkpoint.name, sha256=sha256_file(checkpoint)
+            name=name or checkpoint.stem, family="medsam2", checkpoint=checkpoint.name, sha256=sha256_file(checkpoint),
+            capabilities=Capabilities(points=True, negative_points=True, mask_prompts=True, multi_slice=True),
         )
 
 

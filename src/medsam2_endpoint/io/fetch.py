@@ -14,7 +14,6 @@ from __future__ import annotations
 import fnmatch
 import functools
 import ipaddress
-import logging
 import re
 import socket
 import time
@@ -34,8 +33,7 @@ from medsam2_endpoint.base.errors import (
     PayloadTooLarge,
     ServiceError,
 )
-
-log = logging.getLogger("azmlinfsrv.medsam2")
+from medsam2_endpoint.base.log import log
 
 Resolver = Callable[[str, int], list[str]]
 

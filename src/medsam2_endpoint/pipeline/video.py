@@ -11,7 +11,6 @@ No HTTP here: the samapi adapter builds the prompts and turns the masks into Geo
 
 from __future__ import annotations
 
-import logging
 import time
 from dataclasses import dataclass
 from typing import cast
@@ -20,12 +19,11 @@ import numpy as np
 
 from medsam2_endpoint.base.budget import Budget
 from medsam2_endpoint.base.errors import InvalidRequest
+from medsam2_endpoint.base.log import log
 from medsam2_endpoint.engines.base import VolumeEngine
 from medsam2_endpoint.io.images import to_grey_u8
 from medsam2_endpoint.pipeline.prompt2d import Prompt2D, Prompter, check_prompt
 from medsam2_endpoint.pipeline.propagate import PropagationOptions, segment_object
-
-log = logging.getLogger("azmlinfsrv.medsam2")
 
 
 @dataclass(frozen=True)
