@@ -386,7 +386,7 @@ def test_volume_id_is_the_hash_of_what_the_client_uploads(phantom):
 
 
 def test_batch_sidecar_takes_prompts_recist_and_previous_mask(tmp_path):
-    from medsam2_endpoint.api.batch import read_prompt
+    from medsam2_endpoint.api.batch_files import read_prompt
 
     volume = tmp_path / "case.nii.gz"
     volume.write_bytes(b"not read by read_prompt")

@@ -14,9 +14,10 @@ from medsam2_endpoint.base.errors import InvalidRequest, PayloadTooLarge
 from medsam2_endpoint.contract.score2d import AutomaskOptions, ImagePrompt
 from medsam2_endpoint.engines.base import ImageEngine
 from medsam2_endpoint.io.fetch import FetchPolicy
-from medsam2_endpoint.io.images import Picture, decode_base64, image_size, read_picture, to_grey_u8, to_rgb_u8
+from medsam2_endpoint.io.images import IMAGE_FILE, Picture, image_size, read_picture, to_grey_u8, to_rgb_u8
 from medsam2_endpoint.io.limits import Limits
 from medsam2_endpoint.io.sources import source_bytes
+from medsam2_endpoint.io.volume import decode_base64
 from medsam2_endpoint.pipeline.automask import AutomaskParams
 from medsam2_endpoint.pipeline.prompt2d import Prompt2D
 
@@ -24,7 +25,7 @@ from medsam2_endpoint.pipeline.prompt2d import Prompt2D
 def load_bytes(text: str, *, field: str, policy: FetchPolicy, limits: Limits, budget: Budget | None = None) -> bytes:
     """An image column's file bytes: base64 decoded, or an http(s) URL fetched SSRF-safely within the budget."""
     return source_bytes(text, field=field, policy=policy, budget=budget,
-                        decode=lambda t: decode_base64(t, field=field, limits=limits))
+                        decode=lambda t: decode_base64(t, field=field, limits=limits, what=IMAGE_FILE))
 
 
 def load_picture(text: str, *, field: str, policy: FetchPolicy, limits: Limits, budget: Budget | None = None) -> Picture:

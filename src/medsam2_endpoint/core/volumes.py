@@ -7,6 +7,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import partial
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -17,11 +18,20 @@ from medsam2_endpoint.base.log import log
 from medsam2_endpoint.contract.score3d import VolumeItem
 from medsam2_endpoint.core.prompts import PreparedObject, prepare_object
 from medsam2_endpoint.engines.base import PromptedVolumeEngine, VolumeEngine
+from medsam2_endpoint.io.dicom_seg import read_series, series_files
 from medsam2_endpoint.io.encode import decode_mask
 from medsam2_endpoint.io.fetch import FetchPolicy
 from medsam2_endpoint.io.limits import Limits, VoxelTally
 from medsam2_endpoint.io.sources import is_url, source_bytes
-from medsam2_endpoint.io.volume import Volume, base64_chunks, base64_head, peek_shape, read_nifti
+from medsam2_endpoint.io.volume import (
+    LabelMap,
+    Volume,
+    base64_chunks,
+    base64_head,
+    peek_shape,
+    read_nifti,
+    write_nifti,
+)
 from medsam2_endpoint.pipeline.interactive import WalkMemo, segment_prompts
 from medsam2_endpoint.pipeline.propagate import (
     ObjectResult,
@@ -114,8 +124,9 @@ def prepare(item: VolumeItem, volume: Volume, engine_name: str, *, decode_ms: fl
                         window_ms=(time.perf_counter() - started) * 1000)
 
 
-def run(p: PreparedItem, engine: VolumeEngine, budget: Budget, memo: WalkMemo | None = None) -> tuple[np.ndarray, dict[str, Any]]:
-    """Encode each visited slice once (shared by all objects), propagate each object; (mask, metadata)."""
+def run(p: PreparedItem, engine: VolumeEngine, budget: Budget, memo: WalkMemo | None = None) -> tuple[LabelMap, dict[str, Any]]:
+    """Encode each visited slice once (shared by all objects), propagate each object; (label map in the source
+    geometry, metadata)."""
     item, volume = p.item, p.windowed
     windowed = volume.array
     t1 = time.perf_counter()
@@ -190,7 +201,7 @@ def run(p: PreparedItem, engine: VolumeEngine, budget: Budget, memo: WalkMemo | 
             }
             for obj, result in results
         ]
-    else:
+    else:  # the seed endpoint's single-object fields
         obj, spec = p.objects[0], item.objects[0]
         metadata.update(
             key_slice_index=spec.key_slice_idx,
@@ -200,7 +211,18 @@ def run(p: PreparedItem, engine: VolumeEngine, budget: Budget, memo: WalkMemo | 
         )
         if not obj.plain:
             metadata["prompts_used"] = list(obj.prompts_used)
-    return mask, metadata
+    return volume.label_map(mask, multi_object=item.multi_object), metadata
+
+
+def read_local(path: Path, *, limits: Limits, budget: Budget | None = None) -> tuple[Volume, tuple[Path, ...]]:
+    """A local NIfTI file, or a DICOM series folder (the batch endpoint's items): the volume, and the series'
+    files in z order (empty for a NIfTI file). A series goes through NIfTI bytes so that it meets the same checks
+    (size, dtype, finite voxels) as a file."""
+    if not path.is_dir():
+        return read_nifti(path.read_bytes(), field=path.name, limits=limits, budget=budget), ()
+    files = tuple(series_files(path))
+    image = read_series(files, limits=limits)
+    return read_nifti(write_nifti(image), field=path.name, limits=limits, budget=budget), files
 
 
 def changed_slices(mask: np.ndarray, previous: np.ndarray | None) -> list[int]:

@@ -35,11 +35,11 @@ from PIL import Image, UnidentifiedImageError
 from medsam2_endpoint.base.errors import InvalidRequest, PayloadTooLarge, UnsupportedMedia
 from medsam2_endpoint.io.limits import Limits
 from medsam2_endpoint.io.volume import GZIP_MAGIC, gunzip_capped
-from medsam2_endpoint.io.volume import decode_base64 as decode_file_base64
 
 _PNG = b"\x89PNG\r\n\x1a\n"
 _TIFF = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")
 _KINDS = "a PNG, JPEG, TIFF or 2D NIfTI image"
+IMAGE_FILE = f"{_KINDS} file's"  # completes base64 errors: "send <IMAGE_FILE> bytes base64-encoded"
 
 
 @dataclass(frozen=True)
@@ -60,11 +60,6 @@ class Picture:
     @property
     def channels(self) -> int:
         return 1 if self.pixels.ndim == 2 else int(self.pixels.shape[2])
-
-
-def decode_base64(text: str, *, field: str, limits: Limits) -> bytes:
-    """Strict base64 of an image file (whitespace and a `data:image/...;base64,` prefix tolerated)."""
-    return decode_file_base64(text, field=field, limits=limits, what=f"{_KINDS} file's")
 
 
 def _check_pixels(width: int, height: int, *, field: str, limits: Limits) -> None:
