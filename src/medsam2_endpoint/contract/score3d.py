@@ -63,9 +63,11 @@ class ObjectBody(BaseModel):
 
 
 class VolumeColumns(BaseModel):
-    """Columns of the 3D route; optional columns may be omitted or hold null entries."""
+    """Columns of the 3D route; optional columns may be omitted or hold null entries. Each item names its volume
+    by nii_image or by volume_id, so one of those two columns must be given."""
 
-    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False, json_schema_extra={
+        "anyOf": [{"required": ["nii_image"]}, {"required": ["volume_id"]}]})
 
     nii_image: list[StrictStr | None] | None = Field(
         default=None, min_length=1,
