@@ -22,7 +22,7 @@ from medsam2_endpoint.core.held import HeldVolumes
 from medsam2_endpoint.core.registry import ModelRegistry
 from medsam2_endpoint.core.service import Service
 from medsam2_endpoint.core.settings import Settings
-from medsam2_endpoint.engines.base import ModelInfo, PromptedVolumeEngine, SlicePrompt
+from medsam2_endpoint.engines.base import Capabilities, ModelInfo, PromptedVolumeEngine, SlicePrompt
 from medsam2_endpoint.io.encode import decode_mask, dumps, rle_counts, value_rle
 from medsam2_endpoint.io.limits import Limits
 from medsam2_endpoint.io.volume import Volume
@@ -67,7 +67,9 @@ class ReachEngine:
 class ConditionedEngine(ReachEngine):
     """A PromptedVolumeEngine stub: every slice gets the union of the prompts' boxes and point squares."""
 
-    info = ModelInfo("conditioned", "test", "none.pt", "cd" * 32)
+    # a stub of MedSAM2's abilities: it declares them as every engine does
+    info = ModelInfo("conditioned", "test", "none.pt", "cd" * 32,
+                     Capabilities(points=True, negative_points=True, mask_prompts=True, multi_slice=True))
 
     def track_prompts(self, shape, *, prompts, reverse, mask_prompt=False):
         self.calls.append(("prompts", reverse, mask_prompt, tuple(p.z for p in prompts)))

@@ -90,7 +90,6 @@ class ImageEngine(Protocol):
     """What the 2D route needs from a model (sam2_image.SAM2ImageEngine, lite.LiteMedSAMEngine)."""
 
     info: ModelInfo
-    accepts_points: bool
     multimask_outputs: bool  # False: the model has one trained output; multimask requests get that one mask
     low_res_size: int
 

@@ -45,7 +45,7 @@ class AutomaskParams:
 
 def check_automask(params: AutomaskParams, *, engine: ImageEngine, where: Callable[[str], str]) -> None:
     """Raise InvalidRequest for automatic-mask options the model cannot honour."""
-    if params.crop_n_layers > 0 and not engine.accepts_points:
+    if params.crop_n_layers > 0 and not engine.info.capabilities.points:
         raise InvalidRequest(
             f"{where('crop_n_layers')}: crops need a point-promptable model; model {engine.info.name} takes boxes only, use 0"
         )
