@@ -41,6 +41,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from medsam2_endpoint import __version__
+from medsam2_endpoint.api.bodies import EXTRA_BYTES, BodyCap, BodyLimit, Scope
 from medsam2_endpoint.api.cancel import run_until_disconnected
 from medsam2_endpoint.api.errors import body_of, error_body, headers_of, http_status
 from medsam2_endpoint.api.samapi_types import ModelTypes
@@ -287,6 +288,20 @@ def _install_error_handlers(app: FastAPI) -> None:
         return _json(error_body(f"internal error; quote request id {request_id} when reporting it", 500, "internal"), 500)
 
 
+def body_cap(scope: Scope) -> BodyCap | None:
+    """Every body capped as it arrives (chunked ones too): an upload at one frame's cap, a JSON body at the
+    request's base64 cap (one image, or a video's inline frames), each plus 1 MiB for the other fields."""
+    state: SamapiState | None = getattr(scope["app"].state, "samapi", None)
+    if state is None:
+        return None
+    if scope.get("path", "").rstrip("/").endswith("/upload"):
+        return BodyCap(state.options.max_upload_bytes + EXTRA_BYTES, "MEDSAM2_SAMAPI_MAX_UPLOAD_MB plus 1 MiB for the form",
+                       "upload one frame per request, or smaller frames")
+    limits = state.service.settings.limits
+    return BodyCap(limits.max_request_base64_bytes + EXTRA_BYTES, "MEDSAM2_MAX_REQUEST_MB plus 1 MiB for the prompts",
+                   "send smaller images, or a video's frames through upload/")
+
+
 def create_app(service: Service | None = None, *, build_service: Callable[[], Service] | None = None) -> FastAPI:
     """The samapi app around an already-built Service (tests), or one `build_service()` makes at start-up.
     Its options are the Service's settings (MEDSAM2_SAMAPI_*)."""
@@ -310,6 +325,7 @@ def create_app(service: Service | None = None, *, build_service: Callable[[], Se
     app = FastAPI(title="medsam2-endpoint samapi", version=__version__, lifespan=lifespan)
     _install_error_handlers(app)
     app.include_router(router)
+    app.add_middleware(BodyLimit, cap_of=body_cap)
     return app
 
 
