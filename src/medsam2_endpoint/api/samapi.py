@@ -271,6 +271,9 @@ def _install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, exc: RequestValidationError) -> Response:
+        if request.url.path.rstrip("/").endswith("/video") and isinstance(exc.body, dict):
+            # a refused video request ends its uploaded sequence too, at once rather than at its TTL
+            get_state(request).uploads.discard(exc.body.get("dirname"))
         return _json(error_body(validation_message(list(exc.errors())), 400, "invalid_request"), 400)
 
     @app.exception_handler(StarletteHTTPException)
