@@ -82,17 +82,19 @@ def load_volume(item: VolumeItem, *, policy: FetchPolicy, limits: Limits, budget
                 tally: VoxelTally | None = None) -> Volume:
     """The item's `nii_image`: base64 (decoded in chunks) or a URL (fetched), read as NIfTI, within the budget.
 
-    With the request's `tally`, an item it has not counted yet (a URL) adds its header's voxels to the
-    request's total before its voxels are decoded."""
+    A URL's NIfTI header is checked from its first bytes, and with the request's `tally` an item it has not
+    counted yet (a URL) adds its voxels to the request's total, before the rest of the file is downloaded."""
     field = item.field("nii_image")
     if item.image is None:
         raise ValueError("load_volume needs nii_image; the Service resolves volume_id")  # parse_request ensures one of them
-    data = source_bytes(item.image, field=field, policy=policy, budget=budget,
-                        decode=lambda text: base64_chunks(text, field=field, limits=limits, budget=budget))
-    if tally is not None and field not in tally.counted and isinstance(data, bytes):
-        shape = peek_shape(data[: 64 << 10], field=field, limits=limits)
-        if shape is not None:
+
+    def count_head(head: bytes) -> None:  # a URL's header: checked and counted before the rest is downloaded
+        shape = peek_shape(head, field=field, limits=limits)
+        if shape is not None and tally is not None and field not in tally.counted:
             tally.add(field, shape)
+
+    data = source_bytes(item.image, field=field, policy=policy, budget=budget, check_head=count_head,
+                        decode=lambda text: base64_chunks(text, field=field, limits=limits, budget=budget))
     volume = read_nifti(data, field=field, limits=limits, budget=budget)
     if tally is not None and field not in tally.counted:  # a header the first bytes did not hold: counted once read
         tally.add(field, tuple(volume.itk_size))
