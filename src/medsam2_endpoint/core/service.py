@@ -31,7 +31,7 @@ from medsam2_endpoint.base.log import log
 from medsam2_endpoint.contract.samapi import VideoPrompt
 from medsam2_endpoint.contract.score2d import AutomaskOptions, ImageItem, ImagePrompt
 from medsam2_endpoint.contract.score3d import VolumeItem
-from medsam2_endpoint.core import score2d, volumes
+from medsam2_endpoint.core import pacs, score2d, volumes
 from medsam2_endpoint.core.held import HeldVolumes
 from medsam2_endpoint.core.images import (
     Frame,
@@ -141,15 +141,20 @@ class Service:
     def _prepare_3d(self, item: VolumeItem, budget: Budget, tally: VoxelTally) -> volumes.PreparedItem:
         name = self.registry.resolve(item.model, field=item.field("model"))
         started = time.perf_counter()
+        series = None
         if item.image is None and item.volume_id is not None:
             volume = self.held.get(item.volume_id, field=item.field("volume_id"))
             volume_id = item.volume_id
+        elif item.dicomweb is not None:  # a series in a PACS (core/pacs.py)
+            volume, series = pacs.load(item, self.settings, budget, tally)
+            volume_id = self.held.hold(volume)
         else:
             volume = volumes.load_volume(item, policy=self.settings.fetch, limits=self.settings.limits, budget=budget,
                                          tally=tally)
             volume_id = self.held.hold(volume)
-        return volumes.prepare(item, volume, name, decode_ms=(time.perf_counter() - started) * 1000, volume_id=volume_id,
-                               accepts_points=self._accepts_points(name), limits=self.settings.limits)
+        prepared = volumes.prepare(item, volume, name, decode_ms=(time.perf_counter() - started) * 1000, volume_id=volume_id,
+                                   accepts_points=self._accepts_points(name), limits=self.settings.limits)
+        return prepared if series is None else replace(prepared, dicomweb=series)
 
     def _accepts_points(self, name: str) -> bool:
         """Whether the model takes point prompts in 3D (MedSAM2) or boxes only (LiteMedSAM): its capabilities."""
@@ -165,6 +170,8 @@ class Service:
         for p in prepared:
             with self.slots.hold(p.engine_name):
                 mask, metadata = volumes.run(p, self.registry.get(p.engine_name), budget, self.walks)
+            if p.dicomweb is not None:  # where the slices came from; with store_seg, the SEG stored back
+                metadata.update(pacs.answer(p.dicomweb, p.item, mask, metadata["model"], self.settings.dicomweb, budget))
             t0 = time.perf_counter()
             encoded = encode_mask(mask, p.windowed, p.item.mask_format, label_map=p.item.multi_object)
             metadata["timing_ms"]["encode"] = round((time.perf_counter() - t0) * 1000, 1)
