@@ -11,6 +11,7 @@ import base64
 import gzip
 import http.server
 import os
+import shutil
 import socket
 import subprocess
 import threading
@@ -46,7 +47,7 @@ CT_DICOM = REAL / "ct_dicom"
 LABELS = REAL / "ct_dicom_labels.nii.gz"
 PASSWORD = "pacs-S3cret-7f2c"  # must appear in no log line
 USER = "medsam"
-DCIODVFY = "/usr/bin/dciodvfy"
+DCIODVFY = shutil.which("dciodvfy") or "/usr/bin/dciodvfy"
 READ_ONLY_TAG = "read-only"
 # Orthanc answers 403 to a STOW-RS into the read-only study: a PACS that refuses the store
 LUA = """
