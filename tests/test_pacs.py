@@ -325,3 +325,27 @@ def test_a_listed_host_name_on_a_private_address_is_refused():
     with pytest.raises(FetchRefused, match=r"non-public address \(10.0.0.5 is private\)"):
         read_dicomweb(SeriesRef(url, "1.2.3", "1.2.4"), DicomwebPolicy(urls=(url,), fetch=FetchPolicy()), field="f",
                       limits=Limits(), resolver=lambda host, port: ["10.0.0.5"])
+
+
+def test_a_batch_prompt_file_can_name_a_series_in_the_pacs(pacs, service, tmp_path):
+    """The batch endpoint: a sidecar alone with `dicomweb` is the work item; its SEG goes into the PACS."""
+    import json
+
+    from medsam2_endpoint.api.batch import BatchApp
+    from medsam2_endpoint.core.service import Service
+    from medsam2_endpoint.core.settings import Settings
+
+    orthanc, (study, series), _ = pacs
+    settings = Settings.from_env({"MEDSAM2_WARMUP": "0", "MEDSAM2_DICOMWEB_URLS": orthanc.dicomweb,
+                                  "MEDSAM2_DICOMWEB_BASIC_AUTH": f"{orthanc.dicomweb}={USER}:{PASSWORD}"})
+    app = BatchApp()
+    app.output_dir, app.service = tmp_path / "out", Service(settings, service.registry)  # the session's models
+    app.output_dir.mkdir()
+    z, box, _ = liver_box()
+    prompt = tmp_path / "liver.prompt.json"
+    prompt.write_text(json.dumps({"dicomweb": {"url": orthanc.dicomweb, "study": study, "series": series}, "store_seg": True,
+                                  "bbox": box, "key_slice_idx": z, "model": "lite-medsam", "max_slices": 1, "propagation": "up"}))
+    (row,) = map(json.loads, app.run([str(prompt)]))
+    assert row["status"] == "ok" and row["error"] is None, row
+    assert row["mask_file"] == "liver_mask.nii.gz" and (app.output_dir / row["mask_file"]).is_file()
+    assert row["seg_file"].startswith(f"dicomweb:{study}/")

@@ -13,6 +13,10 @@ folder given as an item is scored too. Besides the NIfTI mask it writes `<name>_
 referencing the series (one segment per object; labels from the prompt's optional
 `"segment_labels": {"1": "liver"}`, default "object <id>").
 
+PACS: a prompt file alone, `<name>.prompt.json` with `"dicomweb": {"url": ..., "study": ..., "series": ...}` (and
+`"store_seg": true`), is itself the work item: the series is read from the PACS (MEDSAM2_DICOMWEB_URLS) as
+`/score` does, `<name>_mask.nii.gz` is written and the SEG is stored into the study (segment labels "object <id>").
+
 Every item of the mini-batch gets a row, prompt files included (status "skipped"): the batch driver
 counts the rows run() returns as the items that succeeded, so a missing row would count as a failed
 file against the deployment's error_threshold.
@@ -21,6 +25,7 @@ file against the deployment's error_threshold.
 from __future__ import annotations
 
 import argparse
+import base64
 import json
 import os
 import time
@@ -63,7 +68,9 @@ def read_prompt(path: Path) -> tuple[VolumeItem, dict[int, str]]:
     if not isinstance(labels, dict) or not all(isinstance(v, str) for v in labels.values()):
         raise InvalidRequest(f'{prompt_path.name}: segment_labels: expected {{"<object id>": "<label>", ...}}')
     columns = {key: [value] for key, value in prompt.items()}
-    (item,) = parse_request({"input_data": {**columns, "nii_image": [path.name]}}, max_items=1)
+    # a series in a PACS (dicomweb) instead of the file beside the prompt: the mask comes back as NIfTI
+    source = {"mask_format": ["nifti"]} if "dicomweb" in prompt else {"nii_image": [path.name]}
+    (item,) = parse_request({"input_data": {**columns, **source}}, max_items=1)
     try:
         return item, {int(k): v for k, v in labels.items()}
     except ValueError:
@@ -78,6 +85,15 @@ def series_of(path: Path) -> Path | None:
         return folder if folder.is_dir() else None
     parent = path.parent
     return parent if parent.with_name(parent.name + PROMPT_SUFFIX).is_file() else None
+
+
+def names_dicomweb(path: Path) -> bool:
+    """Whether a prompt file names a series in a PACS (`"dicomweb": {"url", "study", "series"}`) instead of a file."""
+    try:
+        prompt = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(prompt, dict) and "dicomweb" in prompt
 
 
 def empty_row(path: Path, status: str) -> dict[str, Any]:
@@ -115,6 +131,8 @@ class BatchApp:
             if self.service is None:
                 raise ServiceError("init() has not run")
             item, labels = read_prompt(path)
+            if item.dicomweb is not None:
+                return self._score_dicomweb(path, item, row, started)
             result = self.service.score_3d_file(item, path)
             out = self.output_dir / f"{stem(path)}_mask.nii.gz"
             out.write_bytes(result.mask_nifti)
@@ -135,6 +153,23 @@ class BatchApp:
         row["time_s"] = round(time.perf_counter() - started, 2)
         return row
 
+    def _score_dicomweb(self, path: Path, item: VolumeItem, row: dict[str, Any], started: float) -> dict[str, Any]:
+        """A prompt file naming a series in a PACS: scored as /score would (the SEG stored into the PACS with
+        store_seg; `seg_file` then reads `dicomweb:<study>/<series>/<instance>`, and a failed store is the row's error)."""
+        assert self.service is not None
+        (result,) = self.service.score_3d([item])
+        out = self.output_dir / f"{stem(path)}_mask.nii.gz"
+        out.write_bytes(base64.b64decode(result["mask"]))
+        meta = result["metadata"]
+        row.update(voxels=meta["voxel_count"], volume_ml=meta["volume_ml"], model=meta["model"]["name"], mask_file=out.name)
+        stored = meta.get("dicom_seg")
+        if stored is not None and "error" in stored:
+            row.update(error=f"the mask is written; the DICOM SEG was not stored: {stored['error']}", code=stored.get("code"))
+        elif stored is not None:
+            row["seg_file"] = f"dicomweb:{stored['study_uid']}/{stored['series_uid']}/{stored['sop_instance_uid']}"
+        row["time_s"] = round(time.perf_counter() - started, 2)
+        return row
+
     def run(self, mini_batch: Sequence[str]) -> list[str]:
         """One JSON row per item: a result for each volume, "skipped" for prompt files (read with their volume)."""
         rows = []
@@ -144,6 +179,8 @@ class BatchApp:
             if path.is_dir() or (series is not None and path.name.endswith(PROMPT_SUFFIX)):
                 row = self._score(series or path)
                 row["file"] = path.name
+            elif series is None and path.name.endswith(PROMPT_SUFFIX) and names_dicomweb(path):
+                row = self._score(path)  # the series is in a PACS: the prompt file is the work item
             elif series is not None or path.name.endswith(PROMPT_SUFFIX):
                 row = {**empty_row(path, "skipped"), "time_s": 0.0}
             else:
