@@ -349,3 +349,18 @@ def test_a_batch_prompt_file_can_name_a_series_in_the_pacs(pacs, service, tmp_pa
     assert row["status"] == "ok" and row["error"] is None, row
     assert row["mask_file"] == "liver_mask.nii.gz" and (app.output_dir / row["mask_file"]).is_file()
     assert row["seg_file"].startswith(f"dicomweb:{study}/")
+
+
+def test_a_listed_host_name_is_connected_at_the_address_that_was_checked(pacs):
+    """`pacs.test` resolves nowhere but in the checked lookup: the series is read, so the connection went to the
+    vetted address (no second DNS lookup), as io/fetch.py pins URL inputs."""
+    orthanc, (study, series), _ = pacs
+    url = orthanc.dicomweb.replace("127.0.0.1", "pacs.test")
+    policy = DicomwebPolicy(urls=(url,), basic={url: (USER, PASSWORD)}, fetch=FetchPolicy(allow_networks=("127.0.0.1/32",)))
+    lookups = []
+    got = read_dicomweb(SeriesRef(url, study, series), policy, field="f", limits=Limits(),
+                        resolver=lambda host, port: lookups.append(host) or ["127.0.0.1"])
+    try:
+        assert len(got.files) == 20 and set(lookups) == {"pacs.test"}
+    finally:
+        got.close()

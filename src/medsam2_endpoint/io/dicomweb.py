@@ -3,7 +3,8 @@
 Only base URLs listed in MEDSAM2_DICOMWEB_URLS are used; anything else is refused before any connection.
 Every request (redirect hops included) passes io/fetch.py's address checks: a non-public address is used only
 when the listed URL names it literally (`http://127.0.0.1:8042/dicom-web`) or MEDSAM2_FETCH_ALLOW_NETWORKS
-exempts it. The series' size is judged from its WADO-RS metadata before any pixel is fetched; the instances
+exempts it; the connection then goes to the address checked (no second DNS lookup), https keeping the host name
+for SNI and the certificate check. The series' size is judged from its WADO-RS metadata before any pixel is fetched; the instances
 are then fetched one by one (the request's budget checked between them), written to a temporary folder and
 read by the series reader every DICOM folder goes through (io/dicom_seg.py), so slices are in the same
 position order as a series on disk. Credentials (bearer token, basic auth, a managed identity's token) travel
@@ -37,6 +38,7 @@ from medsam2_endpoint.base.errors import (
     UnsupportedMedia,
 )
 from medsam2_endpoint.base.log import log
+from medsam2_endpoint.io import fetch as fetch_module  # _CA_CERTS: certifi's, or the tests' CA
 from medsam2_endpoint.io.dicom_seg import Algorithm, Segment, series_files, write_dicom_seg
 from medsam2_endpoint.io.fetch import FetchPolicy, Resolver, check_url, default_resolver, redact_url
 from medsam2_endpoint.io.limits import Limits, VoxelTally
@@ -136,6 +138,36 @@ def _hop_policy(base: str, policy: DicomwebPolicy) -> FetchPolicy:
                    allow_networks=(*policy.fetch.allow_networks, *exempt))
 
 
+class _PinnedAdapter(requests.adapters.HTTPAdapter):
+    """Connects to the address `check_url` vetted (no second DNS lookup an attacker could answer differently),
+    sending the original Host header and, for https, the original host name for SNI and the certificate check,
+    as io/fetch.py does. The response keeps the original URL, so redirects are judged against it."""
+
+    def send(self, request: requests.PreparedRequest, *args: Any, **kwargs: Any) -> requests.Response:
+        pin: tuple[str, str] | None = getattr(request, "medsam2_pin", None)
+        if pin is None:
+            return super().send(request, *args, **kwargs)
+        original = str(request.url)
+        parts = urllib.parse.urlsplit(original)
+        address = f"[{pin[1]}]" if ":" in pin[1] else pin[1]
+        request.url = urllib.parse.urlunsplit(parts._replace(netloc=address + (f":{parts.port}" if parts.port else "")))
+        request.headers["Host"] = parts.netloc
+        try:
+            response = super().send(request, *args, **kwargs)
+        finally:
+            request.url = original
+        response.url = original
+        return response
+
+    def build_connection_pool_key_attributes(self, request: requests.PreparedRequest, verify: bool | str,
+                                             cert: Any = None) -> tuple[dict[str, Any], dict[str, Any]]:
+        host_params, pool_kwargs = super().build_connection_pool_key_attributes(request, verify, cert)
+        pin: tuple[str, str] | None = getattr(request, "medsam2_pin", None)
+        if pin is not None and host_params.get("scheme") == "https":
+            pool_kwargs.update(server_hostname=pin[0], assert_hostname=pin[0])
+        return host_params, pool_kwargs
+
+
 class _GuardedSession(requests.Session):
     """A requests session that checks every hop before it is sent: a listed server's origin, io/fetch's address
     rules, the request's budget (each socket wait cut to what is left of it), TLS verified, no proxies or .netrc."""
@@ -147,6 +179,9 @@ class _GuardedSession(requests.Session):
         self._policy, self._field, self._budget, self._resolver = policy, field, budget, resolver
         self._origins = {_origin(u): u for u in policy.urls}
         self.sent = 0
+        adapter = _PinnedAdapter(max_retries=0)
+        self.mount("http://", adapter)
+        self.mount("https://", adapter)
 
     def send(self, request: requests.PreparedRequest, **kwargs: Any) -> requests.Response:
         url = str(request.url)
@@ -154,14 +189,18 @@ class _GuardedSession(requests.Session):
         base = self._origins.get(_origin(url))
         if base is None:  # a redirect to another server
             raise FetchRefused(f"{self._field}: DICOMweb {label} to {redact_url(url)} refused: not a server listed in {URLS_SETTING}")
-        check_url(url, _hop_policy(base, self._policy), resolver=self._resolver, field=self._field, label=f"DICOMweb {label}")
+        parts, ips = check_url(url, _hop_policy(base, self._policy), resolver=self._resolver, field=self._field,
+                               label=f"DICOMweb {label}")
+        host = (parts.hostname or "").strip("[]")
+        if host not in ips:  # a host name: connect to the address just vetted
+            request.medsam2_pin = (host, ips[0])  # type: ignore[attr-defined]
         fetch = self._policy.fetch
         read = fetch.read_timeout_s
         if self._budget is not None:
             self._budget.check(self.sent, "dicomweb_requests", advice="the PACS answers too slowly")
             left = self._budget.remaining()
             read = read if left is None else max(0.05, min(read, left))
-        kwargs.update(timeout=(min(fetch.connect_timeout_s, read), read), verify=True, proxies={})
+        kwargs.update(timeout=(min(fetch.connect_timeout_s, read), read), verify=fetch_module._CA_CERTS or True, proxies={})
         self.sent += 1
         response = super().send(request, **kwargs)
         length = (response.headers.get("Content-Length") or "").strip()
@@ -229,6 +268,8 @@ def _pacs_errors(field: str, what: str, shown: str) -> Iterator[None]:
         raise FetchFailed(f"{field}: {what}: the PACS {shown} answered {answer}{hint}", detail={"pacs_status": status}) from None
     except requests.Timeout:
         raise FetchFailed(f"{field}: {what}: the PACS {shown} did not answer in time", code="fetch_timeout") from None
+    except requests.exceptions.SSLError:
+        raise FetchFailed(f"{field}: {what}: TLS verification failed for {shown}; the PACS needs a valid certificate") from None
     except requests.TooManyRedirects:
         raise FetchRefused(f"{field}: {what}: too many redirects from {shown}") from None
     except (requests.RequestException, OSError, ValueError) as exc:  # connection refused, reset, a malformed answer
