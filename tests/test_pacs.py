@@ -16,6 +16,7 @@ import socket
 import subprocess
 import threading
 import time
+from functools import partial
 from pathlib import Path
 
 import highdicom as hd
@@ -40,6 +41,7 @@ from medsam2_endpoint.io.dicomweb import DicomwebPolicy, SeriesRef, check_metada
 from medsam2_endpoint.io.fetch import FetchPolicy
 from medsam2_endpoint.io.limits import Limits
 from orthanc import load_series, require, running_orthanc
+from test_fetch import tls_server  # noqa: F401 - the https server of the fetch tests, shared
 
 # as test_quality.py; a worktree beside the checkout points at the data with MEDSAM2_TEST_REAL_DATA
 REAL = Path(os.environ.get("MEDSAM2_TEST_REAL_DATA") or Path(__file__).resolve().parents[2] / "shared" / "data" / "real")
@@ -364,3 +366,24 @@ def test_a_listed_host_name_is_connected_at_the_address_that_was_checked(pacs):
         assert len(got.files) == 20 and set(lookups) == {"pacs.test"}
     finally:
         got.close()
+
+
+def test_https_is_pinned_and_checked_against_the_listed_name(tls_server, monkeypatch):  # noqa: F811 - the imported fixture
+    """https at the vetted address keeps the listed host name for SNI and the certificate (test_fetch's server,
+    whose certificate names only medsam.test)."""
+    from medsam2_endpoint.io import fetch
+
+    monkeypatch.setattr(fetch, "_CA_CERTS", tls_server.ca)
+    tls_server.sni.clear()
+    for host in ("medsam.test", "other.test"):
+        url = f"https://{host}:{tls_server.port}/dicom-web"
+        policy = DicomwebPolicy(urls=(url,), fetch=FetchPolicy(allow_networks=("127.0.0.0/8",)))
+        call = partial(read_dicomweb, SeriesRef(url, "1.2.3", "1.2.4"), policy, field="f", limits=Limits(),
+                       resolver=lambda host, port: ["127.0.0.1"])
+        if host == "medsam.test":
+            with pytest.raises(ServiceError, match="answered HTTP"):  # the handshake passed: the server answered
+                call()
+        else:
+            with pytest.raises(FetchRefused, match="TLS verification failed for https://other.test"):
+                call()
+    assert tls_server.sni == ["medsam.test", "other.test"]
