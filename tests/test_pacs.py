@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import gzip
 import http.server
+import json
 import os
 import shutil
 import socket
@@ -30,6 +31,7 @@ import SimpleITK as sitk
 from local_server import running_server
 from medsam2_endpoint.base.budget import Budget
 from medsam2_endpoint.base.errors import (
+    FetchFailed,
     FetchRefused,
     NotFound,
     PayloadTooLarge,
@@ -331,8 +333,6 @@ def test_a_listed_host_name_on_a_private_address_is_refused():
 
 def test_a_batch_prompt_file_can_name_a_series_in_the_pacs(pacs, service, tmp_path):
     """The batch endpoint: a sidecar alone with `dicomweb` is the work item; its SEG goes into the PACS."""
-    import json
-
     from medsam2_endpoint.api.batch import BatchApp
     from medsam2_endpoint.core.service import Service
     from medsam2_endpoint.core.settings import Settings
@@ -387,3 +387,56 @@ def test_https_is_pinned_and_checked_against_the_listed_name(tls_server, monkeyp
             with pytest.raises(FetchRefused, match="TLS verification failed for https://other.test"):
                 call()
     assert tls_server.sni == ["medsam.test", "other.test"]
+
+
+class _FakeAzureML(http.server.BaseHTTPRequestHandler):
+    """Azure ML's managed-identity token endpoint (MSI_ENDPOINT) and a DICOMweb server, on loopback."""
+
+    seen: list[tuple[str, str | None]] = []
+    token_status = 200
+
+    def do_GET(self):  # noqa: N802 - http.server's naming
+        self.seen.append((self.path, self.headers.get("Authorization")))
+        status, body = 200, b"[]"  # DICOMweb: a series without instances
+        if self.path.startswith("/msi/"):
+            status = self.token_status
+            body = json.dumps({"access_token": "entra-token-1", "expires_on": str(int(time.time()) + 3600),
+                               "resource": "https://dicom.healthcareapis.azure.com", "token_type": "Bearer"}
+                              if status == 200 else {"error": "invalid_request", "error_description": "local-secret"}).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.mark.parametrize("token_status", [200, 500])
+def test_the_managed_identity_token_is_for_the_dicom_service(monkeypatch, token_status):
+    """azure-identity (the real one) gets the token from Azure ML's managed-identity endpoint for the DICOM
+    service's audience; it is sent as a bearer token; a failure says so without the endpoint's answer."""
+    from medsam2_endpoint.io import dicomweb
+
+    handler = type("Fake", (_FakeAzureML,), {"seen": [], "token_status": token_status})
+    httpd, url = _serve(handler)
+    base = url.rsplit("/", 1)[0]
+    monkeypatch.setenv("MSI_ENDPOINT", base + "/msi/token")
+    monkeypatch.setenv("MSI_SECRET", "local-secret")
+    dicomweb._credential.cache_clear()
+    try:
+        policy = DicomwebPolicy(urls=(url,), managed_identity="system")
+        expected = NotFound if token_status == 200 else FetchFailed
+        with pytest.raises(expected) as caught:
+            read_dicomweb(SeriesRef(url, "1.2.3", "1.2.4"), policy, field="f", limits=Limits())
+        token_path = handler.seen[0][0]
+        assert token_path.startswith("/msi/token") and "resource=https://dicom.healthcareapis.azure.com" in token_path
+        if token_status == 200:
+            assert handler.seen[-1] == ("/dicom-web/studies/1.2.3/series/1.2.4/metadata", "Bearer entra-token-1")
+        else:
+            assert "managed identity" in caught.value.message and "local-secret" not in caught.value.message
+            assert not any(path.startswith("/dicom-web") for path, _ in handler.seen)  # nothing sent unsigned
+    finally:
+        dicomweb._credential.cache_clear()
+        httpd.shutdown()

@@ -232,7 +232,9 @@ class _EntraToken(requests.auth.AuthBase):
 def _credential(client_id: str) -> Any:
     from azure.identity import ManagedIdentityCredential  # only where a managed identity is configured
 
-    return ManagedIdentityCredential(client_id=None if client_id in ("", "system") else client_id)
+    # one quick retry: azure-core's default back-off (seconds, several tries) would outlive a request's budget
+    return ManagedIdentityCredential(client_id=None if client_id in ("", "system") else client_id, retry_total=1,
+                                     retry_backoff_factor=0.2)
 
 
 def _client(base: str, policy: DicomwebPolicy, *, field: str, budget: Budget | None, resolver: Resolver) -> Any:
