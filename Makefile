@@ -8,7 +8,7 @@ SAMAPI_PORT ?= 8000
 MODEL_DIR ?= $(CURDIR)/model
 PYTEST_ARGS ?=
 
-.PHONY: venv serve serve-qupath test lint samples bench-quality bench-speed clean
+.PHONY: venv serve serve-qupath test lint pacs-tools samples bench-quality bench-speed clean
 
 venv: $(STAMP)
 
@@ -26,8 +26,23 @@ serve: $(STAMP)
 serve-qupath: $(STAMP)
 	$(VENV)/bin/medsam2-endpoint serve-samapi --port $(SAMAPI_PORT) --model-dir $(MODEL_DIR)
 
-test: $(STAMP) lint
+test: $(STAMP) lint pacs-tools
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+# The PACS tests (tests/test_pacs.py) run a real Orthanc with its DICOMweb plugin and check every SEG with
+# dciodvfy: installed here when running as root (CI does); without them those tests fail, they never skip.
+# The tests start their own Orthanc process on a free port; the Debian service is not used.
+ORTHANC_PARTS := /usr/sbin/Orthanc /usr/share/orthanc/plugins/libOrthancDicomWeb.so /usr/bin/dciodvfy
+pacs-tools:
+	@for f in $(ORTHANC_PARTS); do test -e $$f || missing=1; done; \
+	if [ -n "$$missing" ]; then \
+	  if [ "$$(id -u)" = 0 ]; then \
+	    apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends orthanc orthanc-dicomweb dicom3tools; \
+	  else \
+	    echo "Orthanc, its DICOMweb plugin or dciodvfy is missing: tests/test_pacs.py will fail;" \
+	         "install them as root: apt-get install orthanc orthanc-dicomweb dicom3tools" >&2; \
+	  fi; \
+	fi
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check src tests benchmarks score.py batch_score.py

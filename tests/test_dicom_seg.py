@@ -3,6 +3,9 @@ lies on the source slice it names, and its pixels equal the NIfTI label map's sl
 
 from __future__ import annotations
 
+import os
+import shutil
+import subprocess
 from pathlib import Path
 
 import highdicom as hd
@@ -14,7 +17,8 @@ import SimpleITK as sitk
 from medsam2_endpoint.base.errors import InvalidRequest
 from medsam2_endpoint.io.dicom_seg import Algorithm, Segment, read_series, series_files, write_dicom_seg
 
-REAL = Path(__file__).resolve().parents[2] / "shared" / "data" / "real"  # as test_quality.py
+# as test_quality.py; a worktree beside the checkout points at the data with MEDSAM2_TEST_REAL_DATA
+REAL = Path(os.environ.get("MEDSAM2_TEST_REAL_DATA") or Path(__file__).resolve().parents[2] / "shared" / "data" / "real")
 CT_DICOM = REAL / "ct_dicom"
 LABELS = CT_DICOM.with_name("ct_dicom_labels.nii.gz")
 pytestmark = pytest.mark.skipif(not CT_DICOM.is_dir(), reason="the real CT series is not on this machine")
@@ -82,6 +86,10 @@ def test_seg_round_trip_on_the_real_series(tmp_path):
         position = [float(v) for v in pydicom.dcmread(path, stop_before_pixels=True).ImagePositionPatient]
         assert np.allclose(position, image.TransformIndexToPhysicalPoint((0, 0, z)), atol=1e-3)
     assert len(frames) == sum(int((mask[z] == v).any()) for z in range(mask.shape[0]) for v in (3, 9))
+    # David Clunie's validator: no IOD violation (missing dciodvfy fails; `make test` installs it as root)
+    check = subprocess.run([shutil.which("dciodvfy") or "/usr/bin/dciodvfy", str(tmp_path / "seg.dcm")],
+                           capture_output=True, text=True, timeout=60)
+    assert not [line for line in (check.stdout + check.stderr).splitlines() if line.startswith("Error")], check.stderr
 
 
 def test_series_size_is_checked_before_reading():

@@ -28,7 +28,7 @@ def test_document_is_openapi_30_without_json_schema_2020_constructs():
         assert ref in doc["components"]["schemas"]
     columns = doc["components"]["schemas"]["VolumeColumns"]
     assert columns["additionalProperties"] is False and "required" not in columns
-    assert columns["anyOf"] == [{"required": ["nii_image"]}, {"required": ["volume_id"]}]  # one names each item's volume
+    assert columns["anyOf"] == [{"required": ["nii_image"]}, {"required": ["volume_id"]}, {"required": ["dicomweb"]}]
 
 
 def test_conversion_rules():

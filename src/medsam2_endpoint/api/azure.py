@@ -65,7 +65,7 @@ def route_of(body: Any) -> tuple[str, int]:
     columns = body.get("input_data") if isinstance(body, dict) else None
     if not isinstance(columns, dict):
         return "-", 0
-    route, first = ("2d", columns.get("image")) if "image" in columns else ("3d", columns.get("nii_image"))
+    route, first = ("2d", columns.get("image")) if "image" in columns else ("3d", columns.get("nii_image") or columns.get("dicomweb"))
     return route, len(first) if isinstance(first, list) else 0
 
 

@@ -13,6 +13,10 @@ folder given as an item is scored too. Besides the NIfTI mask it writes `<name>_
 referencing the series (one segment per object; labels from the prompt's optional
 `"segment_labels": {"1": "liver"}`, default "object <id>").
 
+PACS: a prompt file alone, `<name>.prompt.json` with `"dicomweb": {"url": ..., "study": ..., "series": ...}` (and
+`"store_seg": true`), is itself the work item: the series is read from the PACS (MEDSAM2_DICOMWEB_URLS) as
+`/score` does, `<name>_mask.nii.gz` is written and the SEG is stored into the study (segment labels "object <id>").
+
 Every item of the mini-batch gets a row, prompt files included (status "skipped"): the batch driver
 counts the rows run() returns as the items that succeeded, so a missing row would count as a failed
 file against the deployment's error_threshold.
@@ -28,7 +32,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from medsam2_endpoint.api.batch_files import PROMPT_SUFFIX, FileScorer, empty_row, series_of
+from medsam2_endpoint.api.batch_files import PROMPT_SUFFIX, FileScorer, empty_row, names_dicomweb, series_of
 from medsam2_endpoint.api.batch_worker import IsolatedScorer
 from medsam2_endpoint.core.service import Service
 from medsam2_endpoint.core.settings import Settings
@@ -66,6 +70,8 @@ class BatchApp:
             if path.is_dir() or (series is not None and path.name.endswith(PROMPT_SUFFIX)):
                 row = self._score(series or path)
                 row["file"] = path.name
+            elif series is None and path.name.endswith(PROMPT_SUFFIX) and names_dicomweb(path):
+                row = self._score(path)  # the series is in a PACS: the prompt file is the work item
             elif series is not None or path.name.endswith(PROMPT_SUFFIX):
                 row = {**empty_row(path, "skipped"), "time_s": 0.0}
             else:

@@ -41,7 +41,9 @@ def read_prompt(path: Path) -> tuple[VolumeItem, dict[int, str]]:
     if not isinstance(labels, dict) or not all(isinstance(v, str) for v in labels.values()):
         raise InvalidRequest(f'{prompt_path.name}: segment_labels: expected {{"<object id>": "<label>", ...}}')
     columns = {key: [value] for key, value in prompt.items()}
-    (item,) = parse_request({"input_data": {**columns, "nii_image": [path.name]}}, max_items=1)
+    # a series in a PACS (dicomweb) instead of the file beside the prompt
+    source = {} if "dicomweb" in prompt else {"nii_image": [path.name]}
+    (item,) = parse_request({"input_data": {**columns, **source}}, max_items=1)
     try:
         return item, {int(k): v for k, v in labels.items()}
     except ValueError:
@@ -56,6 +58,15 @@ def series_of(path: Path) -> Path | None:
         return folder if folder.is_dir() else None
     parent = path.parent
     return parent if parent.with_name(parent.name + PROMPT_SUFFIX).is_file() else None
+
+
+def names_dicomweb(path: Path) -> bool:
+    """Whether a prompt file names a series in a PACS (`"dicomweb": {"url", "study", "series"}`) instead of a file."""
+    try:
+        prompt = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(prompt, dict) and "dicomweb" in prompt
 
 
 def empty_row(path: Path, status: str) -> dict[str, Any]:
@@ -87,6 +98,11 @@ class FileScorer:
                 seg = output_dir / f"{stem(path)}_seg.dcm"
                 seg.write_bytes(result.dicom_seg)
                 row["seg_file"] = seg.name
+            stored = meta.get("dicom_seg")  # a PACS series' SEG, stored back into its study (store_seg)
+            if stored is not None and "error" in stored:
+                row.update(error=f"the mask is written; the DICOM SEG was not stored: {stored['error']}", code=stored.get("code"))
+            elif stored is not None:
+                row["seg_file"] = f"dicomweb:{stored['study_uid']}/{stored['series_uid']}/{stored['sop_instance_uid']}"
         except ServiceError as exc:
             row.update(status="error", error=exc.message, code=exc.code)
         except Exception as exc:  # one broken file must not lose the mini-batch

@@ -149,7 +149,7 @@ def build_openapi() -> dict[str, Any]:
             "/score": {
                 "post": {
                     "operationId": "Score",
-                    "description": "3D route when `input_data` has `nii_image`, 2D route when it has `image`.",
+                    "description": "3D route when `input_data` has `nii_image` (or `dicomweb`), 2D route when it has `image`.",
                     "parameters": [
                         {
                             "name": "x-request-id",

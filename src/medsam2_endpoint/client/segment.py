@@ -28,6 +28,7 @@ import SimpleITK as sitk
 
 from medsam2_endpoint import __version__
 from medsam2_endpoint.base.errors import ServiceError
+from medsam2_endpoint.client.pacs import predict_dicomweb, prompt_columns
 from medsam2_endpoint.client.prompts import first_box, first_slice, load_prompts, previous_column
 from medsam2_endpoint.client.transport import KEY_ENV, ClientError, EndpointError, post_request
 from medsam2_endpoint.io.dicom_seg import SEG_SUFFIX, Algorithm, Segment, write_dicom_seg
@@ -405,7 +406,11 @@ def _parser() -> argparse.ArgumentParser:
         f"{MRI_PERCENTILES[1]} percentiles of nonzero voxels. The key is read from ${KEY_ENV}. -o NAME.dcm writes a DICOM "
         "Segmentation referencing the source series (DICOM input), -o NAME.nii.gz a NIfTI label map.",
     )
-    p.add_argument("volume", help="NIfTI/NRRD/MHA file or DICOM series folder")
+    p.add_argument("volume", nargs="?", help="NIfTI/NRRD/MHA file or DICOM series folder (none with --dicomweb)")
+    p.add_argument("--dicomweb", metavar="URL", help="read the series from this DICOMweb server (one the endpoint lists in "
+                   "MEDSAM2_DICOMWEB_URLS) instead of a local volume; with --study and --series")
+    p.add_argument("--study", help="StudyInstanceUID of the --dicomweb series")
+    p.add_argument("--store-seg", action="store_true", help="with --dicomweb: the endpoint stores the DICOM SEG into the study")
     p.add_argument("--bbox", nargs=4, type=float, metavar=("X0", "Y0", "X1", "Y1"), help="box on the key slice (x = column)")
     p.add_argument("--key-slice", type=int, help="z index of the key slice")
     p.add_argument("--objects", help='JSON file: [{"id": 1, "bbox": [...], "key_slice": 12, "label": "liver"}, ...] (instead of --bbox/--key-slice)')
@@ -429,7 +434,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--panels", type=int, default=5, help="slices in the preview (default 5)")
     p.add_argument("--metadata", help="write the endpoint's metadata (JSON list, one per object) here")
     p.add_argument("--mask-format", choices=["nifti", "rle"], default="nifti", help="mask encoding of the answer")
-    p.add_argument("--series", help="DICOM SeriesInstanceUID when the folder holds several series")
+    p.add_argument("--series", help="DICOM SeriesInstanceUID when the folder holds several series; the --dicomweb series")
     p.add_argument("--timeout", type=float, default=600.0, help="seconds to wait for the answer (default 600)")
     p.add_argument("--retries", type=int, default=4, help="retries on 429/503 (default 4)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
@@ -464,6 +469,17 @@ def predict_main(argv: list[str]) -> int:
             raise ClientError("give --bbox X0 Y0 X1 Y1 and --key-slice K, or --objects FILE")
         else:
             objects = [ObjectPrompt(tuple(args.bbox), args.key_slice, 1, args.label)]
+        if args.dicomweb:  # the endpoint reads the series from the PACS itself (client/pacs.py)
+            if not (args.study and args.series) or args.volume or args.previous:
+                raise ClientError("--dicomweb needs --study and --series, and no local volume or --previous")
+            options = {"model": args.model, "modality": "MR" if args.preset == "mri" else args.modality,
+                       "dicom_window": list(args.window) if args.window else PRESETS.get(args.preset or ""),
+                       "propagation": args.propagation, "stop_after_empty": args.stop_after_empty, "max_slices": args.max_slices}
+            return predict_dicomweb(args.dicomweb, args.study, args.series, prompt_columns(objects, prompts), store_seg=args.store_seg,
+                                    outputs=args.output or [], endpoint=args.endpoint, deployment=args.deployment,
+                                    timeout=args.timeout, retries=args.retries, options=options, metadata_path=args.metadata)
+        if not args.volume:
+            raise ClientError("give a volume (file or DICOM folder), or --dicomweb URL --study UID --series UID")
         result = segment(
             args.volume, objects=objects, window=args.window, preset=args.preset, model=args.model,
             endpoint=args.endpoint, deployment=args.deployment, mask_format=args.mask_format, series_uid=args.series,

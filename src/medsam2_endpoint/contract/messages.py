@@ -58,7 +58,7 @@ def validate_columns(body: Any, model: type[RequestT], *, first: str | tuple[str
     """A column-format body `{"input_data": {...}}` validated by `model`: (request, item count).
 
     Every column must have one entry per item; the first of `first` that the body gives sets the count (the
-    3D route's items name their volume by nii_image or by volume_id, so either may be the one given)."""
+    3D route's items name their volume by nii_image, volume_id or dicomweb, so any may be the one given)."""
     if not isinstance(body, dict):
         raise InvalidRequest('body: expected a JSON object {"input_data": {...}}')
     try:

@@ -62,16 +62,32 @@ class ObjectBody(BaseModel):
         default=None, description="prompts on one or several slices (instead of bbox/recist + key_slice_idx)")
 
 
+UID = Annotated[StrictStr, Field(min_length=1, max_length=64, pattern=r"^[0-9]+(\.[0-9]+)*$")]
+
+
+class DicomwebSource(BaseModel):
+    """A series in a PACS: a DICOMweb base URL the endpoint lists (MEDSAM2_DICOMWEB_URLS) and its UIDs."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    url: StrictStr = Field(max_length=2048, description="DICOMweb base URL, one of MEDSAM2_DICOMWEB_URLS")
+    study: UID = Field(description="StudyInstanceUID")
+    series: UID = Field(description="SeriesInstanceUID")
+
+
 class VolumeColumns(BaseModel):
     """Columns of the 3D route; optional columns may be omitted or hold null entries. Each item names its volume
     by nii_image or by volume_id, so one of those two columns must be given."""
 
+    # each item names its volume by nii_image, by volume_id (held by the worker) or by dicomweb (a series in a
+    # PACS): one of these columns is required
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False, json_schema_extra={
-        "anyOf": [{"required": ["nii_image"]}, {"required": ["volume_id"]}]})
+        "anyOf": [{"required": ["nii_image"]}, {"required": ["volume_id"]}, {"required": ["dicomweb"]}]})
 
     nii_image: list[StrictStr | None] | None = Field(
         default=None, min_length=1,
-        description="base64 of a .nii/.nii.gz file, or an https URL; null (or the column omitted) with a volume_id the worker holds")
+        description="base64 of a .nii/.nii.gz file, or an https URL; null (or the column omitted) with a volume_id the "
+                    "worker holds or a dicomweb series")
     bbox: list[Box | None] | None = Field(default=None, description="[x_min, y_min, x_max, y_max] on the key slice, original pixel indices")
     key_slice_idx: list[int | None] | None = Field(default=None, description="key slice index in the full series")
     objects: list[list[ObjectBody] | None] | None = Field(default=None, description="several objects per item (instead of bbox/key_slice_idx)")
@@ -90,6 +106,11 @@ class VolumeColumns(BaseModel):
         default=None, min_length=1, description="metadata.volume_id of an earlier answer: the worker's held copy is used instead of nii_image")
     previous_mask: list[dict[str, Any] | StrictStr | None] | None = Field(
         default=None, description="the earlier answer's mask (its rle object or nifti base64): slices the new prompts do not reach keep it")
+    dicomweb: list[DicomwebSource | None] | None = Field(
+        default=None, min_length=1, description="a series read from a PACS by DICOMweb instead of nii_image; key_slice_idx "
+        "indexes its slices in position order (metadata.source.dicomweb.instances)")
+    store_seg: list[bool | None] | None = Field(
+        default=None, description="store the mask as a DICOM SEG into the dicomweb series' study (STOW-RS); metadata.dicom_seg says where")
 
 
 class ScoreRequest(BaseModel):
@@ -148,6 +169,8 @@ class VolumeItem:
     max_slices: int | None
     volume_id: str | None = None
     previous_mask: dict[str, Any] | str | None = None
+    dicomweb: DicomwebSource | None = None
+    store_seg: bool = False
 
     def field(self, column: str) -> str:
         return f"input_data.{column}[{self.index}]"
@@ -160,7 +183,8 @@ def _allowed(loc: tuple[Any, ...]) -> str:
 
 def parse_request(body: Any, *, max_items: int) -> list[VolumeItem]:
     """Validate the whole request (every item) before anything runs."""
-    request, count = validate_columns(body, ScoreRequest, first=("nii_image", "volume_id"), max_items=max_items, allowed=_allowed)
+    request, count = validate_columns(body, ScoreRequest, first=("nii_image", "volume_id", "dicomweb"), max_items=max_items,
+                                      allowed=_allowed)
     cols = request.input_data
     items = []
     for i in range(count):
@@ -175,9 +199,16 @@ def parse_request(body: Any, *, max_items: int) -> list[VolumeItem]:
         if offset < 0:
             raise InvalidRequest(f"input_data.slice_offset[{i}]: must be 0 or more, got {offset}")
         stop = _entry(cols.stop_after_empty, i)
-        image, volume_id = _entry(cols.nii_image, i), _entry(cols.volume_id, i)
-        if image is None and volume_id is None:
-            raise InvalidRequest(f"input_data.nii_image[{i}]: required (or give input_data.volume_id[{i}] from an earlier answer)")
+        image, volume_id, dicomweb = _entry(cols.nii_image, i), _entry(cols.volume_id, i), _entry(cols.dicomweb, i)
+        if image is None and volume_id is None and dicomweb is None:
+            raise InvalidRequest(f"input_data.nii_image[{i}]: required (or give input_data.volume_id[{i}] from an earlier answer, "
+                                 f"or input_data.dicomweb[{i}])")
+        if dicomweb is not None and (image is not None or volume_id is not None):
+            raise InvalidRequest(f"input_data.dicomweb[{i}]: give either dicomweb or nii_image/volume_id for an item, not both")
+        store_seg = bool(_entry(cols.store_seg, i))
+        if store_seg and dicomweb is None:
+            raise InvalidRequest(f"input_data.store_seg[{i}]: a SEG is stored into the PACS a series came from; "
+                                 f"give input_data.dicomweb[{i}] too")
         items.append(
             VolumeItem(
                 index=i,
@@ -194,6 +225,8 @@ def parse_request(body: Any, *, max_items: int) -> list[VolumeItem]:
                 max_slices=_entry(cols.max_slices, i),
                 volume_id=volume_id,
                 previous_mask=_entry(cols.previous_mask, i),
+                dicomweb=dicomweb,
+                store_seg=store_seg,
             )
         )
     return items

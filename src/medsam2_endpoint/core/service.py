@@ -33,7 +33,7 @@ from medsam2_endpoint.base.log import log
 from medsam2_endpoint.contract.samapi import VideoPrompt
 from medsam2_endpoint.contract.score2d import AutomaskOptions, ImageItem, ImagePrompt
 from medsam2_endpoint.contract.score3d import VolumeItem
-from medsam2_endpoint.core import score2d, volumes
+from medsam2_endpoint.core import pacs, score2d, volumes
 from medsam2_endpoint.core.held import HeldVolumes
 from medsam2_endpoint.core.images import (
     Frame,
@@ -153,20 +153,25 @@ class Service:
 
     def _prepare_3d(self, item: VolumeItem, budget: Budget, tally: VoxelTally | None, *,
                     loaded: Volume | None = None) -> volumes.PreparedItem:
-        """Decode (or take the held or `loaded` volume), window and check one item: every error it can cause."""
+        """Decode (or take the held, PACS or `loaded` volume), window and check one item: every error it can cause."""
         name = self.registry.resolve(item.model, field=item.field("model"))
         started = time.perf_counter()
+        series = None
         if loaded is not None:  # a local file (batch): not held, nobody can name it in a later request
             volume, volume_id = loaded, loaded.content_id()
         elif item.image is None and item.volume_id is not None:
             volume = self.held.get(item.volume_id, field=item.field("volume_id"))
             volume_id = item.volume_id
+        elif item.dicomweb is not None:  # a series in a PACS (core/pacs.py)
+            volume, series = pacs.load(item, self.settings, budget, tally)
+            volume_id = self.held.hold(volume)
         else:
             volume = volumes.load_volume(item, policy=self.settings.fetch, limits=self.settings.limits, budget=budget,
                                          tally=tally)
             volume_id = self.held.hold(volume)
-        return volumes.prepare(item, volume, name, decode_ms=(time.perf_counter() - started) * 1000, volume_id=volume_id,
-                               accepts_points=self.registry.info(name).capabilities.points, limits=self.settings.limits)
+        prepared = volumes.prepare(item, volume, name, decode_ms=(time.perf_counter() - started) * 1000, volume_id=volume_id,
+                                   accepts_points=self.registry.info(name).capabilities.points, limits=self.settings.limits)
+        return prepared if series is None else replace(prepared, dicomweb=series)
 
     def segment_3d(self, items: Sequence[VolumeItem], budget: Budget | None = None, *,
                    loaded: Sequence[Volume] | None = None) -> Iterator[tuple[VolumeItem, LabelMap, dict[str, Any]]]:
@@ -174,7 +179,8 @@ class Service:
         prompts) before running any, then segment each: (item, label map in its source geometry, metadata).
 
         loaded: the items' volumes already read (batch files), one per item; otherwise each item's nii_image
-        (base64 or URL) is decoded, or its volume_id's held volume used."""
+        (base64 or URL) is decoded, its volume_id's held volume used, or its dicomweb series read from the PACS
+        (and, with store_seg, its SEG stored back)."""
         budget = budget or self.budget()
         if loaded is not None and len(loaded) != len(items):
             raise ValueError("segment_3d: one loaded volume per item")
@@ -184,6 +190,8 @@ class Service:
         for p in prepared:
             with self.slots.hold(p.engine_name):
                 labels, metadata = volumes.run(p, self.registry.get(p.engine_name), budget, self.walks)
+            if p.dicomweb is not None:  # where the slices came from; with store_seg, the SEG stored back
+                metadata.update(pacs.answer(p.dicomweb, p.item, labels.array, metadata["model"], self.settings.dicomweb, budget))
             yield p.item, labels, metadata
 
     def score_3d(self, items: Sequence[VolumeItem], budget: Budget | None = None) -> list[dict[str, Any]]:
@@ -200,10 +208,16 @@ class Service:
 
     def score_3d_file(self, item: VolumeItem, path: Path, *, segment_labels: Mapping[int, str] | None = None,
                       budget: Budget | None = None) -> FileResult:
-        """One local NIfTI file, or DICOM series folder, with its validated prompt (the batch endpoint): the mask
-        as NIfTI, and for a series a DICOM SEG over it (segments labelled from `segment_labels`, object id ->
+        """One local NIfTI file, DICOM series folder or PACS series (a prompt with dicomweb), with its validated
+        prompt (the batch endpoint): the mask as NIfTI, and for a series folder a DICOM SEG over it (segments labelled from `segment_labels`, object id ->
         label, default "object <id>")."""
         budget = budget or self.budget()
+        if item.dicomweb is not None:  # the prompt names a series in a PACS: read (and stored back) as /score does
+            ((_, labels, metadata),) = list(self.segment_3d([item], budget))
+            t0 = time.perf_counter()
+            result = FileResult(labels.nifti(), metadata)
+            _add_encode_time(metadata, t0)
+            return result
         started = time.perf_counter()
         volume, files = volumes.read_local(path, limits=self.settings.limits, budget=budget)
         read_ms = (time.perf_counter() - started) * 1000

@@ -16,9 +16,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import AliasChoices, Field, SecretStr, ValidationError, field_validator
+from pydantic import AliasChoices, Field, SecretStr, ValidationError, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, EnvSettingsSource, PydanticBaseSettingsSource, SettingsConfigDict
 
+from medsam2_endpoint.io.dicomweb import DicomwebPolicy, normalise, parse_basic, parse_credentials
 from medsam2_endpoint.io.fetch import FetchPolicy, parse_networks
 from medsam2_endpoint.io.limits import MB, Limits
 
@@ -99,6 +100,14 @@ class Settings(BaseSettings):
     fetch_total_timeout_s: float = Field(_FETCH.total_timeout_s, gt=0, description="whole download, seconds")
     batch_worker_process: bool = Field(
         True, description="batch endpoint: score the files in a child process, so a file that kills it (out of memory, a crash) costs that file only")
+    dicomweb_urls: str = Field(
+        "", description="comma-separated DICOMweb base URLs `/score` may read series from and store SEGs into (e.g. `https://<workspace>-<service>.dicom.azurehealthcareapis.com/v2`); empty: none. A listed URL whose host is a literal loopback or private IP may use that address")
+    dicomweb_tokens: SecretStr | None = Field(
+        None, description="bearer tokens per DICOMweb server: `<base URL>=<token>` pairs separated by commas, or a JSON object")
+    dicomweb_basic_auth: SecretStr | None = Field(
+        None, description="basic auth per DICOMweb server: `<base URL>=<user>:<password>` pairs separated by commas, or a JSON object (Orthanc, tests)")
+    dicomweb_managed_identity: str = Field(
+        "", description="`system` or a user-assigned identity's client id: servers without a token get one for Azure's DICOM service (audience `https://dicom.healthcareapis.azure.com`) from the deployment's managed identity; empty: none")
     samapi_token: SecretStr | None = Field(None, description="require `Authorization: Bearer <token>` on every samapi route")
     samapi_allow_weight_registration: bool = Field(False, description="allow *Register weights* (`POST weights/`): `sam2_t` checkpoints over https only")
     samapi_weights_dir: Path | None = Field(None, description="registered weights and their records; default `<model dir>/registered`")
@@ -114,6 +123,14 @@ class Settings(BaseSettings):
     @classmethod
     def _networks_parse(cls, value: str) -> str:
         parse_networks(_items(value))  # fail at start, not on the first request
+        return value
+
+    @field_validator("dicomweb_tokens", "dicomweb_basic_auth")
+    @classmethod
+    def _credentials_parse(cls, value: SecretStr | None, info: ValidationInfo) -> SecretStr | None:
+        if value is not None:  # fail at start; the message never quotes the secret
+            parse_credentials(value.get_secret_value(), setting=f"{PREFIX}{str(info.field_name).upper()}",
+                              parse=parse_basic if info.field_name == "dicomweb_basic_auth" else str)
         return value
 
     @field_validator("samapi_token")
@@ -174,6 +191,17 @@ class Settings(BaseSettings):
             connect_timeout_s=self.fetch_connect_timeout_s,
             read_timeout_s=self.fetch_read_timeout_s,
             total_timeout_s=self.fetch_total_timeout_s,
+        )
+
+    @property
+    def dicomweb(self) -> DicomwebPolicy:
+        tokens, basic = self.dicomweb_tokens, self.dicomweb_basic_auth
+        return DicomwebPolicy(
+            urls=tuple(normalise(u) for u in _items(self.dicomweb_urls)),
+            tokens=parse_credentials(tokens.get_secret_value(), setting="MEDSAM2_DICOMWEB_TOKENS") if tokens else {},
+            basic=parse_credentials(basic.get_secret_value(), setting="MEDSAM2_DICOMWEB_BASIC_AUTH", parse=parse_basic) if basic else {},
+            managed_identity=self.dicomweb_managed_identity.strip(),
+            fetch=self.fetch,
         )
 
     @property

@@ -19,6 +19,7 @@ from medsam2_endpoint.contract.score3d import VolumeItem
 from medsam2_endpoint.core.prompts import PreparedObject, prepare_object
 from medsam2_endpoint.engines.base import PromptedVolumeEngine, VolumeEngine
 from medsam2_endpoint.io.dicom_seg import read_series, series_files
+from medsam2_endpoint.io.dicomweb import DicomwebSeries
 from medsam2_endpoint.io.encode import decode_mask
 from medsam2_endpoint.io.fetch import FetchPolicy
 from medsam2_endpoint.io.limits import Limits, VoxelTally
@@ -54,6 +55,7 @@ class PreparedItem:
     window: tuple[float, float] | None  # the window applied: the request's, the MR percentiles, or None (min-max)
     decode_ms: float
     window_ms: float
+    dicomweb: DicomwebSeries | None = None  # the item's PACS series, while a SEG is to be stored into it (core/pacs.py)
 
 
 def request_tally(items: Sequence[VolumeItem], limits: Limits) -> VoxelTally:
