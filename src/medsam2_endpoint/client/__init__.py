@@ -8,9 +8,9 @@ prompt files, earlier masks), presets.py (windows), transport.py (HTTP), preview
 
 from medsam2_endpoint.client.files import read_volume
 from medsam2_endpoint.client.prompts import ObjectPrompt
-from medsam2_endpoint.client.segment import SegmentationResult, segment
+from medsam2_endpoint.client.segment import DicomWebSeries, SegmentationResult, segment
 from medsam2_endpoint.client.segment2d import Segmentation2DResult, segment_2d
 from medsam2_endpoint.client.transport import ClientError, EndpointError
 
-__all__ = ["ClientError", "EndpointError", "ObjectPrompt", "Segmentation2DResult", "SegmentationResult", "read_volume", "segment",
-           "segment_2d"]
+__all__ = ["ClientError", "DicomWebSeries", "EndpointError", "ObjectPrompt", "Segmentation2DResult", "SegmentationResult",
+           "read_volume", "segment", "segment_2d"]
