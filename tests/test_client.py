@@ -20,17 +20,10 @@ import SimpleITK as sitk
 from PIL import Image
 
 from local_server import free_port, running_server
-from medsam2_endpoint.client.segment import (
-    PRESETS,
-    ClientError,
-    EndpointError,
-    ObjectPrompt,
-    load_objects,
-    predict_main,
-    read_volume,
-    resolve_window,
-    segment,
-)
+from medsam2_endpoint.client import ClientError, EndpointError, ObjectPrompt, read_volume, segment
+from medsam2_endpoint.client.cli import predict_main
+from medsam2_endpoint.client.presets import PRESETS, resolve_window
+from medsam2_endpoint.client.prompts import load_objects
 from medsam2_endpoint.client.transport import post_request
 from medsam2_endpoint.io.encode import rle_counts, value_rle
 from medsam2_endpoint.testing.metrics import dice

@@ -175,7 +175,7 @@ def test_round_trip_ct_series_to_seg_in_the_pacs(pacs, server, tmp_path):
 
 
 def test_the_client_reads_from_the_pacs_and_stores_the_seg(pacs, server, tmp_path, capsys):
-    from medsam2_endpoint.client.segment import predict_main
+    from medsam2_endpoint.client.cli import predict_main
 
     orthanc, (study, series), _ = pacs
     z, box, _ = liver_box()

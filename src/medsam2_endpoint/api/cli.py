@@ -71,11 +71,11 @@ def _serve_samapi(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["predict"]:
-        from medsam2_endpoint.client.segment import predict_main  # the client has its own argument parser
+        from medsam2_endpoint.client.cli import predict_main  # the client has its own argument parser
 
         return predict_main(argv[1:])
     if argv[:1] == ["predict-2d"]:
-        from medsam2_endpoint.client.segment2d import predict_2d_main
+        from medsam2_endpoint.client.cli import predict_2d_main
 
         return predict_2d_main(argv[1:])
     parser = argparse.ArgumentParser(prog="medsam2-endpoint", epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -1,4 +1,4 @@
-"""Client for the 2D route: `medsam2-endpoint predict-2d` and `segment_2d()`.
+"""Client library for the 2D route: `segment_2d()` (the `predict-2d` command is in cli.py).
 
 One image (PNG, JPEG, TIFF, or a single DICOM slice) and a prompt (a box, points, or both) go to the
 endpoint's `/score` 2D route; the answer's masks come back as bool (H, W) arrays and can be written as
@@ -9,12 +9,9 @@ DICOM), with the window given or the preset's.
 
 from __future__ import annotations
 
-import argparse
 import base64
 import json
-import logging
 import os
-import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,13 +20,16 @@ from typing import Any
 import numpy as np
 import SimpleITK as sitk
 
-from medsam2_endpoint.client.segment import DEFAULT_ENDPOINT, PRESETS, resolve_window
+from medsam2_endpoint.base.errors import ServiceError
+from medsam2_endpoint.client.presets import resolve_window
+from medsam2_endpoint.client.segment import DEFAULT_ENDPOINT
 from medsam2_endpoint.client.transport import KEY_ENV, ClientError, EndpointError, post_request
-from medsam2_endpoint.io.encode import rle_decode
+from medsam2_endpoint.io.encode import decode_mask
+from medsam2_endpoint.io.limits import Limits
 from medsam2_endpoint.io.polygons import mask_to_geometry
 from medsam2_endpoint.io.volume import write_nifti
 
-__all__ = ["Segmentation2DResult", "predict_2d_main", "segment_2d"]
+__all__ = ["OUTPUT_TYPES", "Segmentation2DResult", "segment_2d"]
 OUTPUT_TYPES = ("single", "all", "largest", "smallest", "best_quality")
 _DICM_OFFSET = 128  # DICOM Part 10 files carry "DICM" after a 128-byte preamble
 
@@ -100,11 +100,10 @@ def read_image(path: Path) -> tuple[bytes, np.ndarray]:
 
 
 def _decode(entry: dict[str, Any], shape: tuple[int, int]) -> np.ndarray:
-    mask = entry["mask"]
-    array = rle_decode(mask["counts"], tuple(mask["size"])).astype(bool)
-    if array.shape != shape:
-        raise EndpointError(200, f"a mask has shape {array.shape}, the image {shape}", http_status=200)
-    return array
+    try:
+        return decode_mask(entry.get("mask"), shape, field="mask", limits=Limits()).astype(bool)
+    except ServiceError as exc:
+        raise EndpointError(200, f"the answer's {exc.message}", http_status=200) from None
 
 
 def segment_2d(
@@ -147,64 +146,3 @@ def segment_2d(
     masks = [_decode(m, shape) for m in entry.get("masks", [])]
     qualities = [float(m.get("quality", 0.0)) for m in entry.get("masks", [])]
     return Segmentation2DResult(masks, qualities, grey, entry.get("metadata", {}), box, prompts, win)
-
-
-EXAMPLES = """examples:
-  medsam2-endpoint predict-2d slice.png --bbox 40 30 120 110 -o mask.png --preview preview.png
-  medsam2-endpoint predict-2d slice.png --point 80 70 --negative 5 5 --model MedSAM2_latest -o mask.geojson
-  medsam2-endpoint predict-2d ct_slice.dcm --bbox 200 180 330 300 --preset ct-soft-tissue -o liver.png -o liver.geojson
-"""
-
-
-def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="medsam2-endpoint predict-2d", description=__doc__.split("\n\n")[0], epilog=EXAMPLES + f"The key is read from ${KEY_ENV}.",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    p.add_argument("image", help="PNG, JPEG, TIFF or DICOM slice")
-    p.add_argument("--bbox", nargs=4, type=float, metavar=("X0", "Y0", "X1", "Y1"), help="box prompt (x = column)")
-    p.add_argument("--point", nargs=2, type=float, action="append", default=[], metavar=("X", "Y"),
-                   help="foreground point (repeatable; MedSAM2 models: LiteMedSAM takes boxes only)")
-    p.add_argument("--negative", nargs=2, type=float, action="append", default=[], metavar=("X", "Y"), help="background point (repeatable)")
-    win = p.add_mutually_exclusive_group()
-    win.add_argument("--window", nargs=2, type=float, metavar=("LO", "HI"), help="intensity window [lower, upper]")
-    win.add_argument("--preset", choices=[*PRESETS, "mri"], help="a named window (as predict's)")
-    p.add_argument("--model", help="model name (default: the endpoint's default)")
-    p.add_argument("--output-type", choices=OUTPUT_TYPES, default="single", help="single (default), or among the model's 3 masks")
-    p.add_argument("--endpoint", default=DEFAULT_ENDPOINT, help=f"scoring URL (default {DEFAULT_ENDPOINT})")
-    p.add_argument("--deployment", help="Azure deployment to target (azureml-model-deployment header)")
-    p.add_argument("-o", "--output", action="append", help="NAME.png (mask 0/255) or NAME.geojson (polygons); repeatable (default: <image>_mask.png)")
-    p.add_argument("--preview", help="PNG of the image with the mask outlined and the prompt drawn")
-    p.add_argument("--metadata", help="write the endpoint's metadata (JSON) here")
-    p.add_argument("--timeout", type=float, default=120.0, help="seconds to wait for the answer (default 120)")
-    p.add_argument("--retries", type=int, default=4, help="retries on 429/503 (default 4)")
-    return p
-
-
-def predict_2d_main(argv: list[str]) -> int:
-    """`medsam2-endpoint predict-2d ...`: 0 on success, 1 when the endpoint answered an error, 2 for bad inputs."""
-    args = _parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
-    try:
-        result = segment_2d(args.image, bbox=args.bbox, points=args.point, negative=args.negative, window=args.window,
-                            preset=args.preset, model=args.model, output_type=args.output_type, endpoint=args.endpoint,
-                            deployment=args.deployment, timeout=args.timeout, retries=args.retries)
-        outputs = [result.save(target) for target in args.output or [Path(args.image).with_suffix("").name + "_mask.png"]]
-    except EndpointError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        if exc.body is not None:
-            print(json.dumps(exc.body) if isinstance(exc.body, dict) else str(exc.body), file=sys.stderr)
-        return 1
-    except ClientError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    model = result.metadata.get("model", {}).get("name", "?")
-    for i, (mask, quality) in enumerate(zip(result.masks, result.qualities, strict=True)):
-        print(f"mask {i}: {int(mask.sum())} px, quality {quality:.3f}, model {model}")
-    for out in outputs:
-        print(f"mask: {out}")
-    if args.metadata:
-        Path(args.metadata).write_text(json.dumps(result.metadata, indent=1))
-    if args.preview:
-        print(f"preview: {result.preview(args.preview)}")
-    return 0

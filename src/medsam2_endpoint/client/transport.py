@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import ipaddress
 import json
-import logging
 import random
 import threading
 import time
@@ -18,7 +17,8 @@ from typing import Any
 import requests
 from tqdm import tqdm
 
-log = logging.getLogger("medsam2_endpoint.client")
+from medsam2_endpoint.base.log import log
+
 AZURE_STATUS_HEADER = "ms-azureml-model-error-statuscode"
 RETRY_STATUSES = (429, 503)
 KEY_ENV = "MEDSAM2_ENDPOINT_KEY"

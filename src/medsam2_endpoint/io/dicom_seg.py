@@ -43,17 +43,25 @@ class Algorithm:
     sha256: str | None = None
 
 
-def series_files(folder: Path, *, series_uid: str | None = None) -> list[Path]:
-    """The files of one DICOM series of `folder` in GDCM's slice order (the volume's z order)."""
+def series_files(folder: Path, *, series_uid: str | None = None, choose: str = "series_uid") -> list[Path]:
+    """The files of one DICOM series of `folder` in GDCM's slice order (the volume's z order).
+
+    `choose`: how the caller names a series, for the error when the folder holds several (the client: --series).
+    """
     uids = cast("tuple[str, ...]", sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder)))
     if not uids:
         raise UnsupportedMedia(f"{folder.name}: no DICOM series found in this folder")
     if series_uid is None and len(uids) > 1:
-        raise InvalidRequest(f"{folder.name}: {len(uids)} DICOM series ({', '.join(uids)}); name one (series_uid)")
+        listed = ", ".join(f"{uid} ({len(_file_names(folder, uid))} files)" for uid in uids)
+        raise InvalidRequest(f"{folder.name}: {len(uids)} DICOM series; choose one with {choose}: {listed}")
     uid = series_uid or uids[0]
     if uid not in uids:
         raise InvalidRequest(f"{folder.name}: no DICOM series {uid}; found {', '.join(uids)}")
-    return [Path(p) for p in sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), uid)]
+    return [Path(p) for p in _file_names(folder, uid)]
+
+
+def _file_names(folder: Path, uid: str) -> tuple[str, ...]:
+    return cast("tuple[str, ...]", sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), uid))
 
 
 def read_series(files: Sequence[Path], *, limits: Limits | None = None) -> sitk.Image:

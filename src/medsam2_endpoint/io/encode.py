@@ -11,7 +11,7 @@ import numpy as np
 from medsam2_endpoint.base.errors import InvalidRequest
 from medsam2_endpoint.io.limits import Limits
 from medsam2_endpoint.io.polygons import mask_to_geometry
-from medsam2_endpoint.io.volume import LabelMap, read_nifti
+from medsam2_endpoint.io.volume import LabelMap, Volume, read_nifti
 
 _SPARSE_FRACTION = 64  # at most 1 voxel in 64 in the foreground: encode from the foreground's positions
 _CHUNK_VOXELS = 8 * 1024 * 1024  # a dense mask is put in column-major order this many voxels at a time
@@ -171,30 +171,36 @@ def encode_mask_2d(mask: np.ndarray, mask_format: str, simplify_tolerance: float
     return {"counts": rle_counts(mask), "size": list(mask.shape), "order": "F"}
 
 
-def decode_mask(value: object, shape: tuple[int, int, int], *, field: str, limits: Limits) -> np.ndarray:
-    """An earlier answer's `mask` sent back (`previous_mask`): its rle object (counts, or values + counts, for
-    label maps) or its nifti base64. Returns the (Z, Y, X) array (0/1 or object ids); errors name `field`."""
+def decode_mask(value: object, shape: tuple[int, ...] | None, *, field: str, limits: Limits) -> np.ndarray:
+    """A `mask` as this service encodes it (an answer read by the client, or sent back as `previous_mask`): its rle
+    object (counts, or values + counts, for label maps) or its nifti base64. Returns the array ((Z, Y, X), or (H, W)
+    for 2D rle; 0/1 or object ids); `shape`: the one it must have (None: any). Errors name `field`."""
     if isinstance(value, str):
-        try:
-            data = base64.b64decode(value, validate=True)
-        except ValueError:
-            raise InvalidRequest(f"{field}: not base64; send the earlier answer's nifti mask as it came, or its rle object") from None
-        array = read_nifti(data, field=field, limits=limits).array
+        array = decode_nifti_mask(value, field=field, limits=limits).array
     elif isinstance(value, dict) and isinstance(value.get("counts"), list) and isinstance(value.get("size"), list):
-        array = _decode_runs(value, field=field)
+        array = _decode_runs(value, field=field, ndim=None if shape is None else len(shape))
     else:
         raise InvalidRequest(f'{field}: expected the earlier answer\'s mask: an rle object {{"counts": [...], "size": [Z, Y, X]}} '
                              "or a nifti base64 string")
-    if array.shape != tuple(shape):
+    if shape is not None and array.shape != tuple(shape):
         raise InvalidRequest(f"{field}: the mask has shape {list(array.shape)} (z, y, x), the volume {list(shape)}; "
                              "send the mask of an answer on this volume")
     return array
 
 
-def _decode_runs(value: dict[str, object], *, field: str) -> np.ndarray:
+def decode_nifti_mask(value: str, *, field: str, limits: Limits) -> Volume:
+    """A nifti base64 mask with its geometry (spacing, origin, direction)."""
+    try:
+        data = base64.b64decode(value, validate=True)
+    except ValueError:
+        raise InvalidRequest(f"{field}: not base64; send the earlier answer's nifti mask as it came, or its rle object") from None
+    return read_nifti(data, field=field, limits=limits)
+
+
+def _decode_runs(value: dict[str, object], *, field: str, ndim: int | None) -> np.ndarray:
     size, counts = cast("list[object]", value["size"]), cast("list[object]", value["counts"])
-    if len(size) != 3 or not all(isinstance(v, int) and v > 0 for v in size):
-        raise InvalidRequest(f"{field}.size: expected [Z, Y, X], three positive integers")
+    if len(size) != (ndim or len(size)) or not size or not all(isinstance(v, int) and v > 0 for v in size):
+        raise InvalidRequest(f"{field}.size: expected {'[Z, Y, X]' if ndim in (None, 3) else f'{ndim} sizes'}, positive integers")
     if not all(isinstance(c, int) and c >= 0 for c in counts):
         raise InvalidRequest(f"{field}.counts: expected non-negative integers")
     shape = tuple(cast("list[int]", size))
