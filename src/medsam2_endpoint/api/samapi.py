@@ -41,6 +41,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from medsam2_endpoint import __version__
+from medsam2_endpoint.api import medsam2_plugin
 from medsam2_endpoint.api.cancel import run_until_disconnected
 from medsam2_endpoint.api.errors import body_of, error_body, headers_of, http_status
 from medsam2_endpoint.api.samapi_types import ModelTypes
@@ -310,6 +311,7 @@ def create_app(service: Service | None = None, *, build_service: Callable[[], Se
     app = FastAPI(title="medsam2-endpoint samapi", version=__version__, lifespan=lifespan)
     _install_error_handlers(app)
     app.include_router(router)
+    app.include_router(medsam2_plugin.router, dependencies=[Depends(require_token)])  # MedSAM2's Slicer plugin, at the root
     return app
 
 
