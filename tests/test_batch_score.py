@@ -41,7 +41,7 @@ def batch(tmp_path_factory):
         module = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(module)
         module.init()
-    assert module.app.service.available_models() == ["lite-medsam"]
+    assert module.app.local is not None and module.app.local.service.available_models() == ["lite-medsam"]
     yield module, output
     torch.set_num_threads(threads)  # init() set the process-wide count; later tests get theirs back
 

@@ -71,7 +71,7 @@ def test_nifti_mask_keeps_geometry():
     volume = Volume(np.zeros((3, 4, 5), np.int16), (0.7, 0.8, 3.0), (1.0, -2.0, 30.0), (0, 1, 0, 1, 0, 0, 0, 0, -1.0))
     mask = np.zeros((3, 4, 5), np.uint8)
     mask[1, 2, 3] = 1
-    data = base64.b64decode(encode_mask(mask, volume, "nifti"))
+    data = base64.b64decode(encode_mask(volume.label_map(mask), "nifti"))
     back = read_nifti(data, field="mask", limits=Limits())
     np.testing.assert_array_equal(back.array, mask)
     assert np.allclose(back.spacing, volume.spacing) and np.allclose(back.origin, volume.origin)
@@ -85,3 +85,14 @@ def test_label_maps_keep_their_values():
     assert json.loads(list_json(labels)) == labels.tolist()
     runs = value_rle(labels)
     np.testing.assert_array_equal(np.repeat(runs["values"], runs["counts"]).reshape(labels.shape, order="F"), labels)
+
+
+def test_multi_object_label_map_keeps_ids_and_geometry():
+    volume = Volume(np.zeros((2, 3, 4), np.int16), (0.5, 0.5, 2.0), (3.0, 4.0, 5.0), (1, 0, 0, 0, -1, 0, 0, 0, 1.0))
+    ids = np.zeros((2, 3, 4), np.uint16)
+    ids[0, 1, 1], ids[1, 2, 3] = 7, 300
+    labels = volume.label_map(ids, multi_object=True)
+    back = read_nifti(base64.b64decode(encode_mask(labels, "nifti")), field="mask", limits=Limits())
+    np.testing.assert_array_equal(back.array, ids)
+    assert np.allclose(back.direction, volume.direction) and np.allclose(back.origin, volume.origin)
+    assert encode_mask(labels, "rle") == {**value_rle(ids), "size": [2, 3, 4], "order": "F"}

@@ -40,7 +40,7 @@ def test_a_file_whose_worker_dies_gets_an_error_row_and_the_others_their_masks(t
     monkeypatch.setattr(sys, "argv", ["batch_score.py"])
     app = BatchApp()
     app.init(["--output_dir", str(output)])
-    assert app.scorer is not None and app.service is None  # the default: files are scored in a child process
+    assert app.scorer is not None and app.local is None  # the default: files are scored in a child process
     rows: list[str] = []
     runner = threading.Thread(target=lambda: rows.extend(app.run([str(first), str(doomed), str(last)])))
     runner.start()

@@ -14,8 +14,9 @@ import SimpleITK as sitk
 from PIL import Image
 
 from medsam2_endpoint.base.errors import InvalidRequest, PayloadTooLarge, UnsupportedMedia
-from medsam2_endpoint.io.images import decode_base64, read_picture, to_grey_u8, to_rgb_u8
+from medsam2_endpoint.io.images import IMAGE_FILE, read_picture, to_grey_u8, to_rgb_u8
 from medsam2_endpoint.io.limits import Limits
+from medsam2_endpoint.io.volume import decode_base64
 
 LIMITS = Limits()
 RNG = np.random.default_rng(7)
@@ -129,7 +130,7 @@ def test_clear_errors_for_bad_input():
         noisy = png(RNG.integers(0, 256, (30, 30), dtype=np.uint8))
         read_picture(noisy[: len(noisy) // 2], field="image", limits=LIMITS)
     with pytest.raises(InvalidRequest, match=r"input_data.image\[0\]: not valid base64"):
-        decode_base64("***", field="input_data.image[0]", limits=LIMITS)
+        decode_base64("***", field="input_data.image[0]", limits=LIMITS, what=IMAGE_FILE)
     with pytest.raises(InvalidRequest, match="the image is constant"):
         rgb_of(png(np.full((4, 4), 1234, np.uint16)))
     data = png(np.zeros((2, 2), np.uint8))

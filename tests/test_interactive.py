@@ -22,7 +22,7 @@ from medsam2_endpoint.core.held import HeldVolumes
 from medsam2_endpoint.core.registry import ModelRegistry
 from medsam2_endpoint.core.service import Service
 from medsam2_endpoint.core.settings import Settings
-from medsam2_endpoint.engines.base import ModelInfo, PromptedVolumeEngine, SlicePrompt
+from medsam2_endpoint.engines.base import Capabilities, ModelInfo, PromptedVolumeEngine, SlicePrompt
 from medsam2_endpoint.io.encode import decode_mask, dumps, rle_counts, value_rle
 from medsam2_endpoint.io.limits import Limits
 from medsam2_endpoint.io.volume import Volume
@@ -67,7 +67,9 @@ class ReachEngine:
 class ConditionedEngine(ReachEngine):
     """A PromptedVolumeEngine stub: every slice gets the union of the prompts' boxes and point squares."""
 
-    info = ModelInfo("conditioned", "test", "none.pt", "cd" * 32)
+    # a stub of MedSAM2's abilities: it declares them as every engine does
+    info = ModelInfo("conditioned", "test", "none.pt", "cd" * 32,
+                     Capabilities(points=True, negative_points=True, mask_prompts=True, multi_slice=True))
 
     def track_prompts(self, shape, *, prompts, reverse, mask_prompt=False):
         self.calls.append(("prompts", reverse, mask_prompt, tuple(p.z for p in prompts)))
@@ -386,7 +388,7 @@ def test_volume_id_is_the_hash_of_what_the_client_uploads(phantom):
 
 
 def test_batch_sidecar_takes_prompts_recist_and_previous_mask(tmp_path):
-    from medsam2_endpoint.api.batch import read_prompt
+    from medsam2_endpoint.api.batch_files import read_prompt
 
     volume = tmp_path / "case.nii.gz"
     volume.write_bytes(b"not read by read_prompt")

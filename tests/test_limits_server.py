@@ -2,7 +2,8 @@
 
 One azmlinfsrv + score.py server for the module: LiteMedSAM, one worker, MEDSAM2_REQUEST_DEADLINE_S=0.5
 (a volume of 48 slices cannot finish: the answer must be a JSON 503 naming slices_processed, not a killed
-worker), MEDSAM2_MAX_FILE_MB=16 (the corpus's gzip bomb stays small), default fetch policy (URLs in these
+worker), MEDSAM2_MAX_FILE_MB=16 (the corpus's gzip bomb stays small), MEDSAM2_MAX_REQUEST_MB=2 (bodies capped at
+18 MiB: 2 MiB + 1 MiB per item, for the chunked-body test), default fetch policy (URLs in these
 tests name IP literals only, so nothing is resolved or contacted). Every file of tests/corpus/ is posted
 and must get the status in tests/corpus/expected.json. A second server (SCORING_TIMEOUT_MS=1000) runs for
 the one test of azmlinfsrv's own alarm.
@@ -25,7 +26,7 @@ from local_server import REPO, assert_error_body, b64, running_server, tiny_volu
 CORPUS = Path(__file__).resolve().parent / "corpus"
 EXPECTED = json.loads((CORPUS / "expected.json").read_text())
 DEADLINE_S = 0.5
-SERVER_ENV = {"MEDSAM2_REQUEST_DEADLINE_S": str(DEADLINE_S), "MEDSAM2_MAX_FILE_MB": "16"}
+SERVER_ENV = {"MEDSAM2_REQUEST_DEADLINE_S": str(DEADLINE_S), "MEDSAM2_MAX_FILE_MB": "16", "MEDSAM2_MAX_REQUEST_MB": "2"}
 BASE64_RUN = re.compile(r"[A-Za-z0-9+/]{200,}")
 
 
@@ -93,6 +94,19 @@ def test_scoring_timeout_alarm_answers_503_json_through_the_server(alarm_server)
     assert response.status_code == 503 and "SCORING_TIMEOUT_MS" in body["error"], body
     assert alarm_server.alive() and post(alarm_server, {"input_data": {}}).status_code == 400
     assert "failed with an internal error" not in alarm_server.log_text()
+
+
+def test_chunked_body_stops_at_the_cap_as_it_arrives(server):
+    """No Content-Length (Transfer-Encoding: chunked): the body is read in pieces and refused once past its cap,
+    while the client is still sending (a server reading it whole would wait for an end that never comes)."""
+    from test_streamed_limits import chunked_post, refusal
+
+    limit = (2 + 16) * 1024 * 1024  # MEDSAM2_MAX_REQUEST_MB + 1 MiB x MEDSAM2_MAX_ITEMS
+    answer = chunked_post(int(server.url.rsplit(":", 1)[1]), "/score", content_type="application/json",
+                          prefix=b'{"input_data": {"nii_image": ["', total=limit + 256 * 1024)
+    body = refusal(answer)
+    assert f"more than {limit} bytes" in body["error"] and "MEDSAM2_MAX_REQUEST_MB" in body["error"], body
+    assert server.alive()
 
 
 # ------------------------------------------------------------------------------------------------- logs

@@ -53,3 +53,13 @@ def test_errors_name_the_field(payload, message):
 def test_item_limit():
     with pytest.raises(InvalidRequest, match="MEDSAM2_MAX_ITEMS"):
         parse_request(body(nii_image=["A"] * 3, bbox=[[1, 2, 3, 4]] * 3, key_slice_idx=[1] * 3), max_items=2)
+
+
+def test_nii_image_may_be_omitted_when_every_item_names_a_volume_id():
+    (item,) = parse_request({"input_data": {"volume_id": ["abc"], "bbox": [[1, 2, 3, 4]], "key_slice_idx": [0]}}, max_items=4)
+    assert item.image is None and item.volume_id == "abc"
+    with pytest.raises(InvalidRequest, match=r"input_data: give nii_image or volume_id"):
+        parse_request({"input_data": {"bbox": [[1, 2, 3, 4]], "key_slice_idx": [0]}}, max_items=4)
+    with pytest.raises(InvalidRequest, match=r"input_data.nii_image\[1\]: required \(or give input_data.volume_id\[1\]"):
+        parse_request({"input_data": {"volume_id": ["abc", None], "bbox": [[1, 2, 3, 4]] * 2, "key_slice_idx": [0, 0]}},
+                      max_items=4)

@@ -19,9 +19,10 @@ import flask
 from azureml_inference_server_http.api.aml_request import AMLRequest
 from azureml_inference_server_http.api.aml_response import AMLResponse
 
+from medsam2_endpoint.api.bodies import BodyCap, read_capped
 from medsam2_endpoint.api.errors import body_of, error_body, headers_of, http_status
 from medsam2_endpoint.api.shutdown import cancel_on_signals
-from medsam2_endpoint.base.errors import ServiceError
+from medsam2_endpoint.base.errors import PayloadTooLarge, ServiceError
 from medsam2_endpoint.base.log import log
 from medsam2_endpoint.contract.score2d import parse_image_request
 from medsam2_endpoint.contract.score3d import parse_request
@@ -100,14 +101,14 @@ class ScoreApp:
         service = self.service
         if service is None:
             return _error(503, "the model is still loading; retry shortly", "model_unavailable"), "-", 0, "not ready"
-        limit = self.body_limit(service)
-        if request.content_length is not None and request.content_length > limit:
-            message = (f"body: {request.content_length} bytes exceed the limit of {limit} (MEDSAM2_MAX_REQUEST_MB plus 1 MiB "
-                       "per item of MEDSAM2_MAX_ITEMS, at most MEDSAM2_MAX_ITEMS x MEDSAM2_MAX_BASE64_MB); send fewer items per "
-                       "request, or URLs")
-            return _error(413, message, "too_large"), "-", 0, message
+        cap = BodyCap(self.body_limit(service), "MEDSAM2_MAX_REQUEST_MB plus 1 MiB per item of MEDSAM2_MAX_ITEMS, at most "
+                      "MEDSAM2_MAX_ITEMS x MEDSAM2_MAX_BASE64_MB", "send fewer items per request, or URLs")
+        try:  # refused from Content-Length unread, or (chunked) once more than the cap has arrived
+            data = read_capped(request.stream, cap, request.content_length)
+        except PayloadTooLarge as exc:
+            return _error(413, exc.message, exc.code), "-", 0, exc.message
         try:
-            body = json.loads(request.get_data(cache=False))
+            body = json.loads(data)
         except (ValueError, UnicodeDecodeError, RecursionError):
             message = 'body: not valid JSON; send {"input_data": {...}} with Content-Type: application/json'
             return _error(400, message, "invalid_request"), "-", 0, message

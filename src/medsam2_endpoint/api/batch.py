@@ -28,61 +28,10 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from medsam2_endpoint import __version__
+from medsam2_endpoint.api.batch_files import PROMPT_SUFFIX, FileScorer, empty_row, series_of
 from medsam2_endpoint.api.batch_worker import IsolatedScorer
-from medsam2_endpoint.base.errors import InvalidRequest, ServiceError
-from medsam2_endpoint.base.log import log
-from medsam2_endpoint.contract.score3d import VolumeItem, parse_request
 from medsam2_endpoint.core.service import Service
 from medsam2_endpoint.core.settings import Settings
-from medsam2_endpoint.io.dicom_seg import Algorithm, Segment, write_dicom_seg
-
-NIFTI_SUFFIXES = (".nii.gz", ".nii")
-PROMPT_SUFFIX = ".prompt.json"
-
-
-def stem(path: Path) -> str:
-    if path.is_dir():
-        return path.name  # series folders are often named by UID: no suffix to strip
-    return next((path.name[: -len(s)] for s in NIFTI_SUFFIXES + (PROMPT_SUFFIX,) if path.name.endswith(s)), path.stem)
-
-
-def read_prompt(path: Path) -> tuple[VolumeItem, dict[int, str]]:
-    """The sidecar prompt of a volume file (or series folder), validated as a one-item 3D request, and its
-    segment labels."""
-    prompt_path = path.with_name(stem(path) + PROMPT_SUFFIX)
-    if not prompt_path.is_file():
-        raise InvalidRequest(f"{path.name}: no prompt file {prompt_path.name} beside it")
-    try:
-        prompt = json.loads(prompt_path.read_text())
-    except ValueError:
-        raise InvalidRequest(f"{prompt_path.name}: not valid JSON") from None
-    if not isinstance(prompt, dict):
-        raise InvalidRequest(f'{prompt_path.name}: expected a JSON object such as {{"bbox": [x0, y0, x1, y1], "key_slice_idx": 5}}')
-    labels = prompt.pop("segment_labels", None) or {}
-    if not isinstance(labels, dict) or not all(isinstance(v, str) for v in labels.values()):
-        raise InvalidRequest(f'{prompt_path.name}: segment_labels: expected {{"<object id>": "<label>", ...}}')
-    columns = {key: [value] for key, value in prompt.items()}
-    (item,) = parse_request({"input_data": {**columns, "nii_image": [path.name]}}, max_items=1)
-    try:
-        return item, {int(k): v for k, v in labels.items()}
-    except ValueError:
-        raise InvalidRequest(f"{prompt_path.name}: segment_labels: keys are object ids (1, 2, ...)") from None
-
-
-def series_of(path: Path) -> Path | None:
-    """The DICOM series folder a work item belongs to: a prompt file's sibling folder, or a file's parent
-    folder when that folder has a prompt beside it (its files are scored together, with the prompt)."""
-    if path.name.endswith(PROMPT_SUFFIX):
-        folder = path.with_name(path.name[: -len(PROMPT_SUFFIX)])
-        return folder if folder.is_dir() else None
-    parent = path.parent
-    return parent if parent.with_name(parent.name + PROMPT_SUFFIX).is_file() else None
-
-
-def empty_row(path: Path, status: str) -> dict[str, Any]:
-    return {"file": path.name, "status": status, "voxels": None, "volume_ml": None, "model": None, "mask_file": None,
-            "seg_file": None, "error": None, "code": None}
 
 
 class BatchApp:
@@ -90,7 +39,7 @@ class BatchApp:
     that scores the files (MEDSAM2_BATCH_WORKER_PROCESS, the default), built in init()."""
 
     def __init__(self) -> None:
-        self.service: Service | None = None
+        self.local: FileScorer | None = None
         self.scorer: IsolatedScorer | None = None
         self.output_dir = Path(".")
 
@@ -104,36 +53,9 @@ class BatchApp:
         if in_process is None:
             in_process = not settings.batch_worker_process
         if in_process:
-            self.service = Service.from_settings(settings)
+            self.local = FileScorer(self.output_dir, Service.from_settings(settings))
         else:
             self.scorer = IsolatedScorer(self.output_dir)
-
-    def score_one(self, path: Path) -> dict[str, Any]:
-        started = time.perf_counter()
-        row = empty_row(path, "ok")
-        try:
-            if self.service is None:
-                raise ServiceError("init() has not run")
-            item, labels = read_prompt(path)
-            result = self.service.score_3d_file(item, path)
-            out = self.output_dir / f"{stem(path)}_mask.nii.gz"
-            out.write_bytes(result.mask_nifti)
-            meta = result.metadata
-            row.update(voxels=meta["voxel_count"], volume_ml=meta["volume_ml"], model=meta["model"]["name"], mask_file=out.name)
-            if result.source_files and result.labels is not None:
-                model = meta["model"]
-                segments = [Segment(o.id, labels.get(o.id, f"object {o.id}")) for o in item.objects]
-                seg = self.output_dir / f"{stem(path)}_seg.dcm"
-                seg.write_bytes(write_dicom_seg(result.labels, result.source_files, segments,
-                                                Algorithm(model["name"], __version__, model.get("sha256"))))
-                row["seg_file"] = seg.name
-        except ServiceError as exc:
-            row.update(status="error", error=exc.message, code=exc.code)
-        except Exception as exc:  # one broken file must not lose the mini-batch
-            log.exception("batch file %s failed", path.name)
-            row.update(status="error", error=f"internal error ({type(exc).__name__})", code="internal")
-        row["time_s"] = round(time.perf_counter() - started, 2)
-        return row
 
     def run(self, mini_batch: Sequence[str]) -> list[str]:
         """One JSON row per item: a result for each volume, "skipped" for prompt files (read with their volume)."""
@@ -154,7 +76,9 @@ class BatchApp:
     def _score(self, path: Path) -> dict[str, Any]:
         """One file's (or series folder's) row: in the child process when there is one, else here."""
         if self.scorer is None:
-            return self.score_one(path)
+            if self.local is None:
+                raise RuntimeError("init() has not run")
+            return self.local.score_one(path, self.output_dir)
         started = time.perf_counter()
         row = self.scorer.score(path, empty_row(path, "error"))
         row.setdefault("time_s", round(time.perf_counter() - started, 2))

@@ -13,23 +13,18 @@ import os
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-if TYPE_CHECKING:
-    from medsam2_endpoint.api.batch import BatchApp
+from medsam2_endpoint.api.batch_files import FileScorer
 
-_CHILD: BatchApp | None = None  # the child process's own app (module state of the child only)
+_CHILD: FileScorer | None = None  # the child process's own scorer (module state of the child only)
 DIED = ("the worker process died while scoring this file (killed, out of memory, or crashed); the other files "
         "are scored by a new worker. A file that needs more memory than the instance has: split it, or use a larger instance")
 
 
 def _child_init(output_dir: str) -> None:
     global _CHILD
-    from medsam2_endpoint.api.batch import BatchApp
-
-    app = BatchApp()
-    app.init(["--output_dir", output_dir], in_process=True)
-    _CHILD = app
+    _CHILD = FileScorer(Path(output_dir))
 
 
 def _child_score(path: str) -> dict[str, Any]:

@@ -22,6 +22,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile as StarletteUpload
 
+from medsam2_endpoint.api.bodies import EXTRA_BYTES, BodyCap
 from medsam2_endpoint.api.cancel import run_until_disconnected
 from medsam2_endpoint.base.errors import InvalidRequest, NotFound, PayloadTooLarge
 from medsam2_endpoint.base.log import log
@@ -48,6 +49,21 @@ def plugin_store(request: Request) -> PluginStore:
             store = PluginStore(settings.plugin_state_mb * MB, settings.plugin_ttl_s)
             request.app.state.medsam2_plugin = store
     return cast(PluginStore, store)
+
+
+def body_cap(path: str, service: Service) -> BodyCap | None:
+    """The plugin's bodies capped as they arrive (api/bodies.BodyLimit); None: not one of its routes."""
+    settings = service.settings
+    if path == "/upload":
+        limit = min(settings.limits.max_file_bytes, settings.plugin_state_mb * MB)
+        return BodyCap(limit + EXTRA_BYTES, "MEDSAM2_MAX_FILE_MB or MEDSAM2_PLUGIN_STATE_MB, plus 1 MiB for the form",
+                       "send a smaller volume (crop it to the structure's slices)")
+    if path == "/upload_model":
+        return BodyCap(settings.samapi.max_weight_bytes + EXTRA_BYTES, "MEDSAM2_SAMAPI_MAX_WEIGHT_MB plus 1 MiB for the form",
+                       "upload a MedSAM2 checkpoint")
+    if path in ("/run_script", "/download_file"):
+        return BodyCap(EXTRA_BYTES, "1 MiB of form fields", "send the plugin's form fields only")
+    return None
 
 
 def client_of(request: Request) -> str:

@@ -42,6 +42,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from medsam2_endpoint import __version__
 from medsam2_endpoint.api import medsam2_plugin
+from medsam2_endpoint.api.bodies import EXTRA_BYTES, BodyCap, BodyLimit, Scope
 from medsam2_endpoint.api.cancel import run_until_disconnected
 from medsam2_endpoint.api.errors import body_of, error_body, headers_of, http_status
 from medsam2_endpoint.api.samapi_types import ModelTypes
@@ -271,6 +272,9 @@ def _install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, exc: RequestValidationError) -> Response:
+        if request.url.path.rstrip("/").endswith("/video") and isinstance(exc.body, dict):
+            # a refused video request ends its uploaded sequence too, at once rather than at its TTL
+            get_state(request).uploads.discard(exc.body.get("dirname"))
         return _json(error_body(validation_message(list(exc.errors())), 400, "invalid_request"), 400)
 
     @app.exception_handler(StarletteHTTPException)
@@ -286,6 +290,23 @@ def _install_error_handlers(app: FastAPI) -> None:
         request_id = uuid.uuid4().hex
         log.error("route=samapi path=%s request_id=%s internal error", request.url.path, request_id, exc_info=exc)
         return _json(error_body(f"internal error; quote request id {request_id} when reporting it", 500, "internal"), 500)
+
+
+def body_cap(scope: Scope) -> BodyCap | None:
+    """Every body capped as it arrives (chunked ones too): an upload at one frame's cap, a JSON body at the
+    request's base64 cap (one image, or a video's inline frames), each plus 1 MiB for the other fields."""
+    state: SamapiState | None = getattr(scope["app"].state, "samapi", None)
+    if state is None:
+        return None
+    plugin_cap = medsam2_plugin.body_cap(scope.get("path", ""), state.service)
+    if plugin_cap is not None:
+        return plugin_cap
+    if scope.get("path", "").rstrip("/").endswith("/upload"):
+        return BodyCap(state.options.max_upload_bytes + EXTRA_BYTES, "MEDSAM2_SAMAPI_MAX_UPLOAD_MB plus 1 MiB for the form",
+                       "upload one frame per request, or smaller frames")
+    limits = state.service.settings.limits
+    return BodyCap(limits.max_request_base64_bytes + EXTRA_BYTES, "MEDSAM2_MAX_REQUEST_MB plus 1 MiB for the prompts",
+                   "send smaller images, or a video's frames through upload/")
 
 
 def create_app(service: Service | None = None, *, build_service: Callable[[], Service] | None = None) -> FastAPI:
@@ -312,6 +333,7 @@ def create_app(service: Service | None = None, *, build_service: Callable[[], Se
     _install_error_handlers(app)
     app.include_router(router)
     app.include_router(medsam2_plugin.router, dependencies=[Depends(require_token)])  # MedSAM2's Slicer plugin, at the root
+    app.add_middleware(BodyLimit, cap_of=body_cap)
     return app
 
 

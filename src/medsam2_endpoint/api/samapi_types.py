@@ -16,10 +16,11 @@ from collections.abc import Mapping
 
 from medsam2_endpoint.base.errors import NotFound
 from medsam2_endpoint.contract.samapi import SAM_TYPES
+from medsam2_endpoint.core.registry import LITE_NAME
 from medsam2_endpoint.core.service import ModelInfo, Service
 from medsam2_endpoint.io.fetch import redact_url
 
-FAMILY_TYPE = {"medsam2": "sam2_t", "lite-medsam": "vit_t"}
+FAMILY_TYPE = {"medsam2": "sam2_t", LITE_NAME: "vit_t"}  # the samapi type each model family answers as
 
 
 class ModelTypes:

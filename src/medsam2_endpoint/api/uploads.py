@@ -2,7 +2,8 @@
 
 Bounded: each file (`max_bytes`), each folder (`max_files`), and the whole store, in bytes and in files;
 a folder nobody wrote to for `ttl_s` is removed (frames uploaded for a request that never came or was
-refused do not stay until restart), and the video route removes its folder when its request ends or fails.
+refused do not stay until restart), and the video route removes its folder when its request ends or fails,
+refused by the schema included (`discard`).
 """
 
 from __future__ import annotations
@@ -142,6 +143,18 @@ class UploadStore:
         with self._lock:
             self._folders.pop(dirname, None)
             shutil.rmtree(path, ignore_errors=True)
+
+    def discard(self, dirname: object) -> bool:
+        """Remove the folder a refused request named, if the name is one (a video request the schema refused
+        still ends its uploaded sequence, as one that failed later does); whether one was removed."""
+        if not isinstance(dirname, str) or not _SAFE_NAME.match(dirname):
+            return False
+        with self._lock:
+            known = self._folders.pop(dirname, None) is not None
+        path = self.folder(dirname)
+        existed = path.is_dir()
+        shutil.rmtree(path, ignore_errors=True)
+        return known or existed
 
     def close(self) -> None:
         shutil.rmtree(self.root, ignore_errors=True)

@@ -7,13 +7,10 @@ from collections import OrderedDict
 from collections.abc import Container, Hashable
 from typing import Any
 
-import torch
-
 
 def nbytes(value: Any) -> int:
-    """Bytes held by a tensor, or by the tensors inside nested lists, tuples and dicts."""
-    if isinstance(value, torch.Tensor):
-        return value.element_size() * value.nelement()
+    """Bytes held by an array or tensor (anything with `nbytes`), or by those inside nested lists, tuples and
+    dicts. No torch import here: base/ is the ground every layer stands on."""
     if isinstance(value, dict):
         return sum(nbytes(v) for v in value.values())
     if isinstance(value, list | tuple):

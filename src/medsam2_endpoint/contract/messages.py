@@ -53,11 +53,12 @@ def validation_message(errors: ValidationError | Sequence[dict[str, Any]],
 RequestT = TypeVar("RequestT", bound=BaseModel)
 
 
-def validate_columns(body: Any, model: type[RequestT], *, first: str, max_items: int,
+def validate_columns(body: Any, model: type[RequestT], *, first: str | tuple[str, ...], max_items: int,
                      allowed: Callable[[tuple[Any, ...]], str]) -> tuple[RequestT, int]:
     """A column-format body `{"input_data": {...}}` validated by `model`: (request, item count).
 
-    Every column must have one entry per item; `first` is the column that sets the count."""
+    Every column must have one entry per item; the first of `first` that the body gives sets the count (the
+    3D route's items name their volume by nii_image or by volume_id, so either may be the one given)."""
     if not isinstance(body, dict):
         raise InvalidRequest('body: expected a JSON object {"input_data": {...}}')
     try:
@@ -65,6 +66,10 @@ def validate_columns(body: Any, model: type[RequestT], *, first: str, max_items:
     except ValidationError as exc:
         raise InvalidRequest(validation_message(exc, allowed)) from None
     cols = dict(request)["input_data"]  # each route's model has its columns there
+    candidates = (first,) if isinstance(first, str) else first
+    first = next((name for name in candidates if getattr(cols, name) is not None), None) or ""
+    if not first:
+        raise InvalidRequest(f"input_data: give {' or '.join(candidates)} (one entry per item)")
     count = len(getattr(cols, first))
     if count > max_items:
         raise InvalidRequest(

@@ -32,7 +32,7 @@ MAX_PROMPTS_PER_OBJECT = 64
 MAX_POINTS_PER_PROMPT = 64
 
 
-class SlicePrompt(BaseModel):
+class SlicePromptBody(BaseModel):
     """One prompt on one slice of an object: a box, points with labels, or a RECIST mark (a box or points may be combined)."""
 
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
@@ -47,7 +47,7 @@ class SlicePrompt(BaseModel):
     recist_short: Line | None = Field(default=None, description="optional RECIST short axis [[x1, y1], [x2, y2]]")
 
 
-class ObjectPrompt(BaseModel):
+class ObjectBody(BaseModel):
     """One object of an item: a box on a key slice, a RECIST mark on a key slice, or prompts on several slices."""
 
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
@@ -58,20 +58,23 @@ class ObjectPrompt(BaseModel):
     recist: Line | None = Field(default=None, description="RECIST long axis [[x1, y1], [x2, y2]] on key_slice_idx, instead of bbox")
     recist_short: Line | None = Field(default=None, description="optional RECIST short axis on key_slice_idx")
     recist_mode: RecistMode | None = Field(default=None, description="how a RECIST mark becomes a prompt (box default on LiteMedSAM, points on MedSAM2)")
-    prompts: Annotated[list[SlicePrompt], Field(min_length=1, max_length=MAX_PROMPTS_PER_OBJECT)] | None = Field(
+    prompts: Annotated[list[SlicePromptBody], Field(min_length=1, max_length=MAX_PROMPTS_PER_OBJECT)] | None = Field(
         default=None, description="prompts on one or several slices (instead of bbox/recist + key_slice_idx)")
 
 
 class VolumeColumns(BaseModel):
-    """Columns of the 3D route; optional columns may be omitted or hold null entries."""
+    """Columns of the 3D route; optional columns may be omitted or hold null entries. Each item names its volume
+    by nii_image or by volume_id, so one of those two columns must be given."""
 
-    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False, json_schema_extra={
+        "anyOf": [{"required": ["nii_image"]}, {"required": ["volume_id"]}]})
 
-    nii_image: list[StrictStr | None] = Field(
-        min_length=1, description="base64 of a .nii/.nii.gz file, or an https URL; null with a volume_id the worker holds")
+    nii_image: list[StrictStr | None] | None = Field(
+        default=None, min_length=1,
+        description="base64 of a .nii/.nii.gz file, or an https URL; null (or the column omitted) with a volume_id the worker holds")
     bbox: list[Box | None] | None = Field(default=None, description="[x_min, y_min, x_max, y_max] on the key slice, original pixel indices")
     key_slice_idx: list[int | None] | None = Field(default=None, description="key slice index in the full series")
-    objects: list[list[ObjectPrompt] | None] | None = Field(default=None, description="several objects per item (instead of bbox/key_slice_idx)")
+    objects: list[list[ObjectBody] | None] | None = Field(default=None, description="several objects per item (instead of bbox/key_slice_idx)")
     dicom_window: list[Window | None] | None = Field(default=None, description="[lower, upper] intensity window")
     modality: list[Modality | None] | None = Field(
         default=None, description="CT or MR; without a dicom_window, MR is windowed to the 0.5-99.5th percentiles of its nonzero voxels")
@@ -84,7 +87,7 @@ class VolumeColumns(BaseModel):
     )
     max_slices: list[Annotated[int, Field(ge=1)] | None] | None = Field(default=None, description="at most this many slices per direction")
     volume_id: list[StrictStr | None] | None = Field(
-        default=None, description="metadata.volume_id of an earlier answer: the worker's held copy is used instead of nii_image")
+        default=None, min_length=1, description="metadata.volume_id of an earlier answer: the worker's held copy is used instead of nii_image")
     previous_mask: list[dict[str, Any] | StrictStr | None] | None = Field(
         default=None, description="the earlier answer's mask (its rle object or nifti base64): slices the new prompts do not reach keep it")
 
@@ -151,13 +154,13 @@ class VolumeItem:
 
 
 def _allowed(loc: tuple[Any, ...]) -> str:
-    parent = (SlicePrompt if "prompts" in loc else ObjectPrompt) if "objects" in loc else VolumeColumns if len(loc) == 2 else ScoreRequest
+    parent = (SlicePromptBody if "prompts" in loc else ObjectBody) if "objects" in loc else VolumeColumns if len(loc) == 2 else ScoreRequest
     return ", ".join(parent.model_fields)
 
 
 def parse_request(body: Any, *, max_items: int) -> list[VolumeItem]:
     """Validate the whole request (every item) before anything runs."""
-    request, count = validate_columns(body, ScoreRequest, first="nii_image", max_items=max_items, allowed=_allowed)
+    request, count = validate_columns(body, ScoreRequest, first=("nii_image", "volume_id"), max_items=max_items, allowed=_allowed)
     cols = request.input_data
     items = []
     for i in range(count):
@@ -172,7 +175,7 @@ def parse_request(body: Any, *, max_items: int) -> list[VolumeItem]:
         if offset < 0:
             raise InvalidRequest(f"input_data.slice_offset[{i}]: must be 0 or more, got {offset}")
         stop = _entry(cols.stop_after_empty, i)
-        image, volume_id = cols.nii_image[i], _entry(cols.volume_id, i)
+        image, volume_id = _entry(cols.nii_image, i), _entry(cols.volume_id, i)
         if image is None and volume_id is None:
             raise InvalidRequest(f"input_data.nii_image[{i}]: required (or give input_data.volume_id[{i}] from an earlier answer)")
         items.append(
@@ -223,7 +226,7 @@ def _line(line: list[list[float]] | None) -> list[list[float]] | None:
     return None if line is None else [list(p) for p in line]
 
 
-def _object_spec(o: ObjectPrompt, where: str) -> ObjectSpec:
+def _object_spec(o: ObjectBody, where: str) -> ObjectSpec:
     """One object in its three forms: bbox + key_slice_idx, recist + key_slice_idx, or prompts."""
     if o.prompts is not None:
         extra = [name for name in ("bbox", "key_slice_idx", "recist", "recist_short") if getattr(o, name) is not None]
@@ -243,7 +246,7 @@ def _object_spec(o: ObjectPrompt, where: str) -> ObjectSpec:
     return ObjectSpec(o.id, prompt.box, o.key_slice_idx, field, f"{where}.key_slice_idx", (prompt,), o.recist_mode)
 
 
-def _prompt_spec(p: SlicePrompt, where: str) -> PromptSpec:
+def _prompt_spec(p: SlicePromptBody, where: str) -> PromptSpec:
     if p.box is None and p.points is None and p.recist is None:
         raise InvalidRequest(f"{where}: give a box, points with labels, or a recist mark on slice {p.slice}")
     if (p.points is None) != (p.labels is None):

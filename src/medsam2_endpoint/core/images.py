@@ -14,9 +14,18 @@ from medsam2_endpoint.base.errors import InvalidRequest, PayloadTooLarge
 from medsam2_endpoint.contract.score2d import AutomaskOptions, ImagePrompt
 from medsam2_endpoint.engines.base import ImageEngine
 from medsam2_endpoint.io.fetch import FetchPolicy
-from medsam2_endpoint.io.images import Picture, decode_base64, image_size, read_picture, to_grey_u8, to_rgb_u8
+from medsam2_endpoint.io.images import (
+    IMAGE_FILE,
+    Picture,
+    check_pixels,
+    image_size,
+    read_picture,
+    to_grey_u8,
+    to_rgb_u8,
+)
 from medsam2_endpoint.io.limits import Limits
-from medsam2_endpoint.io.sources import source_bytes
+from medsam2_endpoint.io.sources import is_url, source_bytes
+from medsam2_endpoint.io.volume import base64_head, decode_base64
 from medsam2_endpoint.pipeline.automask import AutomaskParams
 from medsam2_endpoint.pipeline.prompt2d import Prompt2D
 
@@ -24,7 +33,7 @@ from medsam2_endpoint.pipeline.prompt2d import Prompt2D
 def load_bytes(text: str, *, field: str, policy: FetchPolicy, limits: Limits, budget: Budget | None = None) -> bytes:
     """An image column's file bytes: base64 decoded, or an http(s) URL fetched SSRF-safely within the budget."""
     return source_bytes(text, field=field, policy=policy, budget=budget,
-                        decode=lambda t: decode_base64(t, field=field, limits=limits))
+                        decode=lambda t: decode_base64(t, field=field, limits=limits, what=IMAGE_FILE))
 
 
 def load_picture(text: str, *, field: str, policy: FetchPolicy, limits: Limits, budget: Budget | None = None) -> Picture:
@@ -83,15 +92,25 @@ class Frame:
 def decode_frames(frames: Sequence[Frame], *, policy: FetchPolicy, limits: Limits, max_frames: int,
                   budget: Budget | None = None) -> list[np.ndarray]:
     """The frames as uint8 RGB, after the whole video's limits were checked from the image headers: the frame
-    count (MEDSAM2_SAMAPI_MAX_FRAMES), one size for all, and frames x pixels (MEDSAM2_MAX_VOXELS), so a video
-    too large is refused before any pixel is decoded. The budget is checked before each frame."""
+    count (MEDSAM2_SAMAPI_MAX_FRAMES), each frame's pixels (MEDSAM2_MAX_SLICE_PIXELS), one size for all, and
+    frames x pixels (MEDSAM2_MAX_VOXELS), so a video too large is refused before any pixel is decoded. An
+    inline frame's header is read from the first bytes of its base64 (`base64_head`), so its base64 is decoded
+    only once the video passed, one frame at a time. The budget is checked before each frame."""
     if len(frames) > max_frames:
         raise PayloadTooLarge(f"b64imgs: {len(frames)} frames exceed {max_frames} (MEDSAM2_SAMAPI_MAX_FRAMES)")
     if not frames:
         raise InvalidRequest("b64imgs: no frames; upload the frames first or send b64imgs")
-    files = [f.data if f.data is not None else load_bytes(f.b64 or "", field=f.field, policy=policy, limits=limits, budget=budget)
-             for f in frames]
-    sizes = [image_size(data) for data in files]
+    files: list[bytes | None] = []  # the bytes at hand: uploaded or fetched; None for base64 not decoded yet
+    sizes: list[tuple[int, int] | None] = []
+    for f in frames:
+        text = (f.b64 or "").strip()
+        data = f.data if f.data is not None else (
+            load_bytes(text, field=f.field, policy=policy, limits=limits, budget=budget) if is_url(text) else None)
+        size = image_size(data if data is not None else base64_head(text) or b"")
+        if size is not None:
+            check_pixels(*size, field=f.field, limits=limits)
+        files.append(data)
+        sizes.append(size)
     first = next((s for s in sizes if s is not None), None)
     if first is not None:
         for frame, size in zip(frames, sizes, strict=True):
@@ -109,7 +128,10 @@ def decode_frames(frames: Sequence[Frame], *, policy: FetchPolicy, limits: Limit
     for k, (frame, data) in enumerate(zip(frames, files, strict=True)):
         if budget is not None:
             budget.check(k, "frames_decoded")
+        if data is None:
+            data = load_bytes(frame.b64 or "", field=frame.field, policy=policy, limits=limits, budget=budget)
         rgb.append(read_rgb(data, field=frame.field, limits=limits))
+        files[k] = None  # one decoded file at a time
     depth, height, width = len(rgb), *rgb[0].shape[:2]
     if depth * height * width > limits.max_voxels:  # headers that did not say (2D NIfTI frames)
         raise PayloadTooLarge(f"b64imgs: {depth} frames of {width} x {height} exceed {limits.max_voxels} voxels (MEDSAM2_MAX_VOXELS)")

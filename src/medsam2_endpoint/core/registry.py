@@ -18,7 +18,8 @@ import torch
 
 from medsam2_endpoint.base.errors import InvalidRequest, ModelUnavailable
 from medsam2_endpoint.base.log import log
-from medsam2_endpoint.engines.base import LITE_NAME, ImageEngine, ModelInfo, VolumeEngine
+from medsam2_endpoint.engines.base import LITE_NAME as LITE_NAME  # re-exported: the adapters' name for it
+from medsam2_endpoint.engines.base import ImageEngine, ModelInfo, VolumeEngine
 from medsam2_endpoint.engines.medsam2 import CheckpointError, MedSAM2Engine, find_checkpoints
 
 

@@ -1,9 +1,13 @@
-"""The 2D route of /score: validated items in, encoded results out. Every item is decoded and checked
-(prompt geometry against the image, model capabilities) before any item runs, as in the 3D route."""
+"""The one 2D path: load -> check -> infer, for the 2D route of /score and for samapi (QuPath).
+
+`/score` items are all decoded and checked (prompt geometry against the image, model capabilities) before
+any item runs, as in the 3D route, then encoded; samapi's prompt and automask calls use the same `check`
+and `infer` with errors named by samapi's fields."""
 
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -17,7 +21,7 @@ from medsam2_endpoint.io.encode import encode_mask_2d
 from medsam2_endpoint.io.fetch import FetchPolicy
 from medsam2_endpoint.io.images import Picture
 from medsam2_endpoint.io.limits import Limits
-from medsam2_endpoint.pipeline.automask import automask, check_automask
+from medsam2_endpoint.pipeline.automask import AutomaskParams, automask, check_automask
 from medsam2_endpoint.pipeline.prompt2d import Mask2D, Prompt2D, Prompter, Result2D, check_prompt
 
 
@@ -48,28 +52,48 @@ def prepare(prompter: Prompter, item: ImageItem, model: str, *, policy: FetchPol
     started = time.perf_counter()
     picture, rgb = load_rgb(item.image, field=item.field("image"), policy=policy, limits=limits, window=item.dicom_window,
                             window_field=item.field("dicom_window") if item.dicom_window else None, budget=budget)
-    engine = prompter.image_engine(model)
     prompt = typed_prompt(item.prompt)
-    if item.task == "automask":
-        assert item.automask is not None  # the contract sets it for every automask item
-        check_automask(automask_params(item.automask, item.prompt.output_type), engine=engine,
-                       where=lambda col: f"{item.field('automask')}.{col}")
-    else:
-        check_prompt(prompt, width=picture.width, height=picture.height, engine=engine, where=item.field,
-                     models_with_points=prompter.models_with_points())
+    check(prompter, model, rgb, prompt=prompt, params=_params(item), where=item.field,
+          automask_where=lambda col: f"{item.field('automask')}.{col}")
     return Prepared2D(item, picture, rgb, model, prompt, (time.perf_counter() - started) * 1000)
+
+
+def _params(item: ImageItem) -> AutomaskParams | None:
+    if item.task != "automask":
+        return None
+    if item.automask is None:
+        raise ValueError("the contract sets automask options on every automask item")
+    return automask_params(item.automask, item.prompt.output_type)
+
+
+def check(prompter: Prompter, model: str, rgb: np.ndarray, *, prompt: Prompt2D | None, params: AutomaskParams | None,
+          where: Callable[[str], str], automask_where: Callable[[str], str] | None = None) -> None:
+    """Everything a 2D request can get wrong, before inference: a prompt's geometry against the image and the
+    model's capabilities (points), or automask options the model cannot honour."""
+    engine = prompter.image_engine(model)
+    if params is not None:
+        check_automask(params, engine=engine, where=automask_where or where)
+    elif prompt is not None:
+        check_prompt(prompt, width=rgb.shape[1], height=rgb.shape[0], engine=engine, where=where,
+                     models_with_points=prompter.models_with_points())
+
+
+def infer(prompter: Prompter, model: str, rgb: np.ndarray, *, prompt: Prompt2D | None, params: AutomaskParams | None,
+          budget: Budget, automask_where: Callable[[str], str]) -> Result2D:
+    """One checked 2D request's masks: automask with `params`, else the prompt's masks."""
+    budget.check(0, "prompts")  # a client gone before the model ran gets nothing computed
+    if params is not None:
+        return automask(prompter, model, rgb, params, where=automask_where, budget=budget)
+    if prompt is None:
+        raise ValueError("infer: give a prompt or automask params")
+    return prompter.segment(model, rgb, prompt)
 
 
 def run(prompter: Prompter, p: Prepared2D, budget: Budget) -> dict[str, Any]:
     item = p.item
     t0 = time.perf_counter()
-    if item.task == "automask":
-        assert item.automask is not None
-        params = automask_params(item.automask, item.prompt.output_type)
-        result: Result2D = automask(prompter, p.model, p.rgb, params, where=lambda col: f"{item.field('automask')}.{col}",
-                                    budget=budget)
-    else:
-        result = prompter.segment(p.model, p.rgb, p.prompt)
+    result = infer(prompter, p.model, p.rgb, prompt=p.prompt, params=_params(item), budget=budget,
+                   automask_where=lambda col: f"{item.field('automask')}.{col}")
     t1 = time.perf_counter()
     masks = [mask_entry(m, item.mask_format, item.simplify_tolerance, low_res=item.return_low_res) for m in result.masks]
     t2 = time.perf_counter()

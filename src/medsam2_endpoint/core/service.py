@@ -1,7 +1,8 @@
 """The Service: the one API every adapter calls. Typed requests (contract/) in, results out; no HTTP.
 
-    score_3d(items)                  the 3D route of /score (and, per file, the batch endpoint)
-    score_3d_file(item, path)        one local NIfTI file (batch): mask as NIfTI bytes + metadata
+    segment_3d(items)                the one 3D path: prepare -> segment, label maps with their geometry
+    score_3d(items)                  the 3D route of /score: segment_3d, then each mask encoded as asked
+    score_3d_file(item, path)        one local NIfTI file or DICOM series (batch): NIfTI (+ DICOM SEG) bytes
     score_2d(items)                  the 2D route of /score
     segment_image(...)               one 2D prompt (samapi POST /sam/)
     automask_image(...)              automatic masks of one image (samapi automask/)
@@ -16,7 +17,7 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -24,6 +25,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from medsam2_endpoint import __version__
 from medsam2_endpoint.base.budget import Budget, RunningBudgets
 from medsam2_endpoint.base.errors import InvalidRequest
 from medsam2_endpoint.base.heap import release_free_memory
@@ -46,16 +48,15 @@ from medsam2_endpoint.core.registry import ModelRegistry, choose_device, choose_
 from medsam2_endpoint.core.settings import Settings
 from medsam2_endpoint.core.slots import InferenceSlots
 from medsam2_endpoint.engines.base import ModelInfo
-from medsam2_endpoint.io.dicom_seg import read_series, series_files
+from medsam2_endpoint.io.dicom_seg import Algorithm, Segment, write_dicom_seg
 from medsam2_endpoint.io.encode import encode_mask
 from medsam2_endpoint.io.limits import VoxelTally
-from medsam2_endpoint.io.volume import read_nifti, write_nifti
-from medsam2_endpoint.pipeline.automask import automask
+from medsam2_endpoint.io.volume import LabelMap, Volume
 from medsam2_endpoint.pipeline.embedding_cache import EmbeddingCache
 from medsam2_endpoint.pipeline.interactive import WalkMemo
-from medsam2_endpoint.pipeline.prompt2d import Prompter, Result2D, check_prompt, clip_box
+from medsam2_endpoint.pipeline.prompt2d import Prompter, Result2D, clip_box
 from medsam2_endpoint.pipeline.propagate import segment_object
-from medsam2_endpoint.pipeline.video import ObjectPrompt, frames_to_volume, track_objects
+from medsam2_endpoint.pipeline.video import VideoObject, frames_to_volume, track_objects
 
 __all__ = ["FileResult", "Frame", "ModelInfo", "Result2D", "Service"]
 # Per worker: a correction round's replayed walks (float32 logits, 1 MiB a 512 x 512 slice: about 20 rounds
@@ -65,10 +66,22 @@ WALK_MEMO_MB = 128
 
 @dataclass(frozen=True)
 class FileResult:
-    mask_nifti: bytes  # the mask with the source's geometry, gzip-compressed NIfTI
+    """A batch file's outputs, encoded: the adapter only writes them."""
+
+    mask_nifti: bytes  # the label map in the source's geometry, gzip-compressed NIfTI
     metadata: dict[str, Any]
-    labels: np.ndarray | None = None  # the label map (Z, Y, X), for other encodings (DICOM SEG)
-    source_files: tuple[Path, ...] = ()  # a DICOM series' files in z order, when the input was one
+    dicom_seg: bytes | None = None  # a DICOM SEG over the source series, when the input was one
+
+
+def _samapi_field(column: str) -> str:
+    """samapi's bodies are flat: an error names the column itself (bbox, point_coords, points_per_side)."""
+    return column
+
+
+def _add_encode_time(metadata: dict[str, Any], started: float) -> None:
+    timing = metadata["timing_ms"]
+    timing["encode"] = round((time.perf_counter() - started) * 1000, 1)
+    timing["total"] = round(timing["total"] + timing["encode"], 1)
 
 
 class Service:
@@ -138,10 +151,14 @@ class Service:
 
     # ---------------------------------------------------------------- 3D
 
-    def _prepare_3d(self, item: VolumeItem, budget: Budget, tally: VoxelTally) -> volumes.PreparedItem:
+    def _prepare_3d(self, item: VolumeItem, budget: Budget, tally: VoxelTally | None, *,
+                    loaded: Volume | None = None) -> volumes.PreparedItem:
+        """Decode (or take the held or `loaded` volume), window and check one item: every error it can cause."""
         name = self.registry.resolve(item.model, field=item.field("model"))
         started = time.perf_counter()
-        if item.image is None and item.volume_id is not None:
+        if loaded is not None:  # a local file (batch): not held, nobody can name it in a later request
+            volume, volume_id = loaded, loaded.content_id()
+        elif item.image is None and item.volume_id is not None:
             volume = self.held.get(item.volume_id, field=item.field("volume_id"))
             volume_id = item.volume_id
         else:
@@ -149,50 +166,60 @@ class Service:
                                          tally=tally)
             volume_id = self.held.hold(volume)
         return volumes.prepare(item, volume, name, decode_ms=(time.perf_counter() - started) * 1000, volume_id=volume_id,
-                               accepts_points=self._accepts_points(name), limits=self.settings.limits)
+                               accepts_points=self.registry.info(name).capabilities.points, limits=self.settings.limits)
 
-    def _accepts_points(self, name: str) -> bool:
-        """Whether the model takes point prompts in 3D (MedSAM2) or boxes only (LiteMedSAM): its capabilities."""
-        return self.registry.info(name).capabilities.points
+    def segment_3d(self, items: Sequence[VolumeItem], budget: Budget | None = None, *,
+                   loaded: Sequence[Volume] | None = None) -> Iterator[tuple[VolumeItem, LabelMap, dict[str, Any]]]:
+        """The one 3D path: check the request-wide limits from the headers, prepare every item (decode, window,
+        prompts) before running any, then segment each: (item, label map in its source geometry, metadata).
 
-    def score_3d(self, items: Sequence[VolumeItem], budget: Budget | None = None) -> list[dict[str, Any]]:
-        """Check the request-wide limits from the headers, validate every item (decode, geometry, prompts) before
-        running any; one result per item."""
+        loaded: the items' volumes already read (batch files), one per item; otherwise each item's nii_image
+        (base64 or URL) is decoded, or its volume_id's held volume used."""
         budget = budget or self.budget()
-        tally = volumes.request_tally(items, self.settings.limits)
-        prepared = [self._prepare_3d(item, budget, tally) for item in items]
-        results = []
+        if loaded is not None and len(loaded) != len(items):
+            raise ValueError("segment_3d: one loaded volume per item")
+        tally = volumes.request_tally(items, self.settings.limits) if loaded is None else None
+        prepared = [self._prepare_3d(item, budget, tally, loaded=None if loaded is None else loaded[i])
+                    for i, item in enumerate(items)]
         for p in prepared:
             with self.slots.hold(p.engine_name):
-                mask, metadata = volumes.run(p, self.registry.get(p.engine_name), budget, self.walks)
+                labels, metadata = volumes.run(p, self.registry.get(p.engine_name), budget, self.walks)
+            yield p.item, labels, metadata
+
+    def score_3d(self, items: Sequence[VolumeItem], budget: Budget | None = None) -> list[dict[str, Any]]:
+        """The 3D route of /score: one `{"mask": <encoded>, "metadata": {...}}` per item."""
+        results = []
+        for item, labels, metadata in self.segment_3d(items, budget):
             t0 = time.perf_counter()
-            encoded = encode_mask(mask, p.windowed, p.item.mask_format, label_map=p.item.multi_object)
-            metadata["timing_ms"]["encode"] = round((time.perf_counter() - t0) * 1000, 1)
-            metadata["timing_ms"]["total"] = round(metadata["timing_ms"]["total"] + metadata["timing_ms"]["encode"], 1)
+            encoded = encode_mask(labels, item.mask_format)
+            _add_encode_time(metadata, t0)
             results.append({"mask": encoded, "metadata": metadata})
-            del mask
+            del labels
             release_free_memory()  # labelling and encoding buffers: an idle worker should not keep them
         return results
 
-    def score_3d_file(self, item: VolumeItem, path: Path, budget: Budget | None = None) -> FileResult:
-        """One local NIfTI file, or DICOM series folder, with its validated prompt (the batch endpoint)."""
-        name = self.registry.resolve(item.model, field=item.field("model"))
+    def score_3d_file(self, item: VolumeItem, path: Path, *, segment_labels: Mapping[int, str] | None = None,
+                      budget: Budget | None = None) -> FileResult:
+        """One local NIfTI file, or DICOM series folder, with its validated prompt (the batch endpoint): the mask
+        as NIfTI, and for a series a DICOM SEG over it (segments labelled from `segment_labels`, object id ->
+        label, default "object <id>")."""
         budget = budget or self.budget()
         started = time.perf_counter()
-        files: tuple[Path, ...] = ()
-        if path.is_dir():
-            files = tuple(series_files(path))
-            # through NIfTI bytes so that a series meets the same checks (size, dtype, finite voxels) as a file
-            image = read_series(files, limits=self.settings.limits)
-            volume = read_nifti(write_nifti(image), field=path.name, limits=self.settings.limits, budget=budget)
-        else:
-            volume = read_nifti(path.read_bytes(), field=path.name, limits=self.settings.limits, budget=budget)
-        prepared = volumes.prepare(item, volume, name, decode_ms=(time.perf_counter() - started) * 1000,
-                                   volume_id=volume.content_id(), accepts_points=self._accepts_points(name),
-                                   limits=self.settings.limits)
-        with self.slots.hold(name):
-            mask, metadata = volumes.run(prepared, self.registry.get(name), budget)
-        return FileResult(write_nifti(prepared.windowed.image_like(mask)), metadata, mask, files)
+        volume, files = volumes.read_local(path, limits=self.settings.limits, budget=budget)
+        read_ms = (time.perf_counter() - started) * 1000
+        ((_, labels, metadata),) = list(self.segment_3d([item], budget, loaded=[volume]))
+        del volume
+        metadata["timing_ms"]["decode"] = round(metadata["timing_ms"]["decode"] + read_ms, 1)
+        t0 = time.perf_counter()
+        seg = None
+        if files:
+            model = metadata["model"]
+            names = segment_labels or {}
+            segments = [Segment(o.id, names.get(o.id, f"object {o.id}")) for o in item.objects]
+            seg = write_dicom_seg(labels, files, segments, Algorithm(model["name"], __version__, model.get("sha256")))
+        result = FileResult(labels.nifti(), metadata, seg)
+        _add_encode_time(metadata, t0)
+        return result
 
     # ---------------------------------------------------------------- 2D
 
@@ -212,34 +239,37 @@ class Service:
 
     def segment_image(self, model: str, image_b64: str, prompt: ImagePrompt, *, mask_b64: str | None = None,
                       budget: Budget | None = None) -> Result2D:
-        """One prompt on one image (samapi): errors name samapi's fields (b64img, bbox, point_coords, b64mask)."""
+        """One prompt on one image (samapi), through the 2D path: errors name samapi's fields (b64img, bbox,
+        point_coords, b64mask)."""
         limits, policy, budget = self.settings.limits, self.settings.fetch, budget or self.budget()
         _, rgb = load_rgb(image_b64, field="b64img", policy=policy, limits=limits, budget=budget)
-        engine = self.prompter.image_engine(model)
         mask_input = None
         if mask_b64 is not None:
             _, mask_rgb = load_rgb(mask_b64, field="b64mask", policy=policy, limits=limits, budget=budget)
-            mask_input = mask_logits(engine, mask_rgb, rgb, field="b64mask")
+            mask_input = mask_logits(self.prompter.image_engine(model), mask_rgb, rgb, field="b64mask")
         # samapi's clients send the viewer's rectangle unclipped (REFERENCE.md C2): clip it, as SAM sees it
         typed, clipped = clip_box(typed_prompt(prompt, mask_input=mask_input), width=rgb.shape[1], height=rgb.shape[0])
-        check_prompt(typed, width=rgb.shape[1], height=rgb.shape[0], engine=engine, where=lambda column: column,
-                     models_with_points=self.prompter.models_with_points())
+        score2d.check(self.prompter, model, rgb, prompt=typed, params=None, where=_samapi_field)
         started = time.perf_counter()
-        budget.check(0, "prompts")  # a client gone before the model ran gets nothing computed
         with self.slots.hold(model):
-            result = replace(self.prompter.segment(model, rgb, typed), box_clipped_to=clipped)
+            result = score2d.infer(self.prompter, model, rgb, prompt=typed, params=None, budget=budget,
+                                   automask_where=_samapi_field)
+        result = replace(result, box_clipped_to=clipped)
         log.info("route=samapi model=%s size=%dx%d masks=%d embedding_cached=%s ms=%.0f", model, rgb.shape[1], rgb.shape[0],
                  len(result.masks), result.embedding_cached, (time.perf_counter() - started) * 1000)
         return result
 
     def automask_image(self, model: str, image_b64: str, options: AutomaskOptions, output_type: str,
                        budget: Budget | None = None) -> Result2D:
+        """Automatic masks of one image (samapi automask/), through the 2D path."""
         budget = budget or self.budget()
         _, rgb = load_rgb(image_b64, field="b64img", policy=self.settings.fetch, limits=self.settings.limits, budget=budget)
+        params = automask_params(options, output_type)
+        score2d.check(self.prompter, model, rgb, prompt=None, params=params, where=_samapi_field)
         started = time.perf_counter()
         with self.slots.hold(model):
-            result = automask(self.prompter, model, rgb, automask_params(options, output_type), where=lambda column: column,
-                              budget=budget)
+            result = score2d.infer(self.prompter, model, rgb, prompt=None, params=params, budget=budget,
+                                   automask_where=_samapi_field)
         coverage = result.coverage
         log.info("route=samapi-automask model=%s size=%dx%d masks=%d prompts=%s partial=%s ms=%.0f", model, rgb.shape[1],
                  rgb.shape[0], len(result.masks), f"{coverage.decoded}/{coverage.planned}" if coverage else "-",
@@ -261,7 +291,7 @@ class Service:
         for p in prompts:
             if p.frame < start:
                 raise InvalidRequest(f"{p.where}: prompt on frame {p.frame}, before start_frame_idx {start}")
-            typed.append(ObjectPrompt(
+            typed.append(VideoObject(
                 p.obj_id, p.frame - start,
                 np.asarray(p.box, dtype=np.float64) if p.box else None,
                 np.asarray(p.points, dtype=np.float64) if p.points else None,

@@ -9,20 +9,31 @@ message naming the variable. The README's settings table is generated from this 
 from __future__ import annotations
 
 import os
-import tempfile
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import AliasChoices, Field, SecretStr, ValidationError, field_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import BaseSettings, EnvSettingsSource, PydanticBaseSettingsSource, SettingsConfigDict
 
 from medsam2_endpoint.io.fetch import FetchPolicy, parse_networks
 from medsam2_endpoint.io.limits import MB, Limits
 
 PREFIX = "MEDSAM2_"
 PLATFORM_TIMEOUT_S = 180.0  # a managed online endpoint's request_timeout_ms maximum
+# The lower layers' own defaults: every default lives once, in the parameter type that uses it.
+_LIMITS, _FETCH = Limits(), FetchPolicy()
+# An environment other than the process's (tests, `from_env(mapping)`), read by the environment source below.
+_ENVIRON: ContextVar[Mapping[str, str] | None] = ContextVar("medsam2_settings_environ", default=None)
+
+
+def default_weights_dir(model_dir: Path | None) -> Path:
+    """Where registered weights live unless MEDSAM2_SAMAPI_WEIGHTS_DIR says: beside the model folder's
+    checkpoints, or under the user's cache without one."""
+    return model_dir / "registered" if model_dir is not None else Path.home() / ".cache" / "medsam2-endpoint" / "weights"
 
 
 class SettingsError(ValueError):
@@ -35,7 +46,7 @@ class SamapiOptions:
 
     token: str | None = None
     allow_weight_registration: bool = False
-    weights_dir: Path = Path(tempfile.gettempdir()) / "medsam2-weights"
+    weights_dir: Path = default_weights_dir(None)
     max_weight_bytes: int = 512 * MB
     max_upload_bytes: int = 64 * MB
     max_frames: int = 1000
@@ -69,23 +80,23 @@ class Settings(BaseSettings):
     held_volumes_mb: int = Field(
         1024, ge=0, description="per worker: decoded 3D volumes kept by `volume_id` for correction rounds without re-upload (LRU); 0: none held")
     embedding_cache_mb: int = Field(256, ge=0, description="2D image embeddings shared by the 2D route and the samapi server; 0 disables")
-    max_items: int = Field(16, ge=1, description="items per request")
-    max_base64_mb: int = Field(256, ge=1, description="base64 text per item, MiB")
-    max_file_mb: int = Field(1024, ge=1, description="NIfTI size after decompression, MiB (gzip bombs stop here)")
-    max_voxels: int = Field(512 * 512 * 1200, ge=1, description="voxels per volume (512 x 512 x 1200), checked from the header")
-    max_slice_pixels: int = Field(2048 * 2048, ge=1, description="pixels per slice or 2D image, checked from the header")
+    max_items: int = Field(_LIMITS.max_items, ge=1, description="items per request")
+    max_base64_mb: int = Field(_LIMITS.max_base64_bytes // MB, ge=1, description="base64 text per item, MiB")
+    max_file_mb: int = Field(_LIMITS.max_file_bytes // MB, ge=1, description="NIfTI size after decompression, MiB (gzip bombs stop here)")
+    max_voxels: int = Field(_LIMITS.max_voxels, ge=1, description="voxels per volume (512 x 512 x 1200), checked from the header")
+    max_slice_pixels: int = Field(_LIMITS.max_slice_pixels, ge=1, description="pixels per slice or 2D image, checked from the header")
     max_request_voxels: int = Field(
-        2 * 512 * 512 * 1200, ge=1,
+        _LIMITS.max_request_voxels, ge=1,
         description="voxels of all items of one request together, summed from their NIfTI headers before any is decoded")
     max_request_mb: int = Field(
-        1024, ge=1, description="base64 of all items of one request together, MiB; the body cap is this plus 1 MiB per item")
-    fetch_allow_http: bool = Field(False, description="allow plain http URLs (development only)")
+        _LIMITS.max_request_base64_bytes // MB, ge=1, description="base64 of all items of one request together, MiB; the body cap is this plus 1 MiB per item")
+    fetch_allow_http: bool = Field(_FETCH.allow_http, description="allow plain http URLs (development only)")
     fetch_host_allowlist: str = Field("", description="comma-separated host patterns URLs must match (e.g. `*.blob.core.windows.net`); empty: any public host")
     fetch_allow_networks: str = Field("", description="comma-separated CIDRs exempt from the non-public-address refusal (tests and development only)")
-    fetch_max_mb: float = Field(1024, gt=0, description="largest download, MiB")
-    fetch_connect_timeout_s: float = Field(5.0, gt=0, description="connect timeout per address, seconds")
-    fetch_read_timeout_s: float = Field(30.0, gt=0, description="longest wait for the next bytes, seconds")
-    fetch_total_timeout_s: float = Field(300.0, gt=0, description="whole download, seconds")
+    fetch_max_mb: float = Field(_FETCH.max_bytes // MB, gt=0, description="largest download, MiB")
+    fetch_connect_timeout_s: float = Field(_FETCH.connect_timeout_s, gt=0, description="connect timeout per address, seconds")
+    fetch_read_timeout_s: float = Field(_FETCH.read_timeout_s, gt=0, description="longest wait for the next bytes, seconds")
+    fetch_total_timeout_s: float = Field(_FETCH.total_timeout_s, gt=0, description="whole download, seconds")
     batch_worker_process: bool = Field(
         True, description="batch endpoint: score the files in a child process, so a file that kills it (out of memory, a crash) costs that file only")
     samapi_token: SecretStr | None = Field(None, description="require `Authorization: Bearer <token>` on every samapi route")
@@ -113,26 +124,34 @@ class Settings(BaseSettings):
     def _blank_token_is_none(cls, value: SecretStr | None) -> SecretStr | None:
         return value if value is None or value.get_secret_value().strip() else None
 
+    @field_validator("model_dir")
+    @classmethod
+    def _absolute_model_dir(cls, value: Path | None) -> Path | None:
+        return None if value is None else value.expanduser().resolve()
+
+    @classmethod
+    def settings_customise_sources(cls, settings_cls: type[BaseSettings], init_settings: PydanticBaseSettingsSource,
+                                   env_settings: PydanticBaseSettingsSource, dotenv_settings: PydanticBaseSettingsSource,
+                                   file_secret_settings: PydanticBaseSettingsSource) -> tuple[PydanticBaseSettingsSource, ...]:
+        """Arguments first, then the environment (pydantic-settings' own parsing: prefix, aliases, empty = unset)."""
+        return init_settings, _Environment(settings_cls)
+
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, *, model_dir: str | Path | None = None) -> Settings:
-        """From the process environment (or `environ`); `model_dir` overrides the variables."""
-        env = os.environ if environ is None else environ
-        values: dict[str, Any] = {}
-        for name, raw in env.items():
-            if name.startswith(PREFIX) and raw.strip() != "":
-                field = name[len(PREFIX):].lower()
-                if field in cls.model_fields and field != "model_dir":
-                    values[field] = raw.strip() if field != "samapi_token" else raw
-        raw_dir = model_dir or env.get("MEDSAM2_MODEL_DIR") or env.get("AZUREML_MODEL_DIR")
-        if raw_dir:
-            values["model_dir"] = Path(raw_dir).expanduser().resolve()
+        """From the process environment (or `environ`); `model_dir` overrides the variables. A bad value raises
+        SettingsError naming the variable (a secret's value is never shown)."""
+        overrides: dict[str, Any] = {"model_dir": Path(model_dir)} if model_dir else {}
         try:
-            return cls.model_validate(values)
+            with _environment(environ):
+                return cls(**overrides)
         except ValidationError as exc:
             first = exc.errors(include_url=False)[0]
-            field = str(first["loc"][0]) if first["loc"] else "?"
-            variable = f"{PREFIX}{field.upper()}"
-            shown = "***" if field == "samapi_token" else env.get(variable, values.get(field))
+            name = str(first["loc"][0]) if first["loc"] else "?"
+            variable = name if name.isupper() else f"{PREFIX}{name.upper()}"
+            field = cls.model_fields.get(name)
+            secret = field is not None and field.annotation is not None and "SecretStr" in str(field.annotation)
+            env = environ if environ is not None else os.environ
+            shown = "***" if secret else env.get(variable, first.get("input"))
             raise SettingsError(f"{variable}={shown!r}: {first['msg']}") from None
 
     @property
@@ -164,10 +183,8 @@ class Settings(BaseSettings):
     def samapi(self) -> SamapiOptions:
         if self.samapi_weights_dir is not None:
             weights_dir = self.samapi_weights_dir.expanduser().resolve()
-        elif self.model_dir is not None:
-            weights_dir = self.model_dir / "registered"
         else:
-            weights_dir = Path.home() / ".cache" / "medsam2-endpoint" / "weights"
+            weights_dir = default_weights_dir(self.model_dir)
         return SamapiOptions(
             token=self.samapi_token.get_secret_value().strip() if self.samapi_token else None,
             allow_weight_registration=self.samapi_allow_weight_registration,
@@ -179,6 +196,26 @@ class Settings(BaseSettings):
             upload_store_files=self.samapi_upload_store_files,
             upload_ttl_s=self.samapi_upload_ttl_s,
         )
+
+
+class _Environment(EnvSettingsSource):
+    """pydantic-settings' environment source over the process environment, or over the mapping given to
+    `Settings.from_env` (set for the duration of that call only)."""
+
+    def __init__(self, settings_cls: type[BaseSettings]) -> None:
+        super().__init__(settings_cls)
+        given = _ENVIRON.get()
+        if given is not None:  # the same normalisation the source applies to os.environ: case-insensitive, empty unset
+            self.env_vars = {k.lower(): v for k, v in given.items() if v != ""}
+
+
+@contextmanager
+def _environment(environ: Mapping[str, str] | None) -> Iterator[None]:
+    token = _ENVIRON.set(environ)
+    try:
+        yield
+    finally:
+        _ENVIRON.reset(token)
 
 
 def _items(value: str) -> tuple[str, ...]:

@@ -7,6 +7,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import partial
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -17,11 +18,20 @@ from medsam2_endpoint.base.log import log
 from medsam2_endpoint.contract.score3d import VolumeItem
 from medsam2_endpoint.core.prompts import PreparedObject, prepare_object
 from medsam2_endpoint.engines.base import PromptedVolumeEngine, VolumeEngine
+from medsam2_endpoint.io.dicom_seg import read_series, series_files
 from medsam2_endpoint.io.encode import decode_mask
 from medsam2_endpoint.io.fetch import FetchPolicy
 from medsam2_endpoint.io.limits import Limits, VoxelTally
 from medsam2_endpoint.io.sources import is_url, source_bytes
-from medsam2_endpoint.io.volume import Volume, base64_chunks, base64_head, peek_shape, read_nifti
+from medsam2_endpoint.io.volume import (
+    LabelMap,
+    Volume,
+    base64_chunks,
+    base64_head,
+    peek_shape,
+    read_nifti,
+    write_nifti,
+)
 from medsam2_endpoint.pipeline.interactive import WalkMemo, segment_prompts
 from medsam2_endpoint.pipeline.propagate import (
     ObjectResult,
@@ -72,17 +82,19 @@ def load_volume(item: VolumeItem, *, policy: FetchPolicy, limits: Limits, budget
                 tally: VoxelTally | None = None) -> Volume:
     """The item's `nii_image`: base64 (decoded in chunks) or a URL (fetched), read as NIfTI, within the budget.
 
-    With the request's `tally`, an item it has not counted yet (a URL) adds its header's voxels to the
-    request's total before its voxels are decoded."""
+    A URL's NIfTI header is checked from its first bytes, and with the request's `tally` an item it has not
+    counted yet (a URL) adds its voxels to the request's total, before the rest of the file is downloaded."""
     field = item.field("nii_image")
     if item.image is None:
         raise ValueError("load_volume needs nii_image; the Service resolves volume_id")  # parse_request ensures one of them
-    data = source_bytes(item.image, field=field, policy=policy, budget=budget,
-                        decode=lambda text: base64_chunks(text, field=field, limits=limits, budget=budget))
-    if tally is not None and field not in tally.counted and isinstance(data, bytes):
-        shape = peek_shape(data[: 64 << 10], field=field, limits=limits)
-        if shape is not None:
+
+    def count_head(head: bytes) -> None:  # a URL's header: checked and counted before the rest is downloaded
+        shape = peek_shape(head, field=field, limits=limits)
+        if shape is not None and tally is not None and field not in tally.counted:
             tally.add(field, shape)
+
+    data = source_bytes(item.image, field=field, policy=policy, budget=budget, check_head=count_head,
+                        decode=lambda text: base64_chunks(text, field=field, limits=limits, budget=budget))
     volume = read_nifti(data, field=field, limits=limits, budget=budget)
     if tally is not None and field not in tally.counted:  # a header the first bytes did not hold: counted once read
         tally.add(field, tuple(volume.itk_size))
@@ -114,8 +126,9 @@ def prepare(item: VolumeItem, volume: Volume, engine_name: str, *, decode_ms: fl
                         window_ms=(time.perf_counter() - started) * 1000)
 
 
-def run(p: PreparedItem, engine: VolumeEngine, budget: Budget, memo: WalkMemo | None = None) -> tuple[np.ndarray, dict[str, Any]]:
-    """Encode each visited slice once (shared by all objects), propagate each object; (mask, metadata)."""
+def run(p: PreparedItem, engine: VolumeEngine, budget: Budget, memo: WalkMemo | None = None) -> tuple[LabelMap, dict[str, Any]]:
+    """Encode each visited slice once (shared by all objects), propagate each object; (label map in the source
+    geometry, metadata)."""
     item, volume = p.item, p.windowed
     windowed = volume.array
     t1 = time.perf_counter()
@@ -190,7 +203,7 @@ def run(p: PreparedItem, engine: VolumeEngine, budget: Budget, memo: WalkMemo | 
             }
             for obj, result in results
         ]
-    else:
+    else:  # the seed endpoint's single-object fields
         obj, spec = p.objects[0], item.objects[0]
         metadata.update(
             key_slice_index=spec.key_slice_idx,
@@ -200,7 +213,18 @@ def run(p: PreparedItem, engine: VolumeEngine, budget: Budget, memo: WalkMemo | 
         )
         if not obj.plain:
             metadata["prompts_used"] = list(obj.prompts_used)
-    return mask, metadata
+    return volume.label_map(mask, multi_object=item.multi_object), metadata
+
+
+def read_local(path: Path, *, limits: Limits, budget: Budget | None = None) -> tuple[Volume, tuple[Path, ...]]:
+    """A local NIfTI file, or a DICOM series folder (the batch endpoint's items): the volume, and the series'
+    files in z order (empty for a NIfTI file). A series goes through NIfTI bytes so that it meets the same checks
+    (size, dtype, finite voxels) as a file."""
+    if not path.is_dir():
+        return read_nifti(path.read_bytes(), field=path.name, limits=limits, budget=budget), ()
+    files = tuple(series_files(path))
+    image = read_series(files, limits=limits)
+    return read_nifti(write_nifti(image), field=path.name, limits=limits, budget=budget), files
 
 
 def changed_slices(mask: np.ndarray, previous: np.ndarray | None) -> list[int]:

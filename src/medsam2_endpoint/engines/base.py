@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
@@ -90,7 +90,6 @@ class ImageEngine(Protocol):
     """What the 2D route needs from a model (sam2_image.SAM2ImageEngine, lite.LiteMedSAMEngine)."""
 
     info: ModelInfo
-    accepts_points: bool
     multimask_outputs: bool  # False: the model has one trained output; multimask requests get that one mask
     low_res_size: int
 
@@ -101,6 +100,15 @@ class ImageEngine(Protocol):
                    multimask: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray]: ...
 
     def low_res_from_mask(self, mask: np.ndarray) -> np.ndarray: ...
+
+
+@runtime_checkable
+class GridAutomaskEngine(ImageEngine, Protocol):
+    """A 2D engine with SAM's own automatic mask generator (a grid of points); box-only engines have none and
+    get region boxes instead (pipeline/automask.py)."""
+
+    def automask_2d(self, rgb_u8: np.ndarray, *, embed: Callable[[np.ndarray], Any], select: str, multimask: bool,
+                    min_mask_region_area: int, params: dict[str, Any], pace: Any = None) -> tuple[list[dict[str, Any]], int]: ...
 
 
 def bf16_autocast(device: torch.device) -> contextlib.AbstractContextManager[Any]:

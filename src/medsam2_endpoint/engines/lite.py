@@ -338,7 +338,6 @@ class LiteMedSAMEngine:
     # was trained with boxes), multimask output optional, low-res logits (256 x 256, in the padded
     # or stretched model frame) accepted back as mask_input.
 
-    accepts_points = False
     # LiteMedSAM was trained with single-mask output: its three multimask heads give near-random masks
     # (predicted IoU ~0.2, stability ~0 on phantoms), so the 2D route asks it for its one mask.
     multimask_outputs = False
@@ -407,7 +406,7 @@ class LiteMedSAMEngine:
         """(masks bool (N, H, W), predicted IoU (N,), low-res logits (N, 256, 256)) for one box prompt.
 
         N is 3 with `multimask`, else 1. Points are refused (ValueError): the caller checks
-        `accepts_points` and answers with a message first.
+        `info.capabilities.points` and answers with a message first.
         """
         if points is not None or box is None:
             raise ValueError("LiteMedSAM takes a box prompt (and optionally mask_input), not points")

@@ -148,7 +148,6 @@ class MedSAM2MaskGenerator(SAM2AutomaticMaskGenerator):  # type: ignore[misc]  #
 class SAM2ImageEngine:
     """2D prompts on a MedSAM2 (SAM 2.1) model: `embed_image` once per image, `predict_2d` per prompt."""
 
-    accepts_points = True
     multimask_outputs = True
 
     def __init__(self, model: SAM2Base, info: ModelInfo) -> None:

@@ -21,6 +21,7 @@ import SimpleITK as sitk
 
 from medsam2_endpoint.base.errors import InvalidRequest, PayloadTooLarge, UnsupportedMedia
 from medsam2_endpoint.io.limits import Limits
+from medsam2_endpoint.io.volume import LabelMap
 
 SEG_SUFFIX = ".dcm"
 
@@ -103,12 +104,14 @@ def _with_uids(sources: list[Any]) -> list[Any]:
     return sources
 
 
-def write_dicom_seg(labels: np.ndarray, source_files: Sequence[Path], segments: Sequence[Segment], algorithm: Algorithm,
+def write_dicom_seg(label_map: LabelMap | np.ndarray, source_files: Sequence[Path], segments: Sequence[Segment], algorithm: Algorithm,
                     *, series_description: str = "MedSAM2 segmentation") -> bytes:
     """A DICOM SEG (binary, one segment per object) of a (Z, Y, X) label map over the series `source_files`.
 
-    `labels[z]` lies on `source_files[z]`; each segment's pixels are those equal to its `value`.
+    `labels[z]` lies on `source_files[z]`; each segment's pixels are those equal to its `value`. The SEG's
+    geometry is the source images' (a LabelMap's own geometry came from the same series).
     """
+    labels = label_map.array if isinstance(label_map, LabelMap) else label_map
     import highdicom as hd  # loaded only when a SEG is written
     import pydicom
     from pydicom.sr.codedict import codes

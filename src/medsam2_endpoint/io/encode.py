@@ -11,7 +11,7 @@ import numpy as np
 from medsam2_endpoint.base.errors import InvalidRequest
 from medsam2_endpoint.io.limits import Limits
 from medsam2_endpoint.io.polygons import mask_to_geometry
-from medsam2_endpoint.io.volume import Volume, read_nifti, write_nifti
+from medsam2_endpoint.io.volume import LabelMap, read_nifti
 
 _SPARSE_FRACTION = 64  # at most 1 voxel in 64 in the foreground: encode from the foreground's positions
 _CHUNK_VOXELS = 8 * 1024 * 1024  # a dense mask is put in column-major order this many voxels at a time
@@ -120,18 +120,18 @@ def list_json(mask: np.ndarray) -> str:
     return "[" + ",".join(slices) + "]"
 
 
-def encode_mask(mask: np.ndarray, volume: Volume, mask_format: str, *, label_map: bool = False) -> object:
+def encode_mask(labels: LabelMap, mask_format: str) -> object:
     """The `mask` field's value; for "list" a `RawJSON` placeholder that the response writer splices in.
 
-    label_map: the mask holds object ids (several objects); "rle" then uses value runs (`value_rle`).
+    A multi-object label map (object ids) is written in "rle" as value runs (`value_rle`).
     """
+    mask = labels.array
     if mask_format == "rle":
-        if label_map:
+        if labels.multi_object:
             return {**value_rle(mask), "size": list(mask.shape), "order": "F"}
         return {"counts": rle_counts(mask), "size": list(mask.shape), "order": "F"}
     if mask_format == "nifti":
-        data = write_nifti(volume.image_like(mask if label_map else mask.astype(np.uint8)), compressed=True)
-        return base64.b64encode(data).decode("ascii")
+        return base64.b64encode(labels.nifti()).decode("ascii")
     return RawJSON(list_json(mask))
 
 

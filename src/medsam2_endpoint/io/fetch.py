@@ -43,6 +43,7 @@ _REDIRECTS = frozenset({301, 302, 303, 307, 308})
 _HOST_RE = re.compile(r"^[a-z0-9_-]+(\.[a-z0-9_-]+)*$")
 _SCHEME_RE = re.compile(r"^[a-z][a-z0-9+.-]{0,15}$")
 _CHUNK = 1 << 16
+HEAD_BYTES = 64 << 10  # what a caller's check_head sees of a body before the rest is read
 _URL_SAFE = "!#$%&'()*+,/:;=?@[]~"
 _SPECIAL = {
     ipaddress.ip_address("169.254.169.254"): "cloud metadata",
@@ -305,8 +306,10 @@ def _open(
     raise FetchFailed(f"{field}: {shown}: {failure} ({host} port {port}); try again later", code=code)
 
 
-def _read_capped(resp: urllib3.BaseHTTPResponse, policy: FetchPolicy, field: str, shown: str, clock: _Clock) -> bytes:
-    """The body, refusing early on a Content-Length over the cap and stopping once the cap is exceeded."""
+def _read_capped(resp: urllib3.BaseHTTPResponse, policy: FetchPolicy, field: str, shown: str, clock: _Clock,
+                 check_head: Callable[[bytes], object] | None = None) -> bytes:
+    """The body, refusing early on a Content-Length over the cap and stopping once the cap is exceeded;
+    `check_head` sees the first HEAD_BYTES as soon as they arrived (the whole body when shorter)."""
     limit = f"the {policy.max_bytes} byte limit (MEDSAM2_FETCH_MAX_MB)"
     length = (resp.headers.get("Content-Length") or "").strip()
     if length.isdigit() and int(length) > policy.max_bytes:
@@ -318,12 +321,18 @@ def _read_capped(resp: urllib3.BaseHTTPResponse, policy: FetchPolicy, field: str
             total += len(chunk)  # counted after decoding: a gzip bomb stops at the cap too
             if total > policy.max_bytes:
                 raise PayloadTooLarge(f"{field}: {shown} is more than {policy.max_bytes} bytes, over {limit}")
+            if check_head is not None and total >= HEAD_BYTES:
+                check_head(b"".join(chunks)[:HEAD_BYTES])  # raises to refuse: the caller closes the connection
+                check_head = None
             clock.check(field, shown, policy, total)
     except TimeoutError:  # azmlinfsrv's SIGALRM: its handler answers it, not a misleading 502
         raise
     except (HTTPError, OSError) as exc:
         raise _upstream_error(exc, field, shown, "", policy, clock, total) from None
-    return b"".join(chunks)
+    body = b"".join(chunks)
+    if check_head is not None:
+        check_head(body)
+    return body
 
 
 def _read1(resp: urllib3.BaseHTTPResponse, clock: _Clock, policy: FetchPolicy) -> bytes:
@@ -339,11 +348,14 @@ def _too_slow(field: str, shown: str, policy: FetchPolicy) -> FetchRefused:
 
 
 def fetch_bytes(
-    url: str, policy: FetchPolicy, *, field: str = "url", resolver: Resolver = default_resolver, budget: Budget | None = None
+    url: str, policy: FetchPolicy, *, field: str = "url", resolver: Resolver = default_resolver, budget: Budget | None = None,
+    check_head: Callable[[bytes], object] | None = None,
 ) -> bytes:
     """GET url under policy and return the body. Each redirect hop is re-checked before connecting.
 
     The whole fetch ends by the policy's total time-out or, sooner, when the request's `budget` runs out.
+    `check_head` (a file's header check) is called with the body's first HEAD_BYTES as soon as they have
+    arrived (the whole body when shorter); an error it raises stops the download and closes the connection.
     Raises FetchRefused (refused before sending), FetchFailed (upstream failure; code fetch_timeout when too slow),
     DeadlineExceeded (the budget ran out, or it was cancelled) or PayloadTooLarge (413).
     """
@@ -367,7 +379,7 @@ def fetch_bytes(
                 raise FetchFailed(
                     f"{field}: fetching {shown} failed: the server answered HTTP {resp.status}; "
                     "check that the file exists and that the URL's SAS token is valid and not expired")
-            body = _read_capped(resp, policy, field, shown, clock)
+            body = _read_capped(resp, policy, field, shown, clock, check_head)
             log.debug("fetched %s: %d bytes after %d redirect(s) in %.2f s", shown, len(body), hop,
                       time.monotonic() - started)
             return body

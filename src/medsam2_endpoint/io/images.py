@@ -35,11 +35,11 @@ from PIL import Image, UnidentifiedImageError
 from medsam2_endpoint.base.errors import InvalidRequest, PayloadTooLarge, UnsupportedMedia
 from medsam2_endpoint.io.limits import Limits
 from medsam2_endpoint.io.volume import GZIP_MAGIC, gunzip_capped
-from medsam2_endpoint.io.volume import decode_base64 as decode_file_base64
 
 _PNG = b"\x89PNG\r\n\x1a\n"
 _TIFF = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")
 _KINDS = "a PNG, JPEG, TIFF or 2D NIfTI image"
+IMAGE_FILE = f"{_KINDS} file's"  # completes base64 errors: "send <IMAGE_FILE> bytes base64-encoded"
 
 
 @dataclass(frozen=True)
@@ -62,12 +62,7 @@ class Picture:
         return 1 if self.pixels.ndim == 2 else int(self.pixels.shape[2])
 
 
-def decode_base64(text: str, *, field: str, limits: Limits) -> bytes:
-    """Strict base64 of an image file (whitespace and a `data:image/...;base64,` prefix tolerated)."""
-    return decode_file_base64(text, field=field, limits=limits, what=f"{_KINDS} file's")
-
-
-def _check_pixels(width: int, height: int, *, field: str, limits: Limits) -> None:
+def check_pixels(width: int, height: int, *, field: str, limits: Limits) -> None:
     if width <= 0 or height <= 0:
         raise InvalidRequest(f"{field}: the image has no pixels ({width} x {height})")
     if width * height > limits.max_slice_pixels:
@@ -112,7 +107,7 @@ def _read_png(data: bytes, *, field: str, limits: Limits) -> Picture:
         raise InvalidRequest(f"{field}: the PNG file is truncated")
     width, height = int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
     bit_depth, colour_type = data[24], data[25]
-    _check_pixels(width, height, field=field, limits=limits)
+    check_pixels(width, height, field=field, limits=limits)
     if bit_depth == 16 and colour_type in (2, 6):
         decoded = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
         if decoded is None or decoded.ndim != 3:
@@ -126,7 +121,7 @@ def _read_pillow(data: bytes, *, field: str, limits: Limits) -> np.ndarray:
     """PNG or JPEG through Pillow: the size is read lazily from the header, checked, then decoded."""
     try:
         image: Image.Image = Image.open(io.BytesIO(data))
-        _check_pixels(image.width, image.height, field=field, limits=limits)
+        check_pixels(image.width, image.height, field=field, limits=limits)
         frames = getattr(image, "n_frames", 1)
         if frames > 1:
             raise InvalidRequest(f"{field}: animated image with {frames} frames; send a single image")
@@ -167,7 +162,7 @@ def _read_sitk(data: bytes, suffix: str, *, field: str, limits: Limits) -> np.nd
                 f"{field}: the image has size {size} (pages or slices beyond the first two dimensions); "
                 "send one 2D image (for volumes use nii_image, the 3D route)"
             )
-        _check_pixels(size[0], size[1] if len(size) > 1 else 1, field=field, limits=limits)
+        check_pixels(size[0], size[1] if len(size) > 1 else 1, field=field, limits=limits)
         try:
             image = reader.Execute()
         except RuntimeError:
@@ -199,7 +194,7 @@ def _read_nifti(data: bytes, *, field: str, limits: Limits) -> np.ndarray:
         raise InvalidRequest(
             f"{field}: the NIfTI image {shape} is not 2D; send one slice (size 1 beyond X and Y), or use nii_image (3D route)"
         )
-    _check_pixels(shape[0], shape[1], field=field, limits=limits)
+    check_pixels(shape[0], shape[1], field=field, limits=limits)
     dtype = header.get_data_dtype()
     needed = int(header.get_data_offset()) + math.prod(shape) * dtype.itemsize
     if len(raw) < needed:

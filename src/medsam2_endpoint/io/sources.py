@@ -17,9 +17,10 @@ def is_url(text: str) -> bool:
 
 
 def source_bytes(text: str, *, field: str, policy: FetchPolicy, decode: Callable[[str], T],
-                 budget: Budget | None = None) -> bytes | T:
-    """The bytes a column names: fetched (SSRF-safe, within the request's budget) when it is a URL, else `decode(text)`."""
+                 budget: Budget | None = None, check_head: Callable[[bytes], object] | None = None) -> bytes | T:
+    """The bytes a column names: fetched (SSRF-safe, within the request's budget) when it is a URL, else `decode(text)`.
+    A fetched file's first bytes go to `check_head` before the rest is read (`fetch_bytes`)."""
     stripped = text.strip()
     if is_url(stripped):
-        return fetch_bytes(stripped, policy, field=field, budget=budget)
+        return fetch_bytes(stripped, policy, field=field, budget=budget, check_head=check_head)
     return decode(stripped)

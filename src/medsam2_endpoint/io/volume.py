@@ -87,6 +87,13 @@ class Volume:
             raise ValueError(f"array shape {array.shape} differs from the volume's {self.array.shape}")
         return dataclasses.replace(self, array=array, owner=None)
 
+    def label_map(self, array: np.ndarray, *, multi_object: bool = False) -> LabelMap:
+        """A segmentation of this volume: `array` (same (Z, Y, X) shape) with this volume's geometry."""
+        if array.shape != self.array.shape:
+            raise ValueError(f"array shape {array.shape} differs from the volume's {self.array.shape}")
+        return LabelMap(array=array, spacing=self.spacing, origin=self.origin, direction=self.direction,
+                        multi_object=multi_object)
+
     def image_like(self, array: np.ndarray) -> sitk.Image:
         """A SimpleITK image of `array` (same (Z, Y, X) shape) carrying this volume's geometry."""
         if array.shape != self.array.shape:
@@ -99,6 +106,20 @@ class Volume:
 
 
 _B64_CHUNK_CHARS = 4 << 20  # decode this many base64 characters at a time (a multiple of 4)
+
+
+@dataclasses.dataclass(frozen=True)
+class LabelMap(Volume):
+    """A segmentation with the geometry of the volume it was drawn on (as TorchIO's `LabelMap`): what the
+    Service hands every encoder (list, RLE, NIfTI, DICOM SEG). array: (Z, Y, X) 0/1 for one object, or object
+    ids (uint8/uint16) when `multi_object`."""
+
+    multi_object: bool = False
+
+    def nifti(self) -> bytes:
+        """The label map as gzip-compressed NIfTI in its source geometry (uint8 for one object)."""
+        labels = self.array if self.multi_object else self.array.astype(np.uint8, copy=False)
+        return write_nifti(self.image_like(labels), compressed=True)
 
 
 def base64_chunks(text: str, *, field: str, limits: Limits, what: str = "the .nii or .nii.gz file's",

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, cast
+from typing import Any
 
 import numpy as np
 import torch
@@ -13,8 +13,8 @@ from torchvision.ops.boxes import batched_nms
 
 from medsam2_endpoint.base.budget import Budget, Pace
 from medsam2_endpoint.base.errors import InvalidRequest
-from medsam2_endpoint.engines.base import ImageEngine
-from medsam2_endpoint.engines.sam2_image import SAM2ImageEngine, keep_one_per_prompt
+from medsam2_endpoint.engines.base import GridAutomaskEngine, ImageEngine
+from medsam2_endpoint.engines.sam2_image import keep_one_per_prompt
 from medsam2_endpoint.pipeline.box_prompts import grid_points, region_boxes
 from medsam2_endpoint.pipeline.prompt2d import Coverage, Mask2D, Prompter, Result2D
 
@@ -45,7 +45,7 @@ class AutomaskParams:
 
 def check_automask(params: AutomaskParams, *, engine: ImageEngine, where: Callable[[str], str]) -> None:
     """Raise InvalidRequest for automatic-mask options the model cannot honour."""
-    if params.crop_n_layers > 0 and not engine.accepts_points:
+    if params.crop_n_layers > 0 and not engine.info.capabilities.points:
         raise InvalidRequest(
             f"{where('crop_n_layers')}: crops need a point-promptable model; model {engine.info.name} takes boxes only, use 0"
         )
@@ -68,7 +68,7 @@ def automask(prompter: Prompter, name: str, rgb_u8: np.ndarray, params: Automask
         engine = prompter.image_engine(name)
         select = "all" if params.output_type == "single" else params.output_type
         multimask = params.output_type != "single" and engine.multimask_outputs
-        if engine.accepts_points:
+        if isinstance(engine, GridAutomaskEngine):
             generator_params = {
                 k: getattr(params, k) for k in (
                     "points_per_side", "points_per_batch", "pred_iou_thresh", "stability_score_thresh",
@@ -84,8 +84,7 @@ def automask(prompter: Prompter, name: str, rgb_u8: np.ndarray, params: Automask
                 return value
 
             pace = Pace(budget, "grid_points", advice=ADVICE)
-            sam2_engine = cast(SAM2ImageEngine, engine)  # only SAM 2 engines accept points
-            records, planned = sam2_engine.automask_2d(
+            records, planned = engine.automask_2d(
                 rgb_u8, embed=embed, select=select, multimask=multimask,
                 min_mask_region_area=params.min_mask_region_area, params=generator_params, pace=pace,
             )

@@ -119,7 +119,7 @@ def check_prompt(prompt: Prompt2D, *, width: int, height: int, engine: ImageEngi
     """
     if prompt.points is None and prompt.box is None:
         raise InvalidRequest(f"{where('bbox')}: no prompt; give point_coords with point_labels, a bbox, or both")
-    if prompt.points is not None and not engine.accepts_points:
+    if prompt.points is not None and not engine.info.capabilities.points:
         choice = f"choose a MedSAM2 model ({', '.join(models_with_points)})" if models_with_points else "add MedSAM2 weights to the model folder"
         raise InvalidRequest(
             f"{where('point_coords')}: model {engine.info.name} takes box prompts only; send a bbox instead, or {choice}"

@@ -27,7 +27,7 @@ from medsam2_endpoint.pipeline.propagate import PropagationOptions, segment_obje
 
 
 @dataclass(frozen=True)
-class ObjectPrompt:
+class VideoObject:
     """One object on one frame: box float (4,) and/or points float (N, 2) with labels (N,); `where` names its fields."""
 
     obj_id: int
@@ -52,7 +52,7 @@ def frames_to_volume(frames: list[np.ndarray], *, field: str) -> np.ndarray:
     return np.stack([to_grey_u8(f) for f in frames])
 
 
-def _key_box(prompter: Prompter, model: str, volume: np.ndarray, prompt: ObjectPrompt) -> np.ndarray:
+def _key_box(prompter: Prompter, model: str, volume: np.ndarray, prompt: VideoObject) -> np.ndarray:
     """The box that starts the propagation: the prompt's own box, or the 2D mask's box when points are given."""
     if prompt.points is None:
         return cast(np.ndarray, prompt.box)  # check_prompt refused prompts with neither points nor box
@@ -69,7 +69,7 @@ def track_objects(
     model: str,
     engine: VolumeEngine,
     volume: np.ndarray,
-    prompts: list[ObjectPrompt],
+    prompts: list[VideoObject],
     *,
     max_frames_per_direction: int | None = None,
     budget: Budget | None = None,
@@ -84,7 +84,7 @@ def track_objects(
         if not 0 <= p.frame < depth:
             raise InvalidRequest(f"{p.where}: frame {p.frame} is outside the {depth} frames (0..{depth - 1})")
 
-        def where(column: str, p: ObjectPrompt = p) -> str:
+        def where(column: str, p: VideoObject = p) -> str:
             return f"{p.where}.{column}"
 
         check_prompt(
