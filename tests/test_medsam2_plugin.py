@@ -20,8 +20,9 @@ from medsam2_endpoint.api.samapi import create_app
 from medsam2_endpoint.base.errors import PayloadTooLarge
 from medsam2_endpoint.core.plugin import SIZES
 from medsam2_endpoint.core.plugin_state import ClientState, PluginStore
+from medsam2_endpoint.core.registry import ModelRegistry
 from medsam2_endpoint.core.service import Service
-from medsam2_endpoint.core.settings import Settings
+from medsam2_endpoint.engines.base import LITE_NAME
 from medsam2_endpoint.testing.metrics import dice
 from medsam2_endpoint.testing.phantoms import ct_phantom
 from test_samapi import live, with_settings
@@ -51,8 +52,9 @@ def harness():
 
 
 @pytest.fixture(scope="module")
-def lite(tmp_path_factory) -> Service:
-    return Service.from_settings(Settings.from_env({"MEDSAM2_WARMUP": "0"}, model_dir=str(tmp_path_factory.mktemp("no-weights"))))
+def lite(service) -> Service:
+    """The session Service's engines with LiteMedSAM as the served default (as on a fresh install)."""
+    return with_settings(service, registry=ModelRegistry(service.registry.snapshot(), LITE_NAME))
 
 
 @pytest.fixture(scope="module")
@@ -111,7 +113,7 @@ def test_two_objects_middle_mask_then_propagate_without_reupload(harness, base, 
     image = preprocessed(harness, phantom)
     box1, box2 = truth_box(phantom, 1), truth_box(phantom, 2)
     flipped = [box2[0], box2[3], box2[2], box2[1]]  # y_min > y_max, as Slicer's ROI corners can give it
-    z_range = [8, 4, MID]  # k_end before k_start: ends in either order, and narrower than both lesions
+    z_range = [MID + 1, MID - 1, MID]  # k_end before k_start: ends in either order, and narrower than both lesions
     segs = middle_mask(harness, base, image, [box1, flipped], z_range, tmp_path)
     assert segs.shape == image.shape and segs.dtype == np.uint8
     assert set(np.unique(segs)) == {0, 1, 2}
@@ -127,12 +129,12 @@ def test_two_objects_middle_mask_then_propagate_without_reupload(harness, base, 
     full = propagate(harness, base, image, edited, tmp_path)
     assert full.shape == image.shape and set(np.unique(full)) == {0, 1, 2}
     np.testing.assert_array_equal(full[MID], edited[MID])  # the user's middle slice exactly as drawn
-    assert not full[:4].any() and not full[9:].any()  # within z_range
+    assert not full[:MID - 1].any() and not full[MID + 2:].any()  # within z_range
     for label in (1, 2):
         truth = phantom.labels == label
-        truth[:4] = truth[9:] = False
+        truth[:MID - 1] = truth[MID + 2:] = False
         assert dice(full == label, truth) > 0.75, label
-        assert (full == label).any(axis=(1, 2)).sum() >= 4  # walked beyond the middle slice
+        assert (full == label).any(axis=(1, 2)).sum() == 3  # walked up and down from the middle slice
 
 
 def plugin_form(propagate: str, size: str) -> dict[str, str]:
