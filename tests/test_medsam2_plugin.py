@@ -18,6 +18,7 @@ import requests
 
 from medsam2_endpoint.api.samapi import create_app
 from medsam2_endpoint.base.errors import PayloadTooLarge
+from medsam2_endpoint.core import plugin
 from medsam2_endpoint.core.plugin import SIZES
 from medsam2_endpoint.core.plugin_state import ClientState, PluginStore
 from medsam2_endpoint.core.registry import ModelRegistry
@@ -246,3 +247,27 @@ def test_store_expiry_and_byte_cap():
     assert store.get("a").result == b"x" * 400  # a refused update leaves the state as it was
     clock.now += 11
     assert len(store) == 0
+
+
+def test_medsam2_starts_from_the_users_mask_itself(service, monkeypatch):
+    """With MedSAM2 served (mask prompts), step 2 gives the edited middle mask to the model (`add_new_mask`)."""
+    engine = service.registry.get(service.default)
+    assert engine.info.capabilities.mask_prompts
+    calls = []
+    original = engine.track_mask
+
+    def spy(state, *, key_index, mask, reverse):
+        calls.append((key_index, int(mask.sum()), reverse))
+        return original(state, key_index=key_index, mask=mask, reverse=reverse)
+
+    monkeypatch.setattr(engine, "track_mask", spy)
+    image = np.zeros((4, 48, 48), np.uint8)
+    image[:, 14:34, 12:30] = 200
+    volume = plugin.parse_image({"imgs": image, "boxes": np.array([[12, 14, 30, 34]]), "z_range": np.array([1, 1, 1])},
+                                limits=service.settings.limits)
+    gts = np.zeros_like(image)
+    gts[1, 15:33, 13:27] = 1  # the user's edit: narrower than the box
+    labels = plugin.propagate(service, service.default, volume, gts, service.budget())
+    assert sorted(calls) == [(1, int(gts.sum()), False), (1, int(gts.sum()), True)]
+    np.testing.assert_array_equal(labels[1], gts[1])
+    assert not np.delete(labels, 1, axis=0).any()  # z_range 1..1: the key slice only (one slice encoded: cheap)

@@ -4,8 +4,9 @@ steps run on the served model. No HTTP here (api/medsam2_plugin.py), no files: s
 Step 1 (`propagate=N`): each box of `img_data.npz` on the middle slice `z_range[2]` -> that slice's mask per
 object (labels 1..N in box order, overlaps to the higher logit), nothing on other slices.
 Step 2 (`propagate=Y`, `gts.npz` uploaded, the volume kept from step 1): each object of `segs` from its mask on
-the middle slice (the user may have edited it), walked up and down within `z_range` from the mask's bounding
-box; the middle slice keeps the user's mask exactly. Walks use the 3D route's machinery (engine.start,
+the middle slice (the user may have edited it), walked up and down within `z_range`: from the mask itself where
+the model takes mask prompts (MedSAM2's `add_new_mask`), else from the mask's bounding box (LiteMedSAM); the
+middle slice keeps the user's mask exactly. Walks use the 3D route's machinery (engine.start,
 pipeline.propagate.segment_object, merge_objects) on the volume as the plugin sent it (uint8 after its own
 "Preprocessing": no window here).
 
@@ -20,8 +21,9 @@ import hashlib
 import io
 import re
 import zipfile
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import IO
+from typing import IO, cast
 
 import numpy as np
 
@@ -29,6 +31,7 @@ from medsam2_endpoint.base.budget import Budget
 from medsam2_endpoint.base.errors import InvalidRequest, PayloadTooLarge, VolumeNotHeld
 from medsam2_endpoint.core.plugin_state import ClientState, PluginVolume
 from medsam2_endpoint.core.service import Service
+from medsam2_endpoint.engines.base import VolumeEngine
 from medsam2_endpoint.io.limits import Limits
 from medsam2_endpoint.pipeline.propagate import (
     Direction,
@@ -227,6 +230,19 @@ def _mask_box(mask: np.ndarray) -> np.ndarray:
     return np.array([min(x0, x1 - 1), min(y0, y1 - 1), x1, y1], dtype=np.int64)
 
 
+def _from_mask(engine: VolumeEngine, key_mask: np.ndarray) -> Callable[..., Iterator[tuple[int, np.ndarray]]] | None:
+    """A walk from the user's mask itself where the model takes mask prompts and can start from one
+    (MedSAM2's `add_new_mask`); None: from its bounding box (`engine.track`, LiteMedSAM)."""
+    track_mask = getattr(engine, "track_mask", None)
+    if not engine.info.capabilities.mask_prompts or track_mask is None:
+        return None
+
+    def track(state: object, *, key_index: int, box: np.ndarray, reverse: bool) -> Iterator[tuple[int, np.ndarray]]:
+        return cast(Iterator[tuple[int, np.ndarray]], track_mask(state, key_index=key_index, mask=key_mask, reverse=reverse))
+
+    return track
+
+
 def propagate(service: Service, name: str, volume: PluginVolume, gts: np.ndarray, budget: Budget) -> np.ndarray:
     """Step 2: every object of `gts` walked from its middle-slice mask within z_range; (D, H, W) uint8 labels."""
     shape = volume.imgs.shape
@@ -254,7 +270,7 @@ def propagate(service: Service, name: str, volume: PluginVolume, gts: np.ndarray
             processed = 0
             walks: tuple[tuple[Direction, int], ...] = (("up", hi - key + 1), ("down", key - lo + 1))
             for direction, reach in walks:
-                walked = segment_object(engine, state, key_index=key, box=box, shape=shape, budget=budget,
+                walked = segment_object(engine, state, key_index=key, box=box, shape=shape, budget=budget, track=_from_mask(engine, key_mask),
                                         options=PropagationOptions(direction=direction, max_slices=reach, largest_component=False))
                 mask |= walked.mask
                 processed += walked.slices_processed
