@@ -17,6 +17,7 @@ import threading
 from pathlib import PurePosixPath
 from typing import Annotated, cast
 
+import numpy as np
 from fastapi import APIRouter, File, Form, Request, UploadFile
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from starlette.concurrency import run_in_threadpool
@@ -70,13 +71,8 @@ def client_of(request: Request) -> str:
     return request.client.host if request.client else "unknown"
 
 
-def _refuse_large(request: Request, limit: int, setting: str) -> None:
-    length = request.headers.get("content-length", "")
-    if length.isdigit() and int(length) > limit:
-        raise PayloadTooLarge(f"file: {length} bytes, over the limit of {limit} ({setting})", detail={"bytes": int(length), "limit": limit})
-
-
 async def _read(file: StarletteUpload, limit: int, setting: str) -> bytes:
+    """The uploaded file within `limit` (the body cap, api/bodies.py, already bounds the whole form as it arrives)."""
     parts, total = [], 0
     while chunk := await file.read(CHUNK):
         total += len(chunk)
@@ -92,7 +88,6 @@ async def upload(request: Request, file: Annotated[UploadFile, File()]) -> Respo
     service, store = _service(request), plugin_store(request)
     limits = service.settings.limits
     limit = min(limits.max_file_bytes, store.max_bytes)
-    _refuse_large(request, limit, "MEDSAM2_MAX_FILE_MB, MEDSAM2_PLUGIN_STATE_MB")
     data = await _read(file, limit, "MEDSAM2_MAX_FILE_MB, MEDSAM2_PLUGIN_STATE_MB")
     parsed = await run_in_threadpool(plugin.read_upload, data, limits=limits)
     del data
@@ -103,7 +98,7 @@ async def upload(request: Request, file: Annotated[UploadFile, File()]) -> Respo
                   "z_range": list(parsed.z_range)}
     else:
         store.update(client, gts=parsed, result=None)
-        answer = {"received": "gts.npz", "shape": list(parsed.shape), "objects": int(len(set(parsed[parsed > 0].tolist())))}
+        answer = {"received": "gts.npz", "shape": list(parsed.shape), "objects": int(np.count_nonzero(np.bincount(parsed.ravel(), minlength=256)[1:]))}
     log.info("route=medsam2-plugin path=/upload client=%s %s", client, answer)
     return JSONResponse(answer)
 
@@ -150,7 +145,6 @@ async def upload_model(request: Request) -> Response:
             if drained > limit:
                 break
         raise
-    _refuse_large(request, limit, "MEDSAM2_SAMAPI_MAX_WEIGHT_MB")
     form = await request.form()
     upload = form.get("file")
     if not isinstance(upload, StarletteUpload):
