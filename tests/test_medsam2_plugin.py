@@ -44,12 +44,17 @@ class Clock:
 
 @pytest.fixture(scope="module")
 def harness():
-    """The harness module: it installs the Slicer stand-ins and loads the plugin's SAM2.py unchanged."""
+    """The harness module: it installs the Slicer stand-ins and loads the plugin's SAM2.py unchanged. The stand-ins
+    (`vtk`, `qt`, `slicer`, ...) leave sys.modules again at once: the loaded plugin keeps its own references."""
+    before = set(sys.modules)
     sys.path.insert(0, str(SLICER))
     try:
         return importlib.import_module("medsam2_plugin_client")
     finally:
         sys.path.remove(str(SLICER))
+        for name in set(sys.modules) - before:
+            if type(sys.modules[name]).__name__ == "_StubModule":
+                del sys.modules[name]
 
 
 @pytest.fixture(scope="module")
