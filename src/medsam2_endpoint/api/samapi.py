@@ -41,6 +41,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from medsam2_endpoint import __version__
+from medsam2_endpoint.api import medsam2_plugin
 from medsam2_endpoint.api.bodies import EXTRA_BYTES, BodyCap, BodyLimit, Scope
 from medsam2_endpoint.api.cancel import run_until_disconnected
 from medsam2_endpoint.api.errors import body_of, error_body, headers_of, http_status
@@ -297,6 +298,9 @@ def body_cap(scope: Scope) -> BodyCap | None:
     state: SamapiState | None = getattr(scope["app"].state, "samapi", None)
     if state is None:
         return None
+    plugin_cap = medsam2_plugin.body_cap(scope.get("path", ""), state.service)
+    if plugin_cap is not None:
+        return plugin_cap
     if scope.get("path", "").rstrip("/").endswith("/upload"):
         return BodyCap(state.options.max_upload_bytes + EXTRA_BYTES, "MEDSAM2_SAMAPI_MAX_UPLOAD_MB plus 1 MiB for the form",
                        "upload one frame per request, or smaller frames")
@@ -328,6 +332,7 @@ def create_app(service: Service | None = None, *, build_service: Callable[[], Se
     app = FastAPI(title="medsam2-endpoint samapi", version=__version__, lifespan=lifespan)
     _install_error_handlers(app)
     app.include_router(router)
+    app.include_router(medsam2_plugin.router, dependencies=[Depends(require_token)])  # MedSAM2's Slicer plugin, at the root
     app.add_middleware(BodyLimit, cap_of=body_cap)
     return app
 

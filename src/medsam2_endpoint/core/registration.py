@@ -21,7 +21,7 @@ import threading
 from pathlib import Path
 from typing import Any, cast
 
-from medsam2_endpoint.base.errors import Conflict, Forbidden, InvalidRequest, ServiceError
+from medsam2_endpoint.base.errors import Conflict, Forbidden, InvalidRequest, PayloadTooLarge, ServiceError
 from medsam2_endpoint.base.log import log
 from medsam2_endpoint.core.registry import ModelRegistry
 from medsam2_endpoint.core.settings import SamapiOptions
@@ -92,13 +92,37 @@ class WeightRegistrar:
         self._cancel.set()
         return "Cancel signal sent"
 
-    def register(self, sam_type: str, name: str, url: str) -> str:
-        """Register weights; returns samapi's text message (also for "already exists" and "cancelled")."""
+    def check_allowed(self) -> None:
+        """Forbidden unless registration is enabled: checked before anything is downloaded or read."""
         if not self.settings.allow_weight_registration:
             raise Forbidden(
                 "weight registration is disabled on this server; the administrator can enable it with "
                 "MEDSAM2_SAMAPI_ALLOW_WEIGHT_REGISTRATION=1, or copy MedSAM2 checkpoints into the model folder"
             )
+
+    def register_upload(self, name: str, data: bytes, source: str) -> str:
+        """A checkpoint sent as a file (MedSAM2's Slicer plugin, `POST /upload_model`) under the same rules as
+        one from a URL: only when enabled, a MedSAM2 (`sam2_t`) checkpoint within the size cap, loaded with
+        weights_only and strict keys before it is stored and served. `source` is recorded as its origin."""
+        self.check_allowed()
+        if len(data) > self.settings.max_weight_bytes:
+            raise PayloadTooLarge(f"file: {len(data)} bytes, over the {self.settings.max_weight_bytes} bytes a checkpoint may have "
+                                  "(MEDSAM2_SAMAPI_MAX_WEIGHT_MB)")
+        if not _NAME.match(name):
+            raise InvalidRequest("file: name the checkpoint file with 1-64 letters, digits, '.', '_' or '-', starting with a letter or digit")
+        if name in self.registry:
+            return f"Model file with the name '{name}' already exists. Skip registration."
+        if not self._busy.acquire(blocking=False):
+            raise Conflict("another weight registration is running; wait for it and upload again")
+        try:
+            self._cancel.clear()
+            return self._store(REGISTRABLE[0], name, data, source, f"Cancelled to register {name} ({source}).", field="file")
+        finally:
+            self._busy.release()
+
+    def register(self, sam_type: str, name: str, url: str) -> str:
+        """Register weights; returns samapi's text message (also for "already exists" and "cancelled")."""
+        self.check_allowed()
         if sam_type not in REGISTRABLE:
             raise InvalidRequest(f"type: only {', '.join(REGISTRABLE)} (MedSAM2, SAM 2.1 hiera-tiny at 512 px) weights can be registered, not {sam_type}")
         if not _NAME.match(name):
@@ -150,6 +174,10 @@ class WeightRegistrar:
         if data is None or self._cancel.is_set():  # the message says what happened; registering again starts over
             self._report(cancelled, -1)
             return cancelled
+        return self._store(sam_type, name, data, shown, cancelled)
+
+    def _store(self, sam_type: str, name: str, data: bytes, shown: str, cancelled: str, field: str = "url") -> str:
+        """Check a downloaded or uploaded checkpoint (weights_only, strict keys), store it, add it to the registry."""
         self._report(f"checking {name} ({len(data)} bytes)", 60)
         self.settings.weights_dir.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=self.settings.weights_dir))
@@ -161,7 +189,7 @@ class WeightRegistrar:
                 engine = self.registry.load_medsam2(path, name)  # weights_only load, strict keys
             except CheckpointError as exc:
                 self._report(f"failed: {exc}", -1)
-                raise InvalidRequest(f"url: {exc}") from None
+                raise InvalidRequest(f"{field}: {exc}") from None
             if self._cancel.is_set():
                 self._report(cancelled, -1)
                 return cancelled

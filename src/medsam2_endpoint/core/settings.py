@@ -118,6 +118,9 @@ class Settings(BaseSettings):
     samapi_upload_store_files: int = Field(5000, ge=1, description="all uploaded frames waiting for their video request together, files")
     samapi_upload_ttl_s: float = Field(
         900.0, gt=0, description="an upload folder nobody wrote to for this long is removed, seconds (a video request removes its own at once)")
+    plugin_state_mb: int = Field(
+        1024, ge=1, description="MedSAM2's Slicer plugin: volumes, masks and results held for all client addresses together, MiB (least recently used dropped)")
+    plugin_ttl_s: float = Field(1800.0, gt=0, description="MedSAM2's Slicer plugin: a client address's volume and result are dropped after this long unused, seconds")
 
     @field_validator("fetch_allow_networks")
     @classmethod

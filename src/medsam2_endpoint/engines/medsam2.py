@@ -320,6 +320,30 @@ class MedSAM2Engine:
         finally:
             predictor.reset_state(state)
 
+    def track_mask(self, state: dict[str, Any], *, key_index: int, mask: np.ndarray, reverse: bool) -> Iterator[tuple[int, np.ndarray]]:
+        """A mask given on the key slice (bool (H, W), `add_new_mask`: MedSAM2's Slicer plugin propagates the
+        user's edited middle mask so), then the reference's propagation in one direction; the state is reset
+        afterwards. Yields (z, logits) as `track` does, the key slice first."""
+        predictor = self.predictor
+        behind = predictor.memory_reach if reverse else -predictor.memory_reach
+        if state["key_frame"] != key_index:
+            state["key_frame"], state["key_frame_features"] = key_index, None
+        try:
+            with bf16_autocast(self.device):
+                predictor.add_new_mask(state, frame_idx=key_index, obj_id=1, mask=torch.from_numpy(np.asarray(mask, dtype=bool)))
+            steps = predictor.propagate_in_video(state, start_frame_idx=key_index, reverse=reverse)
+            while True:
+                with bf16_autocast(self.device):
+                    step = next(steps, None)
+                    if step is None:
+                        return
+                    z, _, logits = step
+                    logits = logits[0, 0].float().cpu().numpy()
+                predictor.forget_frame(state, z + behind)
+                yield int(z), logits
+        finally:
+            predictor.reset_state(state)
+
     def track_prompts(
         self, state: dict[str, Any], *, prompts: Sequence[SlicePrompt], reverse: bool, mask_prompt: bool = False
     ) -> Iterator[tuple[int, np.ndarray]]:
