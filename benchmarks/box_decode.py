@@ -32,6 +32,7 @@ if __name__ == "__main__":  # --help answers before torch is imported
 import numpy as np
 import torch
 
+from medsam2_endpoint.engines.lite import LiteMedSAMEngine
 from medsam2_endpoint.pipeline.box_prompts import grid_points, region_boxes
 from medsam2_endpoint.testing.phantoms import disk_image
 
@@ -40,6 +41,7 @@ def main(args: argparse.Namespace) -> int:
     torch.set_num_threads(1)
     service = harness.service({"MEDSAM2_NUM_THREADS": "1"})
     engine = service.prompter.image_engine(service.default)
+    assert isinstance(engine, LiteMedSAMEngine)  # the box decoder measured here
     rgb, _ = disk_image(384, 512, centre_xy=(300.0, 180.0), radius=80.0)
     grey = np.asarray(rgb.mean(axis=2), dtype=np.uint8)  # as the automask sees it
     embedding, _ = service.prompter.embedding(service.default, rgb)

@@ -63,3 +63,14 @@ def table(header: Sequence[str], rows: Iterable[Sequence[object]]) -> str:
 def header(columns: Sequence[str]) -> str:
     """A markdown table's first two lines, for scripts that print rows as they are measured."""
     return table(columns, [])
+
+
+def random_checkpoint() -> Path:
+    """The random-weight MedSAM2 checkpoint (released layout, as the tests' fixture) under OUT, made once."""
+    checkpoint = OUT / "MedSAM2_latest.pt"
+    if not checkpoint.exists():
+        from reference_pipeline import make_random_checkpoint
+
+        OUT.mkdir(parents=True, exist_ok=True)
+        make_random_checkpoint(checkpoint, seed=0)
+    return checkpoint
