@@ -21,8 +21,9 @@ SRC = REPO / "src"
 TESTS = REPO / "tests"
 #: An empty model folder: the Service serves the bundled LiteMedSAM only.
 NO_MODELS = BENCHMARKS / "no-models"
-#: Real CT/MR scans with labels, beside the repository (../shared/data/real); not in git.
-DATA = REPO.parent / "shared" / "data" / "real"
+#: Real CT/MR scans with labels, beside the main checkout (../shared/data/real); not in git. BENCHMARK_DATA
+#: names it for a checkout elsewhere (a git worktree).
+DATA = Path(os.environ.get("BENCHMARK_DATA", REPO.parent / "shared" / "data" / "real"))
 #: Where scripts that record leave their files by default (git-ignored).
 OUT = BENCHMARKS / "out"
 
