@@ -47,7 +47,7 @@ def service(model_dir) -> Service:
 
 
 @pytest.fixture(scope="session")
-def cold_service(service) -> Callable[[], Service]:
+def cold_service(service: Service) -> Callable[[], Service]:
     """A factory of Services of their own, every cache empty (2D embeddings, 3D features, walks, held volumes),
     on the session Service's loaded models: each engine is a shallow copy sharing the weights with a new
     feature cache of the same size, so nothing is loaded again and the session Service's caches are untouched."""
@@ -56,7 +56,7 @@ def cold_service(service) -> Callable[[], Service]:
         engines = {}
         for name, engine in service.registry.snapshot().items():
             clone = copy.copy(engine)
-            clone.features = type(engine.features)(engine.features.max_bytes)  # type: ignore[attr-defined]
+            clone.features = type(engine.features)(engine.features.max_bytes)
             engines[name] = clone
         registry = ModelRegistry(engines, service.registry.default, device=service.registry.device,
                                  feature_cache_mb=service.registry.feature_cache_mb)
@@ -73,7 +73,7 @@ _SHARED_SERVERS: dict[str, ExitStack] = {}
 
 
 @pytest.fixture(scope="session")
-def lite_server(tmp_path_factory) -> Iterator[Server]:
+def lite_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     """azmlinfsrv on score.py with the default settings and an empty model folder (LiteMedSAM serves)."""
     with ExitStack() as stack:
         _SHARED_SERVERS["lite_server"] = stack
