@@ -47,6 +47,8 @@ pacs-tools:
 lint: $(STAMP)
 	$(VENV)/bin/ruff check src tests benchmarks score.py batch_score.py
 	$(VENV)/bin/mypy src/medsam2_endpoint score.py batch_score.py
+	# the benchmarks import each other and tests/reference_pipeline.py: checked on their own, with those on the path
+	MYPYPATH=src:tests $(VENV)/bin/mypy benchmarks
 
 samples: $(STAMP)
 	$(VENV)/bin/medsam2-endpoint samples --out sample_requests

@@ -21,28 +21,32 @@ from __future__ import annotations
 import argparse
 import base64
 import io
-import os
 import sys
 import tempfile
 import time
-from pathlib import Path
+
+import harness
+
+
+def arguments() -> argparse.ArgumentParser:
+    parser = harness.parser(__doc__)
+    parser.add_argument("--runtimes", default="torch,onnx")
+    parser.add_argument("--margins", action="store_true", help="the margin sweep instead of the requests")
+    return parser
+
+
+if __name__ == "__main__":  # --help answers before torch is imported
+    ARGS = arguments().parse_args()
 
 import numpy as np
 import SimpleITK as sitk
 from PIL import Image
+from real_anatomy import DATA, SOFT_TISSUE
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "src"))
-sys.path.insert(0, str(REPO / "benchmarks"))
-
-from real_anatomy import DATA, SOFT_TISSUE  # noqa: E402
-
-from medsam2_endpoint.contract.samapi import SamAutomaskBody, samapi_output_type  # noqa: E402
-from medsam2_endpoint.core.service import Service  # noqa: E402
-from medsam2_endpoint.core.settings import Settings  # noqa: E402
-from medsam2_endpoint.pipeline.embedding_cache import EmbeddingCache  # noqa: E402
-from medsam2_endpoint.pipeline.window import window_to_uint8  # noqa: E402
-from medsam2_endpoint.testing.phantoms import disk_image  # noqa: E402
+from medsam2_endpoint.contract.samapi import SamAutomaskBody, samapi_output_type
+from medsam2_endpoint.pipeline.embedding_cache import EmbeddingCache
+from medsam2_endpoint.pipeline.window import window_to_uint8
+from medsam2_endpoint.testing.phantoms import disk_image
 
 BODIES = {
     "GUI defaults": {"points_per_side": 16, "box_nms_thresh": 0.2, "output_type": "Multi-mask (smallest)"},
@@ -92,11 +96,7 @@ def margins_table() -> None:
             print(f"| {2 * radius} | {value} / {background} | {fraction:.0%} | {ious[k, 0]:.3f} | {stability[k]:.3f} | {iou:.3f} |")
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--runtimes", default="torch,onnx")
-    parser.add_argument("--margins", action="store_true", help="the margin sweep instead of the requests")
-    args = parser.parse_args(argv)
+def main(args: argparse.Namespace) -> int:
     if args.margins:
         margins_table()
         return 0
@@ -105,8 +105,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     with tempfile.TemporaryDirectory() as cache:
         for runtime in args.runtimes.split(","):
-            env = {"MEDSAM2_WARMUP": "0", "MEDSAM2_RUNTIME": runtime, "MEDSAM2_ONNX_CACHE_DIR": cache}
-            service = Service.from_settings(Settings.from_env(env, model_dir=str(REPO / "benchmarks" / "no-models")))
+            service = harness.service({"MEDSAM2_RUNTIME": runtime, "MEDSAM2_ONNX_CACHE_DIR": cache})
             for image_name, (rgb, truth) in images.items():
                 b64 = png_b64(rgb)
                 for body_name, fields in BODIES.items():
@@ -121,15 +120,13 @@ def main(argv: list[str] | None = None) -> int:
                     if truth is not None:
                         ious = [(m.mask & truth).sum() / (m.mask | truth).sum() for m in result.masks]
                         best = f"{max(ious):.3f}" if ious else "none"
-                    rows.append((runtime, image_name, body_name, seconds, len(result.masks),
+                    rows.append((runtime, image_name, body_name, f"{seconds:.1f}", len(result.masks),
                                  f"{cov.decoded} / {cov.planned} ({cov.pruned})", cov.partial, best))
-    print(f"{os.cpu_count()} CPUs, load {os.getloadavg()[0]:.2f}, budget {service.settings.deadline_s:g} s")
-    print("| runtime | image | body | seconds | masks | prompts decoded / planned (pruned) | partial | best IoU with the disk |")
-    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
-    for runtime, image_name, body_name, seconds, n, prompts, partial, best in rows:
-        print(f"| {runtime} | {image_name} | {body_name} | {seconds:.1f} | {n} | {prompts} | {partial} | {best} |")
+    print(f"{harness.machine()}, budget {service.settings.deadline_s:g} s")
+    print(harness.table(["runtime", "image", "body", "seconds", "masks", "prompts decoded / planned (pruned)", "partial",
+                         "best IoU with the disk"], rows))
     return 0
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    sys.exit(main(ARGS))

@@ -5,7 +5,7 @@ Each worker is a fresh process (as a gunicorn worker of azmlinfsrv): it builds t
 exports already cached), answers the first 3D request on the real CT liver (benchmarks/runtime.py), and reports
 its request time and its peak resident memory (ru_maxrss).
 
-    PYTHONPATH=src python benchmarks/concurrency.py
+    PYTHONPATH=src python benchmarks/concurrency.py [--runs torch,onnx,onnx2,oversubscribed]
 
 Runs: one worker alone (torch and onnx); two onnx workers at once with WORKER_COUNT=2 (one thread each) and two
 with MEDSAM2_NUM_THREADS set to the core count (oversubscribed). Inside one worker the inference slots
@@ -14,6 +14,7 @@ with MEDSAM2_NUM_THREADS set to the core count (oversubscribed). Inside one work
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import resource
@@ -21,23 +22,28 @@ import subprocess
 import sys
 import tempfile
 import time
-from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+import harness
+
+RUNS = ("torch", "onnx", "onnx2", "oversubscribed")
+
+
+def arguments() -> argparse.ArgumentParser:
+    parser = harness.parser(__doc__)
+    parser.add_argument("--runs", default=",".join(RUNS), help=f"comma-separated, of: {', '.join(RUNS)}")
+    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)  # one worker process's request
+    return parser
 
 
 def worker() -> int:
-    sys.path.insert(0, str(REPO / "src"))
-    sys.path.insert(0, str(REPO / "benchmarks"))
     import torch
     from real_anatomy import answer_of
     from runtime import LIVER, ct_liver
 
     from medsam2_endpoint.base.budget import Budget
-    from medsam2_endpoint.core.service import Service
-    from medsam2_endpoint.core.settings import Settings
 
-    service = Service.from_settings(Settings.from_env(model_dir=str(REPO / "benchmarks" / "no-models")))
+    # the environment (set by run_workers) chooses the runtime and threads, as a server worker's would
+    service = harness.service(dict(os.environ))
     service.budget = Budget.unlimited  # type: ignore[method-assign]  # a loaded machine must not cut a request short
     image, _, _, truth = ct_liver()
     _, seconds, _ = answer_of(service, "lite-medsam", image, truth, LIVER.window, {})
@@ -47,6 +53,7 @@ def worker() -> int:
 
 
 def run_workers(n: int, env: dict[str, str]) -> tuple[float, list[dict[str, float]]]:
+    """n fresh worker processes at once; (wall seconds for all, each one's report)."""
     started = time.perf_counter()
     procs = [subprocess.Popen([sys.executable, __file__, "--worker"], env={**os.environ, **env}, stdout=subprocess.PIPE,
                               stderr=subprocess.DEVNULL, text=True) for _ in range(n)]
@@ -54,30 +61,31 @@ def run_workers(n: int, env: dict[str, str]) -> tuple[float, list[dict[str, floa
     return time.perf_counter() - started, results
 
 
-def main() -> int:
+def main(args: argparse.Namespace) -> int:
     cores = os.cpu_count() or 1
+    runs = {
+        "torch": ("torch, 1 worker", 1, {"MEDSAM2_RUNTIME": "torch", "WORKER_COUNT": "1"}),
+        "onnx": ("onnx, 1 worker", 1, {"MEDSAM2_RUNTIME": "onnx", "WORKER_COUNT": "1"}),
+        "onnx2": ("onnx, 2 workers, WORKER_COUNT=2", 2, {"MEDSAM2_RUNTIME": "onnx", "WORKER_COUNT": "2"}),
+        "oversubscribed": (f"onnx, 2 workers, {cores} threads each (oversubscribed)", 2,
+                           {"MEDSAM2_RUNTIME": "onnx", "WORKER_COUNT": "1", "MEDSAM2_NUM_THREADS": str(cores)}),
+    }
     rows = []
     with tempfile.TemporaryDirectory() as cache:
-        base = {"MEDSAM2_WARMUP": "0", "MEDSAM2_ONNX_CACHE_DIR": cache, "PYTHONPATH": str(REPO / "src")}
+        base = {"MEDSAM2_WARMUP": "0", "MEDSAM2_ONNX_CACHE_DIR": cache, "PYTHONPATH": str(harness.SRC)}
         run_workers(1, {**base, "MEDSAM2_RUNTIME": "onnx"})  # builds the exports once, untimed
-        for label, n, env in [
-            ("torch, 1 worker", 1, {"MEDSAM2_RUNTIME": "torch", "WORKER_COUNT": "1"}),
-            ("onnx, 1 worker", 1, {"MEDSAM2_RUNTIME": "onnx", "WORKER_COUNT": "1"}),
-            ("onnx, 2 workers, WORKER_COUNT=2", 2, {"MEDSAM2_RUNTIME": "onnx", "WORKER_COUNT": "2"}),
-            (f"onnx, 2 workers, {cores} threads each (oversubscribed)", 2,
-             {"MEDSAM2_RUNTIME": "onnx", "WORKER_COUNT": "1", "MEDSAM2_NUM_THREADS": str(cores)}),
-        ]:
+        for name in args.runs.split(","):
+            label, n, env = runs[name]
             wall, results = run_workers(n, {**base, **env})
-            rows.append((label, wall, results))
-    print(f"{cores} CPUs, load {os.getloadavg()[0]:.2f}")
-    print("| run | threads per worker | wall for all requests (s) | each request (s) | peak RSS per worker (MB) |")
-    print("| --- | --- | --- | --- | --- |")
-    for label, wall, results in rows:
-        each = ", ".join(f"{r['seconds']:.1f}" for r in results)
-        rss = ", ".join(f"{r['peak_rss_mb']:.0f}" for r in results)
-        print(f"| {label} | {int(results[0]['threads'])} | {wall:.1f} | {each} | {rss} |")
+            rows.append((label, f"{int(results[0]['threads'])}", f"{wall:.1f}",
+                         ", ".join(f"{r['seconds']:.1f}" for r in results),
+                         ", ".join(f"{r['peak_rss_mb']:.0f}" for r in results)))
+    print(harness.machine())
+    print(harness.table(["run", "threads per worker", "wall for all requests (s)", "each request (s)",
+                         "peak RSS per worker (MB)"], rows))
     return 0
 
 
 if __name__ == "__main__":
-    raise SystemExit(worker() if "--worker" in sys.argv else main())
+    ARGS = arguments().parse_args()
+    sys.exit(worker() if ARGS.worker else main(ARGS))

@@ -15,31 +15,37 @@ OpenVINO is imported only with --openvino (pip install openvino; it is not a dep
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
+import harness
+
+
+def arguments() -> argparse.ArgumentParser:
+    parser = harness.parser(__doc__)
+    parser.add_argument("--openvino", action="store_true")
+    parser.add_argument("--int8", action="store_true")
+    parser.add_argument("--slices", type=int, default=10)
+    return parser
+
+
+if __name__ == "__main__":  # --help answers before torch is imported
+    ARGS = arguments().parse_args()
+
 import numpy as np
 import torch
+from real_anatomy import STRUCTURES, answer_of, lesion_structures, read_scans, truth_of
+from runtime import LIVER, ct_liver
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "src"))
-sys.path.insert(0, str(REPO / "benchmarks"))
-
-from real_anatomy import STRUCTURES, answer_of, lesion_structures, read_scans, truth_of  # noqa: E402
-from runtime import LIVER, ct_liver  # noqa: E402
-
-from medsam2_endpoint.base.budget import Budget  # noqa: E402
-from medsam2_endpoint.core.service import Service  # noqa: E402
-from medsam2_endpoint.core.settings import Settings  # noqa: E402
-from medsam2_endpoint.engines.lite import LiteMedSAMEngine  # noqa: E402
-from medsam2_endpoint.engines.lite_onnx import INPUT_NAME, OUTPUT_NAME  # noqa: E402
-from medsam2_endpoint.pipeline.window import window_to_uint8  # noqa: E402
-from medsam2_endpoint.testing.metrics import dice  # noqa: E402
-from medsam2_endpoint.testing.phantoms import ct_phantom, mri_phantom  # noqa: E402
+from medsam2_endpoint.base.budget import Budget
+from medsam2_endpoint.engines.lite import LiteMedSAMEngine
+from medsam2_endpoint.engines.lite_onnx import INPUT_NAME, OUTPUT_NAME
+from medsam2_endpoint.pipeline.window import window_to_uint8
+from medsam2_endpoint.testing.metrics import dice
+from medsam2_endpoint.testing.phantoms import ct_phantom, mri_phantom
 
 
 def per_slice(run: Any, images: list[np.ndarray]) -> float:
@@ -88,15 +94,10 @@ def session(path: Path) -> Any:
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--openvino", action="store_true")
-    parser.add_argument("--int8", action="store_true")
-    parser.add_argument("--slices", type=int, default=10)
-    args = parser.parse_args(argv)
+def main(args: argparse.Namespace) -> int:
     with tempfile.TemporaryDirectory() as cache:
         env = {"MEDSAM2_WARMUP": "0", "MEDSAM2_RUNTIME": "onnx", "MEDSAM2_ONNX_CACHE_DIR": cache}
-        service = Service.from_settings(Settings.from_env(env, model_dir=str(REPO / "benchmarks" / "no-models")))
+        service = harness.service(env)
         service.budget = Budget.unlimited  # type: ignore[method-assign]  # a loaded machine must not cut a request short
         engine = service.registry.get("lite-medsam")
         assert isinstance(engine, LiteMedSAMEngine) and engine._onnx_encoder is not None
@@ -123,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
             ort_int8 = session(int8_path)
             times["onnxruntime int8"] = per_slice(lambda x: ort_int8.run([OUTPUT_NAME], {INPUT_NAME: x}), images)
             int8_env = {**env, "MEDSAM2_ONNX_CACHE_DIR": cache}
-            int8_service = Service.from_settings(Settings.from_env(int8_env, model_dir=str(REPO / "benchmarks" / "no-models")))
+            int8_service = harness.service(int8_env)
             int8_service.budget = Budget.unlimited  # type: ignore[method-assign]
             int8_engine = int8_service.registry.get("lite-medsam")
             assert isinstance(int8_engine, LiteMedSAMEngine) and int8_engine._onnx_encoder is not None
@@ -136,7 +137,7 @@ def main(argv: list[str] | None = None) -> int:
                 int8_answer = answer_of(int8_service, "lite-medsam", image, s_truth, structure.window, {})[0]
                 structures.append((structure.scan, structure.name, dice(fp32_answer, int8_answer),
                                    dice(fp32_answer, s_truth), dice(int8_answer, s_truth)))
-    print(f"{os.cpu_count()} CPUs, load {os.getloadavg()[0]:.2f}, {torch.get_num_threads()} threads; {LIVER.name} slices of the real CT")
+    print(f"{harness.machine()}, {torch.get_num_threads()} threads; {LIVER.name} slices of the real CT")
     print("| encoder | seconds per slice | vs ORT fp32 |")
     print("| --- | --- | --- |")
     base = times["onnxruntime fp32"]
@@ -156,4 +157,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    sys.exit(main(ARGS))

@@ -14,30 +14,30 @@ import argparse
 import contextlib
 import sys
 import time
-from pathlib import Path
+
+import harness
+
+
+def arguments() -> argparse.ArgumentParser:
+    parser = harness.parser(__doc__)
+    parser.add_argument("--batches", default="1,2,4")
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--device", default=None, help="default: cuda when visible, else cpu")
+    return parser
+
+
+if __name__ == "__main__":  # --help answers before torch is imported
+    ARGS = arguments().parse_args()
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tests"))
+from medsam2_endpoint.core.registry import configure_threads
+from medsam2_endpoint.engines.medsam2 import MedSAM2Engine
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--batches", default="1,2,4")
-    parser.add_argument("--repeats", type=int, default=2)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    args = parser.parse_args()
-
-    from medsam2_endpoint.core.service import configure_threads
-    from medsam2_endpoint.engines.medsam2 import MedSAM2Engine
-
-    checkpoint = ROOT / "benchmarks" / "out" / "MedSAM2_latest.pt"
-    if not checkpoint.exists():
-        from reference_pipeline import make_random_checkpoint
-
-        checkpoint.parent.mkdir(parents=True, exist_ok=True)
-        make_random_checkpoint(checkpoint, seed=0)
+def main(args: argparse.Namespace) -> int:
+    args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    checkpoint = harness.random_checkpoint()
     threads = configure_threads(0)
     engine = MedSAM2Engine(checkpoint, device=args.device, name="bench")
     cuda = args.device.startswith("cuda")
@@ -60,7 +60,8 @@ def main() -> None:
         per_slice = (time.perf_counter() - started) / (args.repeats * batch)
         peak = f"{torch.cuda.max_memory_allocated() / 2**20:.0f}" if cuda else "-"
         print(f"| {batch} | {per_slice:.3f} | {peak} |")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main(ARGS))

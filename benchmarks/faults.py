@@ -13,9 +13,24 @@ import argparse
 import json
 import os
 import socket
+import sys
 import tempfile
 import time
 from pathlib import Path
+
+import harness
+
+
+def arguments() -> argparse.ArgumentParser:
+    parser = harness.parser(__doc__)
+    parser.add_argument("--clients", type=int, default=8)
+    parser.add_argument("--duration", type=float, default=120.0)
+    parser.add_argument("--deadline", type=float, default=30.0)
+    return parser
+
+
+if __name__ == "__main__":  # --help answers before the package is imported
+    ARGS = arguments().parse_args()
 
 from medsam2_endpoint.testing.faults import cpu_seconds, crowded_view, qupath_load, samapi_server
 
@@ -30,12 +45,7 @@ def walk_away(url: str, body: dict[str, object]) -> socket.socket:
     return sock
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--clients", type=int, default=8)
-    parser.add_argument("--duration", type=float, default=120.0)
-    parser.add_argument("--deadline", type=float, default=30.0)
-    args = parser.parse_args()
+def main(args: argparse.Namespace) -> int:
     env = {"MEDSAM2_REQUEST_DEADLINE_S": str(args.deadline), "MEDSAM2_BUSY_WAIT_S": "1", "MEDSAM2_RETRY_AFTER_S": "1"}
     result: dict[str, object] = {"load_average_before": os.getloadavg()[0]}
     with tempfile.TemporaryDirectory() as tmp, samapi_server(Path(tmp), env) as server:
@@ -52,7 +62,8 @@ def main() -> None:
         result["load"] = {"clients": args.clients, "duration_s": args.duration, **report.summary()}
     result["load_average_after"] = os.getloadavg()[0]
     print(json.dumps(result))
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main(ARGS))

@@ -28,25 +28,36 @@ import time
 from pathlib import Path
 from typing import Any
 
+import harness
+
+
+def arguments() -> argparse.ArgumentParser:
+    parser = harness.parser(__doc__)
+    parser.add_argument("--model", default="lite-medsam")
+    parser.add_argument("--model-dir", default=None, help="MedSAM2 checkpoints (default: none, LiteMedSAM only)")
+    parser.add_argument("--only", default="ct,mr,lesion,phantom", help="comma-separated: ct, mr, lesion, phantom")
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--json", default=None)
+    parser.add_argument("--verbose", action="store_true", help="print each round's changed slices and their errors")
+    return parser
+
+
+if __name__ == "__main__":  # --help answers before torch is imported
+    ARGS = arguments().parse_args()
+
 import numpy as np
 import SimpleITK as sitk
+from real_anatomy import STRUCTURES, Structure, box_of, lesion_structures, read_scans, truth_of
 from scipy import ndimage
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "src"))
-sys.path.insert(0, str(REPO / "benchmarks"))
-
-from real_anatomy import STRUCTURES, Structure, box_of, lesion_structures, read_scans, truth_of  # noqa: E402
-
-from medsam2_endpoint.base.lru import ByteLRU  # noqa: E402
-from medsam2_endpoint.contract.score3d import parse_request  # noqa: E402
-from medsam2_endpoint.core.service import Service  # noqa: E402
-from medsam2_endpoint.core.settings import Settings  # noqa: E402
-from medsam2_endpoint.io.encode import decode_mask  # noqa: E402
-from medsam2_endpoint.io.limits import Limits  # noqa: E402
-from medsam2_endpoint.io.volume import write_nifti  # noqa: E402
-from medsam2_endpoint.testing.metrics import dice, nsd  # noqa: E402
-from medsam2_endpoint.testing.phantoms import phantom_set  # noqa: E402
+from medsam2_endpoint.base.lru import ByteLRU
+from medsam2_endpoint.contract.score3d import parse_request
+from medsam2_endpoint.core.service import Service
+from medsam2_endpoint.io.encode import decode_mask
+from medsam2_endpoint.io.limits import Limits
+from medsam2_endpoint.io.volume import write_nifti
+from medsam2_endpoint.testing.metrics import dice, nsd
+from medsam2_endpoint.testing.phantoms import phantom_set
 
 
 def send(service: Service, columns: dict[str, Any]) -> tuple[dict[str, Any], float]:
@@ -84,7 +95,8 @@ def run_structure(service: Service, model: str, image: sitk.Image, truth: np.nda
                   rounds: int, points: bool) -> dict[str, Any]:
     engine = service.registry.get(model)
     engine.features = ByteLRU(engine.features.max_bytes)  # type: ignore[attr-defined]  # a cold first request
-    spacing_zyx = tuple(float(v) for v in reversed(image.GetSpacing()))
+    sx, sy, sz = image.GetSpacing()
+    spacing_zyx = (float(sz), float(sy), float(sx))
     key = int(np.argmax(truth.sum(axis=(1, 2))))
     common: dict[str, Any] = {"model": model, "mask_format": "rle",
                               **({"dicom_window": list(window)} if window is not None else {"modality": "MR"})}
@@ -94,7 +106,7 @@ def run_structure(service: Service, model: str, image: sitk.Image, truth: np.nda
     answer = decode_mask(result["mask"], shape, field="mask", limits=Limits()) > 0
     volume_id = result["metadata"]["volume_id"]
     prompts: list[dict[str, Any]] = [{"slice": key, "box": box_of(truth[key])}]
-    rows = [{"round": 0, "slice": key, "dice": dice(answer, truth), "nsd": nsd(answer, truth, spacing_zyx), "seconds": seconds,
+    rows: list[dict[str, Any]] = [{"round": 0, "slice": key, "dice": dice(answer, truth), "nsd": nsd(answer, truth, spacing_zyx), "seconds": seconds,
              "changed": len(result["metadata"]["changed_slices"])}]
     for r in range(1, rounds + 1):
         z = worst_slice(answer, truth, {p["slice"] for p in prompts})
@@ -126,17 +138,8 @@ def phantom_cases() -> list[tuple[str, str, sitk.Image, np.ndarray, tuple[float,
     return cases
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="lite-medsam")
-    parser.add_argument("--model-dir", default=None, help="MedSAM2 checkpoints (default: none, LiteMedSAM only)")
-    parser.add_argument("--only", default="ct,mr,lesion,phantom", help="comma-separated: ct, mr, lesion, phantom")
-    parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--json", default=None)
-    parser.add_argument("--verbose", action="store_true", help="print each round's changed slices and their errors")
-    args = parser.parse_args(argv)
-    settings = Settings.from_env({"MEDSAM2_WARMUP": "0"}, model_dir=args.model_dir or str(REPO / "benchmarks" / "no-models"))
-    service = Service.from_settings(settings)
+def main(args: argparse.Namespace) -> int:
+    service = harness.service(model_dir=args.model_dir)
     points = service.registry.get(args.model).info.family == "medsam2"
     wanted = set(args.only.split(","))
     cases: list[tuple[str, str, sitk.Image, np.ndarray, tuple[float, float] | None]] = []
@@ -149,10 +152,8 @@ def main(argv: list[str] | None = None) -> int:
     if "phantom" in wanted:
         cases += phantom_cases()
     rounds = args.rounds
-    header = ("| scan | structure | " + " | ".join(f"Dice {r}" for r in range(rounds + 1)) + " | mean Dice | mean NSD | "
-              "largest drop | first (s) | corrections (s) |")
-    print(header)
-    print("| --- " * (header.count("|") - 1) + "|")
+    print(harness.header(["scan", "structure", *(f"Dice {r}" for r in range(rounds + 1)), "mean Dice", "mean NSD",
+                          "largest drop", "first (s)", "corrections (s)"]))
     out = []
     for scan, name, image, truth, window in cases:
         row = run_structure(service, args.model, image, truth, window, rounds, points)
@@ -187,4 +188,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(ARGS))

@@ -17,13 +17,24 @@ import subprocess
 import sys
 import threading
 import time
-from pathlib import Path
+from collections.abc import Iterator
+from typing import Any
+
+import harness
+
+
+def arguments() -> argparse.ArgumentParser:
+    parser = harness.parser(__doc__)
+    parser.add_argument("--size", type=int, default=300, help="phantom depth: 40, 120 or 300")
+    parser.add_argument("--feature-cache-mb", type=int, help="MEDSAM2_FEATURE_CACHE_MB (default: the service's)")
+    parser.add_argument("--no-release", action="store_true", help="no malloc_trim during the request")
+    return parser
+
+
+if __name__ == "__main__":  # --help answers before torch is imported
+    ARGS = arguments().parse_args()
 
 from medsam2_endpoint.api.azure import score as score_body
-
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "benchmarks"))
-sys.path.insert(0, str(ROOT / "tests"))
 
 
 def rss_mb() -> float:
@@ -47,21 +58,11 @@ class Recorder:
         print(f"| {phase} | {now:.0f} | {self.peak:.0f} |", flush=True)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--size", type=int, default=300, help="phantom depth: 40, 120 or 300")
-    parser.add_argument("--feature-cache-mb", type=int, help="MEDSAM2_FEATURE_CACHE_MB (default: the service's)")
-    parser.add_argument("--no-release", action="store_true", help="no malloc_trim during the request")
-    args = parser.parse_args()
-    work = ROOT / "benchmarks" / "out"
-    work.mkdir(parents=True, exist_ok=True)
-    checkpoint = work / "MedSAM2_latest.pt"
-    if not checkpoint.exists():
-        from reference_pipeline import make_random_checkpoint
-
-        make_random_checkpoint(checkpoint, seed=0)
+def main(args: argparse.Namespace) -> int:
+    work = harness.OUT
+    checkpoint = harness.random_checkpoint()
     # the phantom is built in another process: its memory is not this request's
-    code = f"import json, sys; sys.path.insert(0, {str(ROOT / 'benchmarks')!r}); import speed; from pathlib import Path; print(json.dumps(speed.write_case({args.size}, Path({str(work)!r}))))"
+    code = f"import json, sys; sys.path.insert(0, {str(harness.BENCHMARKS)!r}); import speed; from pathlib import Path; print(json.dumps(speed.write_case({args.size}, Path({str(work)!r}))))"
     case = json.loads(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout)
 
     recorder = Recorder()
@@ -73,14 +74,15 @@ def main() -> None:
     import medsam2_endpoint.pipeline.propagate as propagate
     from medsam2_endpoint.base import heap
 
+    # the phases are marked by wrapping the served functions in place (monkeypatching, as the tests do)
     if args.no_release:
-        propagate.release_if_grown = lambda: False
-        service_module.release_free_memory = lambda: None
+        setattr(propagate, "release_if_grown", lambda: False)  # noqa: B010 - mypy forbids assigning a function
+        setattr(service_module, "release_free_memory", lambda: None)  # noqa: B010
 
-    def wrap(module, name, before, after):
+    def wrap(module: Any, name: str, before: str, after: str) -> None:
         original = getattr(module, name)
 
-        def wrapped(*a, **k):
+        def wrapped(*a: Any, **k: Any) -> Any:
             recorder.mark(before)
             result = original(*a, **k)
             recorder.mark(after)
@@ -92,17 +94,17 @@ def main() -> None:
     if args.no_release:
         labelled = propagate.keep_largest_component
 
-        def trim_then_label(mask, *a, **k):
+        def trim_then_label(mask: Any, *a: Any, **k: Any) -> Any:
             recorder.mark("propagation done")
             heap.release_free_memory()
             recorder.mark("after one malloc_trim")
             return labelled(mask, *a, **k)
 
-        propagate.keep_largest_component = trim_then_label
+        setattr(propagate, "keep_largest_component", trim_then_label)  # noqa: B010
     wrap(service_module, "encode_mask", "encoding", "encoding done")
     track = medsam2.MedSAM2Engine.track
 
-    def counted_track(self, state, **kw):
+    def counted_track(self: Any, state: Any, **kw: Any) -> Iterator[Any]:
         direction = "down" if kw["reverse"] else "up"
         n = 0
         for n, step in enumerate(track(self, state, **kw), start=1):
@@ -111,7 +113,7 @@ def main() -> None:
             yield step
         recorder.mark(f"{direction}: done ({n} slices)")
 
-    medsam2.MedSAM2Engine.track = counted_track
+    setattr(medsam2.MedSAM2Engine, "track", counted_track)  # noqa: B010
     recorder.mark("imports")
     service = speed._service("medsam2", checkpoint, args.feature_cache_mb)
     recorder.mark("models loaded")
@@ -120,7 +122,8 @@ def main() -> None:
     started = time.perf_counter()
     score_body(service, body)
     recorder.mark(f"request done ({time.perf_counter() - started:.0f} s)")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main(ARGS))

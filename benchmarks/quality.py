@@ -17,14 +17,38 @@ import dataclasses
 import json
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
+
+import harness
+
+
+def arguments() -> argparse.ArgumentParser:
+    parser = harness.parser(__doc__)
+    parser.add_argument("--set", default="quality", help="phantom set: tiny, quality")
+    parser.add_argument("--model-dir", type=Path, default=None, help="folder with MedSAM2 checkpoints (optional)")
+    parser.add_argument("--lite-modes", default="pad", help="LiteMedSAM preprocessing modes to run: pad, stretch or both")
+    parser.add_argument("--stop-after-empty", default="2", help="stop rule values to compare, e.g. 0,2 (0: off; default 2, the service's)")
+    parser.add_argument("--lite-min-iou", type=float, help="LiteMedSAM's IoU floor while tracking (0 turns it off; default 0.5)")
+    parser.add_argument("--lite-intensity-z", type=float,
+                        help="LiteMedSAM's intensity rule (0 turns it off; default 1.5). --lite-min-iou 0.8 --lite-intensity-z 0: the old rule")
+    parser.add_argument("--lite-key-fill", type=float, help="LiteMedSAM's key-fill rule (0 turns it off; default 0.3)")
+    parser.add_argument("--lite-end-area", type=float, help="LiteMedSAM's tapering-tip rule, e.g. 0.75 (default off)")
+    parser.add_argument("--lite-core", type=float, help="LiteMedSAM's intensity test on the mask's core: the logit quantile (0 turns it off)")
+    return parser
+
+
+if __name__ == "__main__":  # --help answers before torch is imported
+    ARGS = arguments().parse_args()
 
 import numpy as np
 
 from medsam2_endpoint.api.azure import score as score_body
-from medsam2_endpoint.core.registry import ModelRegistry
-from medsam2_endpoint.core.service import Service, configure_threads
+from medsam2_endpoint.core.registry import ModelRegistry, configure_threads
+from medsam2_endpoint.core.service import Service
 from medsam2_endpoint.core.settings import Settings
+from medsam2_endpoint.engines.base import VolumeEngine
 from medsam2_endpoint.engines.lite import DEFAULT_RULE, LiteMedSAMEngine
 from medsam2_endpoint.engines.medsam2 import MedSAM2Engine, find_checkpoints
 from medsam2_endpoint.io.encode import dumps, rle_decode
@@ -35,7 +59,7 @@ from medsam2_endpoint.testing.phantoms import phantom_set
 def build_service(model_dir: Path | None, lite_modes: list[str], lite_min_iou: float | None = None,
                   lite_intensity_z: float | None = None, lite_key_fill: float | None = None,
                   lite_end_area: float | None = None, lite_core: float | None = None) -> Service:
-    engines = {}
+    engines: dict[str, VolumeEngine] = {}
     for path in find_checkpoints(model_dir):
         engines[path.stem] = MedSAM2Engine(path)
     for mode in lite_modes:
@@ -49,15 +73,14 @@ def build_service(model_dir: Path | None, lite_modes: list[str], lite_min_iou: f
             rule = dataclasses.replace(rule, end_area_ratio=lite_end_area or None)
         if lite_core is not None:
             rule = dataclasses.replace(rule, intensity_core=lite_core or None)
-        options = {"rule": rule}
-        engines[name] = LiteMedSAMEngine(resize_mode=mode, **options)
+        engines[name] = LiteMedSAMEngine(resize_mode=mode, rule=rule)
     settings = Settings.from_env({"MEDSAM2_WARMUP": "0", "MEDSAM2_REQUEST_DEADLINE_S": "3600"})
     return Service(settings, ModelRegistry(engines, next(iter(engines))))
 
 
-def evaluate(service: Service, set_name: str, stops: list[int] = (2,)) -> list[dict]:
+def evaluate(service: Service, set_name: str, stops: Sequence[int] = (2,)) -> list[dict[str, Any]]:
     """One request per lesion, model and `stop_after_empty` value (0: the rule off)."""
-    rows = []
+    rows: list[dict[str, Any]] = []
     for phantom in phantom_set(set_name):
         data = base64.b64encode(phantom.nifti_bytes()).decode()
         spacing_zyx = tuple(reversed(phantom.image.GetSpacing()))
@@ -88,7 +111,7 @@ def evaluate(service: Service, set_name: str, stops: list[int] = (2,)) -> list[d
     return rows
 
 
-def markdown(rows: list[dict]) -> str:
+def markdown(rows: list[dict[str, Any]]) -> str:
     lines = [
         "| phantom | lesion | model | Dice | HD95 (mm) | slices (pred / truth) | slices processed | time (s) |",
         "| --- | --- | --- | --- | --- | --- | --- | --- |",
@@ -111,24 +134,13 @@ def markdown(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--set", default="quality", help="phantom set: tiny, quality")
-    parser.add_argument("--model-dir", type=Path, default=None, help="folder with MedSAM2 checkpoints (optional)")
-    parser.add_argument("--lite-modes", default="pad", help="LiteMedSAM preprocessing modes to run: pad, stretch or both")
-    parser.add_argument("--stop-after-empty", default="2", help="stop rule values to compare, e.g. 0,2 (0: off; default 2, the service's)")
-    parser.add_argument("--lite-min-iou", type=float, help="LiteMedSAM's IoU floor while tracking (0 turns it off; default 0.5)")
-    parser.add_argument("--lite-intensity-z", type=float,
-                        help="LiteMedSAM's intensity rule (0 turns it off; default 1.5). --lite-min-iou 0.8 --lite-intensity-z 0: the old rule")
-    parser.add_argument("--lite-key-fill", type=float, help="LiteMedSAM's key-fill rule (0 turns it off; default 0.3)")
-    parser.add_argument("--lite-end-area", type=float, help="LiteMedSAM's tapering-tip rule, e.g. 0.75 (default off)")
-    parser.add_argument("--lite-core", type=float, help="LiteMedSAM's intensity test on the mask's core: the logit quantile (0 turns it off)")
-    args = parser.parse_args()
+def main(args: argparse.Namespace) -> int:
     configure_threads(0)
     service = build_service(args.model_dir, [m for m in args.lite_modes.split(",") if m], args.lite_min_iou, args.lite_intensity_z,
                             args.lite_key_fill, args.lite_end_area, args.lite_core)
     print(markdown(evaluate(service, args.set, [int(v) for v in args.stop_after_empty.split(",")])))
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main(ARGS))

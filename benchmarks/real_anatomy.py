@@ -17,24 +17,71 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
+
+import harness
+
+# LiteMedSAM tracking rules tried (engines/tracking.TrackRule fields); "default" is the engine's own
+RULES: dict[str, dict[str, Any]] = {
+    "iou0.8": {"min_iou": 0.8},  # the rule before this benchmark existed
+    "iou0.5": {"min_iou": 0.5},
+    "iou0.8+la1": {"min_iou": 0.8, "lookahead": 1},
+    "iou0.8+la2": {"min_iou": 0.8, "lookahead": 2},
+    "rel0.85": {"min_iou": 0.5, "relative_iou": 0.85},
+    "rel0.85+la1": {"min_iou": 0.5, "relative_iou": 0.85, "lookahead": 1},
+    "iou0.5+area": {"min_iou": 0.5, "max_area_growth": 1.5, "min_area_ratio": 0.3},
+    "iou0.5+int": {"min_iou": 0.5, "intensity_z": 1.5},
+    "iou0.5+shift": {"min_iou": 0.5, "max_shift": 0.5},
+    "iou0.5+int1.0": {"min_iou": 0.5, "intensity_z": 1.0},
+    "iou0.5+int2.0": {"min_iou": 0.5, "intensity_z": 2.0},
+    "iou0.6+int": {"min_iou": 0.6, "intensity_z": 1.5},
+    "iou0.7+int": {"min_iou": 0.7, "intensity_z": 1.5},
+    "rel0.85+int": {"min_iou": 0.5, "relative_iou": 0.85, "intensity_z": 1.5},
+    "iou0.5+int+la1": {"min_iou": 0.5, "intensity_z": 1.5, "lookahead": 1},
+    "pooled1.5": {"min_iou": 0.5, "pooled_intensity_z": 1.5},
+    "pooled2.0": {"min_iou": 0.5, "pooled_intensity_z": 2.0},
+    "pooled2.5": {"min_iou": 0.5, "pooled_intensity_z": 2.5},
+    "int+fill0.3": {"min_iou": 0.5, "intensity_z": 1.5, "min_key_fill": 0.3},
+    "pooled2.0+fill0.3": {"min_iou": 0.5, "pooled_intensity_z": 2.0, "min_key_fill": 0.3},
+    "pooled1.5+fill0.3": {"min_iou": 0.5, "pooled_intensity_z": 1.5, "min_key_fill": 0.3},
+    "int+fill0.3+end0.75": {"min_iou": 0.5, "intensity_z": 1.5, "min_key_fill": 0.3, "end_area_ratio": 0.75},
+    "pooled1.5+fill0.3+end0.75": {"min_iou": 0.5, "pooled_intensity_z": 1.5, "min_key_fill": 0.3, "end_area_ratio": 0.75},
+    "pooled2.0+fill0.3+end0.75": {"min_iou": 0.5, "pooled_intensity_z": 2.0, "min_key_fill": 0.3, "end_area_ratio": 0.75},
+    "int+fill0.3+core0.5": {"min_iou": 0.5, "intensity_z": 1.5, "min_key_fill": 0.3, "intensity_core": 0.5},
+    "int+fill0.3+core0.75": {"min_iou": 0.5, "intensity_z": 1.5, "min_key_fill": 0.3, "intensity_core": 0.75},
+    "pooled2.0+boxfirst": {"min_iou": 0.5, "pooled_intensity_z": 2.0, "min_key_fill": 2.0},
+    "combo": {"min_iou": 0.6, "relative_iou": 0.8, "max_area_growth": 1.6, "intensity_z": 2.0, "max_shift": 0.5, "lookahead": 1},
+}
+
+
+def arguments() -> argparse.ArgumentParser:
+    parser = harness.parser(__doc__)
+    parser.add_argument("--model", default="lite-medsam")
+    parser.add_argument("--only", default="ct,mr,lesion", help="comma-separated: ct, mr, lesion")
+    parser.add_argument("--model-dir", default=None, help="MedSAM2 checkpoints (default: none, LiteMedSAM only)")
+    parser.add_argument("--rules", default="default", help=f"comma-separated LiteMedSAM tracking rules: default, {', '.join(RULES)}")
+    parser.add_argument("--stop-after-empty", type=int, default=None)
+    parser.add_argument("--json", default=None, help="write the rows here too")
+    parser.add_argument("--runtime", default="auto", choices=["auto", "torch", "onnx"], help="MEDSAM2_RUNTIME for LiteMedSAM")
+    return parser
+
+
+if __name__ == "__main__":  # --help answers before torch is imported
+    ARGS = arguments().parse_args()
 
 import numpy as np
 import SimpleITK as sitk
 from scipy import ndimage
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "src"))
+from medsam2_endpoint.contract.score3d import parse_request
+from medsam2_endpoint.core import volumes
+from medsam2_endpoint.core.service import Service
+from medsam2_endpoint.engines.tracking import TrackRule
+from medsam2_endpoint.io.encode import rle_decode
+from medsam2_endpoint.io.volume import Volume, write_nifti
+from medsam2_endpoint.testing.metrics import dice, nsd
 
-from medsam2_endpoint.contract.score3d import parse_request  # noqa: E402
-from medsam2_endpoint.core.service import Service  # noqa: E402
-from medsam2_endpoint.core.settings import Settings  # noqa: E402
-from medsam2_endpoint.engines.tracking import TrackRule  # noqa: E402
-from medsam2_endpoint.io.encode import rle_decode  # noqa: E402
-from medsam2_endpoint.io.volume import write_nifti  # noqa: E402
-from medsam2_endpoint.pipeline.window import percentile_window, window_to_uint8  # noqa: E402
-from medsam2_endpoint.testing.metrics import dice, nsd  # noqa: E402
-
-DATA = REPO.parent / "shared" / "data" / "real"
+DATA = harness.DATA
 SOFT_TISSUE = (-160.0, 240.0)
 BONE = (-500.0, 1300.0)
 
@@ -84,12 +131,12 @@ def lesion_structures(scans: dict[str, tuple[sitk.Image, np.ndarray]]) -> list[S
 
 
 def truth_of(labels: np.ndarray, s: Structure) -> np.ndarray:
-    truth = labels == s.label
+    truth: np.ndarray = labels == s.label
     if s.one_component:  # the connected object through the largest slice's largest region
         key = int(np.argmax(truth.sum(axis=(1, 2))))
         parts, _ = ndimage.label(truth, structure=np.ones((3, 3, 3)))
         ids, counts = np.unique(parts[key][parts[key] > 0], return_counts=True)
-        truth = parts == ids[np.argmax(counts)]
+        truth = np.asarray(parts == ids[np.argmax(counts)])
     return truth
 
 
@@ -108,19 +155,30 @@ def span_ends(mask: np.ndarray) -> tuple[int, int] | None:
     return None if zs.size == 0 else (int(zs[0]), int(zs[-1]))
 
 
-def volume_key(windowed: np.ndarray) -> str:
-    """The Service's content key of a windowed volume (core/volumes.prepare), so the ceiling reuses its embeddings."""
-    import hashlib
+def request_of(model: str, image: sitk.Image, truth: np.ndarray, window: tuple[float, float] | None,
+               extra: dict[str, object]) -> dict[str, Any]:
+    """The /score body a user sends for one structure: the label's box on its largest slice."""
+    key = int(np.argmax(truth.sum(axis=(1, 2))))
+    return {"input_data": {
+        "nii_image": [base64.b64encode(write_nifti(image)).decode()], "bbox": [box_of(truth[key])], "key_slice_idx": [key],
+        **({"dicom_window": [list(window)]} if window is not None else {"modality": ["MR"]}),
+        "model": [model], "mask_format": ["rle"],
+        **{k: [v] for k, v in extra.items()},
+    }}
 
-    return hashlib.blake2b(windowed.data, digest_size=16).hexdigest() + str(windowed.shape)
+
+def prepared_of(model: str, image: sitk.Image, truth: np.ndarray, window: tuple[float, float] | None) -> volumes.PreparedItem:
+    """The structure's request as the Service prepares it (core/volumes.prepare): its windowed volume and the
+    content key its embeddings are cached under, so work on its slices reuses (and feeds) the answer's cache."""
+    (item,) = parse_request(request_of(model, image, truth, window, {}), max_items=1)
+    return volumes.prepare(item, Volume.from_sitk(image), model)
 
 
 def ceiling_of(service: Service, model: str, image: sitk.Image, truth: np.ndarray, window: tuple[float, float] | None) -> np.ndarray:
     """Every labelled slice segmented alone with the label's own box there (windowed as the server does)."""
-    engine = service.registry.get(model)
-    array = sitk.GetArrayFromImage(image)
-    windowed = window_to_uint8(array, window if window is not None else percentile_window(array))
-    state = engine.start(windowed, volume_key(windowed))
+    engine: Any = service.registry.get(model)  # segment_slice: both engines have it, the protocol does not
+    prepared = prepared_of(model, image, truth, window)
+    state = engine.start(prepared.windowed.array, prepared.volume_key)
     ceiling = np.zeros_like(truth)
     for z in np.flatnonzero(truth.any(axis=(1, 2))):
         ceiling[z] = engine.segment_slice(state, int(z), box_of(truth[z]))[0]
@@ -130,14 +188,7 @@ def ceiling_of(service: Service, model: str, image: sitk.Image, truth: np.ndarra
 def answer_of(service: Service, model: str, image: sitk.Image, truth: np.ndarray, window: tuple[float, float] | None,
               extra: dict[str, object]) -> tuple[np.ndarray, float, int]:
     """The served 3D answer to one box on the label's largest slice: (mask, seconds, slices processed)."""
-    key = int(np.argmax(truth.sum(axis=(1, 2))))
-    body = {"input_data": {
-        "nii_image": [base64.b64encode(write_nifti(image)).decode()], "bbox": [box_of(truth[key])], "key_slice_idx": [key],
-        **({"dicom_window": [list(window)]} if window is not None else {"modality": ["MR"]}),
-        "model": [model], "mask_format": ["rle"],
-        **{k: [v] for k, v in extra.items()},
-    }}
-    items = parse_request(body, max_items=1)
+    items = parse_request(request_of(model, image, truth, window, extra), max_items=1)
     started = time.perf_counter()
     (result,) = service.score_3d(items)
     seconds = time.perf_counter() - started
@@ -150,66 +201,26 @@ def _ends_within(answer: np.ndarray, truth: np.ndarray, tolerance: int) -> bool:
     return a is not None and t is not None and abs(a[0] - t[0]) <= tolerance and abs(a[1] - t[1]) <= tolerance
 
 
-RULES: dict[str, dict[str, object]] = {
-    "iou0.8": {"min_iou": 0.8},  # the rule before this benchmark existed
-    "iou0.5": {"min_iou": 0.5},
-    "iou0.8+la1": {"min_iou": 0.8, "lookahead": 1},
-    "iou0.8+la2": {"min_iou": 0.8, "lookahead": 2},
-    "rel0.85": {"min_iou": 0.5, "relative_iou": 0.85},
-    "rel0.85+la1": {"min_iou": 0.5, "relative_iou": 0.85, "lookahead": 1},
-    "iou0.5+area": {"min_iou": 0.5, "max_area_growth": 1.5, "min_area_ratio": 0.3},
-    "iou0.5+int": {"min_iou": 0.5, "intensity_z": 1.5},
-    "iou0.5+shift": {"min_iou": 0.5, "max_shift": 0.5},
-    "iou0.5+int1.0": {"min_iou": 0.5, "intensity_z": 1.0},
-    "iou0.5+int2.0": {"min_iou": 0.5, "intensity_z": 2.0},
-    "iou0.6+int": {"min_iou": 0.6, "intensity_z": 1.5},
-    "iou0.7+int": {"min_iou": 0.7, "intensity_z": 1.5},
-    "rel0.85+int": {"min_iou": 0.5, "relative_iou": 0.85, "intensity_z": 1.5},
-    "iou0.5+int+la1": {"min_iou": 0.5, "intensity_z": 1.5, "lookahead": 1},
-    "pooled1.5": {"min_iou": 0.5, "pooled_intensity_z": 1.5},
-    "pooled2.0": {"min_iou": 0.5, "pooled_intensity_z": 2.0},
-    "pooled2.5": {"min_iou": 0.5, "pooled_intensity_z": 2.5},
-    "int+fill0.3": {"min_iou": 0.5, "intensity_z": 1.5, "min_key_fill": 0.3},
-    "pooled2.0+fill0.3": {"min_iou": 0.5, "pooled_intensity_z": 2.0, "min_key_fill": 0.3},
-    "pooled1.5+fill0.3": {"min_iou": 0.5, "pooled_intensity_z": 1.5, "min_key_fill": 0.3},
-    "int+fill0.3+end0.75": {"min_iou": 0.5, "intensity_z": 1.5, "min_key_fill": 0.3, "end_area_ratio": 0.75},
-    "pooled1.5+fill0.3+end0.75": {"min_iou": 0.5, "pooled_intensity_z": 1.5, "min_key_fill": 0.3, "end_area_ratio": 0.75},
-    "pooled2.0+fill0.3+end0.75": {"min_iou": 0.5, "pooled_intensity_z": 2.0, "min_key_fill": 0.3, "end_area_ratio": 0.75},
-    "int+fill0.3+core0.5": {"min_iou": 0.5, "intensity_z": 1.5, "min_key_fill": 0.3, "intensity_core": 0.5},
-    "int+fill0.3+core0.75": {"min_iou": 0.5, "intensity_z": 1.5, "min_key_fill": 0.3, "intensity_core": 0.75},
-    "pooled2.0+boxfirst": {"min_iou": 0.5, "pooled_intensity_z": 2.0, "min_key_fill": 2.0},
-    "combo": {"min_iou": 0.6, "relative_iou": 0.8, "max_area_growth": 1.6, "intensity_z": 2.0, "max_shift": 0.5, "lookahead": 1},
-}
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="lite-medsam")
-    parser.add_argument("--only", default="ct,mr,lesion", help="comma-separated: ct, mr, lesion")
-    parser.add_argument("--model-dir", default=None, help="MedSAM2 checkpoints (default: none, LiteMedSAM only)")
-    parser.add_argument("--rules", default="default", help=f"comma-separated LiteMedSAM tracking rules: default, {', '.join(RULES)}")
-    parser.add_argument("--stop-after-empty", type=int, default=None)
-    parser.add_argument("--json", default=None, help="write the rows here too")
-    parser.add_argument("--runtime", default="auto", choices=["auto", "torch", "onnx"], help="MEDSAM2_RUNTIME for LiteMedSAM")
-    args = parser.parse_args(argv)
-    settings = Settings.from_env({"MEDSAM2_WARMUP": "0", "MEDSAM2_RUNTIME": args.runtime}, model_dir=args.model_dir or str(REPO / "benchmarks" / "no-models"))
-    service = Service.from_settings(settings)
+def main(args: argparse.Namespace) -> int:
+    service = harness.service({"MEDSAM2_RUNTIME": args.runtime}, args.model_dir)
     engine = service.registry.get(args.model)
     scans = read_scans()
     wanted = set(args.only.split(","))
     structures = [s for s in STRUCTURES if s.scan in wanted] + (lesion_structures(scans) if "lesion" in wanted else [])
     extra: dict[str, object] = {} if args.stop_after_empty is None else {"stop_after_empty": args.stop_after_empty}
     rules = args.rules.split(",")
-    rows: list[dict[str, object]] = []
-    header = "| rule | scan | structure | 3D Dice | NSD 2 mm | ceiling Dice | key slice alone | label slices | answer slices | time (s) |"
-    print(header)
-    print("| --- " * (header.count("|") - 1) + "|")
+    rows: list[dict[str, Any]] = []
+    print(harness.header(["rule", "scan", "structure", "3D Dice", "NSD 2 mm", "ceiling Dice", "key slice alone",
+                          "label slices", "answer slices", "time (s)"]))
     default_rule = getattr(engine, "rule", None)
     for s in structures:
         image, labels = scans[s.scan]
         truth = truth_of(labels, s)
         window = s.window
-        spacing_zyx = tuple(float(v) for v in reversed(image.GetSpacing()))
+        sx, sy, sz = image.GetSpacing()
+        spacing_zyx = (float(sz), float(sy), float(sx))
         answers = {}
         for rule in rules:  # the first rule's answer on a scan's first structure is a cold (first) request
             if default_rule is not None:
@@ -231,7 +242,7 @@ def main(argv: list[str] | None = None) -> int:
         mine = [r for r in rows if r["rule"] == rule]
         mean = float(np.mean([r["dice"] for r in mine]))
         ceiling_mean = float(np.mean([r["ceiling"] for r in mine]))
-        worst = max(mine, key=lambda r: float(r["ceiling"]) - float(r["dice"]))  # type: ignore[arg-type]
+        worst = max(mine, key=lambda r: float(r["ceiling"]) - float(r["dice"]))
         ends = sum(bool(r["ends_within_1"]) for r in mine)
         print(f"{rule}: mean 3D Dice {mean:.3f}, NSD {float(np.mean([r['nsd'] for r in mine])):.3f}, mean ceiling "
               f"{ceiling_mean:.3f} (gap {ceiling_mean - mean:.3f}); largest gap {float(worst['ceiling']) - float(worst['dice']):.3f} "
@@ -244,4 +255,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(ARGS))

@@ -11,20 +11,27 @@ temporary folder, so the service build time of "onnx" includes exporting the enc
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import tempfile
 import time
-from pathlib import Path
+
+import harness
+
+
+def arguments() -> argparse.ArgumentParser:
+    parser = harness.parser(__doc__)
+    parser.add_argument("--slices", type=int, default=10, help="slices timed per runtime (after one warm-up)")
+    parser.add_argument("--structures", action="store_true", help="also the Dice between runtimes on every real structure")
+    return parser
+
+
+if __name__ == "__main__":  # --help answers before torch is imported
+    ARGS = arguments().parse_args()
 
 import numpy as np
 import SimpleITK as sitk
-
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "src"))
-sys.path.insert(0, str(REPO / "benchmarks"))
-
-from real_anatomy import (  # noqa: E402
+import torch
+from real_anatomy import (
     DATA,
     SOFT_TISSUE,
     STRUCTURES,
@@ -36,12 +43,11 @@ from real_anatomy import (  # noqa: E402
     truth_of,
 )
 
-from medsam2_endpoint.base.budget import Budget  # noqa: E402
-from medsam2_endpoint.core.service import Service  # noqa: E402
-from medsam2_endpoint.core.settings import Settings  # noqa: E402
-from medsam2_endpoint.engines.lite import LiteMedSAMEngine  # noqa: E402
-from medsam2_endpoint.pipeline.window import window_to_uint8  # noqa: E402
-from medsam2_endpoint.testing.metrics import dice  # noqa: E402
+from medsam2_endpoint.base.budget import Budget
+from medsam2_endpoint.core.service import Service
+from medsam2_endpoint.engines.lite import LiteMedSAMEngine
+from medsam2_endpoint.pipeline.window import window_to_uint8
+from medsam2_endpoint.testing.metrics import dice
 
 LIVER = Structure("ct", "liver", 5, SOFT_TISSUE)
 RUNTIMES = ("torch", "onnx")
@@ -91,11 +97,7 @@ def structure_rows(services: dict[str, Service]) -> list[tuple[str, str, float, 
     return rows
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--slices", type=int, default=10, help="slices timed per runtime (after one warm-up)")
-    parser.add_argument("--structures", action="store_true", help="also the Dice between runtimes on every real structure")
-    args = parser.parse_args(argv)
+def main(args: argparse.Namespace) -> int:
     image, _, windowed, truth = ct_liver()
     zs = np.flatnonzero(truth.any(axis=(1, 2)))
     picked = np.linspace(zs[0], zs[-1], args.slices).astype(int)
@@ -104,10 +106,8 @@ def main(argv: list[str] | None = None) -> int:
     rows, answers, services = [], {}, {}
     with tempfile.TemporaryDirectory() as cache:
         for runtime in RUNTIMES:
-            env = {"MEDSAM2_WARMUP": "0", "MEDSAM2_RUNTIME": runtime, "MEDSAM2_ONNX_CACHE_DIR": cache}
-            settings = Settings.from_env(env, model_dir=str(REPO / "benchmarks" / "no-models"))
             started = time.perf_counter()
-            service = Service.from_settings(settings)
+            service = harness.service({"MEDSAM2_RUNTIME": runtime, "MEDSAM2_ONNX_CACHE_DIR": cache})
             build = time.perf_counter() - started
             service.budget = Budget.unlimited  # type: ignore[method-assign]  # timings here, not the server's deadline
             engine = service.registry.get("lite-medsam")
@@ -119,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
             per_box = decoder_seconds(engine, sample, sample_boxes)
             rows.append((runtime, build, per_slice, per_box, seconds, processed, dice(answer, truth)))
         structures = structure_rows(services) if args.structures else []
-    print(f"{os.cpu_count()} CPUs, load {os.getloadavg()[0]:.2f}, torch threads {__import__('torch').get_num_threads()}, "
+    print(f"{harness.machine()}, torch threads {torch.get_num_threads()}, "
           f"liver {zs[0]}-{zs[-1]} of {truth.shape[0]} slices")
     print("| runtime | service build (s) | encoder per slice (s) | decoder per box (s) | first 3D request (s) | slices processed | liver Dice |")
     print("| --- | --- | --- | --- | --- | --- | --- |")
@@ -136,4 +136,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    sys.exit(main(ARGS))

@@ -13,17 +13,29 @@ import argparse
 import sys
 import time
 from collections import defaultdict
-from pathlib import Path
+from typing import Any
+
+import harness
+
+
+def arguments() -> argparse.ArgumentParser:
+    parser = harness.parser(__doc__)
+    parser.add_argument("--size", type=int, default=40, help="slices in the phantom (40, 120 or 300)")
+    return parser
+
+
+if __name__ == "__main__":  # --help answers before torch is imported
+    ARGS = arguments().parse_args()
+
+import speed  # the same phantom, checkpoint, service and request bodies
 
 from medsam2_endpoint.api.azure import score as score_body
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import speed  # noqa: E402  (the same phantom, checkpoint, service and request bodies)
+from medsam2_endpoint.engines.medsam2 import MedSAM2Engine
 
 PARTS = ("image_encoder", "memory_attention", "memory_encoder", "sam_mask_decoder")
 
 
-def timed(predictor) -> dict[str, float]:
+def timed(predictor: Any) -> dict[str, float]:
     """Seconds spent inside each of PARTS, accumulated from now on."""
     spent: dict[str, float] = defaultdict(float)
     for name in PARTS:
@@ -34,20 +46,12 @@ def timed(predictor) -> dict[str, float]:
     return spent
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--size", type=int, default=40, help="slices in the phantom (40, 120 or 300)")
-    args = parser.parse_args()
-    work = speed.ROOT / "benchmarks" / "out"
-    work.mkdir(parents=True, exist_ok=True)
-    checkpoint = work / "MedSAM2_latest.pt"
-    if not checkpoint.exists():
-        from reference_pipeline import make_random_checkpoint
-
-        make_random_checkpoint(checkpoint, seed=0)
-    case = speed.write_case(args.size, work)
+def main(args: argparse.Namespace) -> int:
+    checkpoint = harness.random_checkpoint()
+    case = speed.write_case(args.size, harness.OUT)
     service = speed._service("medsam2", checkpoint)
     (engine,) = [e for e in service.registry.snapshot().values() if e.info.family == "medsam2"]
+    assert isinstance(engine, MedSAM2Engine)  # its networks are timed
     rows = []
     for label, (dz, dx) in (("cold (first request)", (0, 0)), ("warm (second request)", (1, 2))):
         spent = timed(engine.predictor)
@@ -61,12 +65,14 @@ def main() -> None:
         slices = result["metadata"]["slices_processed"]
         rows.append((label, slices, engine.features.misses - misses, total, dict(spent)))
     print(f"MedSAM2, 512 x 512 x {args.size}, stop rules off; seconds per slice processed")
-    print("| request | slices | encoded | total | " + " | ".join(PARTS) + " | rest |")
-    print("| --- | --- | --- | --- | " + " | ".join("---" for _ in PARTS) + " | --- |")
+    table = []
     for label, slices, encoded, total, spent in rows:
         parts = [spent.get(name, 0.0) / slices for name in PARTS]
-        print(f"| {label} | {slices} | {encoded} | {total / slices:.3f} | " + " | ".join(f"{v:.3f}" for v in parts) + f" | {total / slices - sum(parts):.3f} |")
+        table.append([label, slices, encoded, f"{total / slices:.3f}", *(f"{v:.3f}" for v in parts),
+                      f"{total / slices - sum(parts):.3f}"])
+    print(harness.table(["request", "slices", "encoded", "total", *PARTS, "rest"], table))
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main(ARGS))

@@ -1,7 +1,8 @@
 """Stop rules for LiteMedSAM's tracking, tried offline on recorded walks (../shared/data/real).
 
 `record`: for each structure of real_anatomy.py, the walks up and down from one box on the label's
-largest slice are run to the volume's edge (every non-empty slice accepted), and every step's signals
+largest slice are run by the engine's own `LiteMedSAMEngine.track` with a rule accepting every non-empty
+slice (so to the volume's edge or the first empty mask), and every step's signals
 (predicted IoU, area, centroid, intensity inside the mask, the mean image embedding inside the mask)
 and mask are saved. A stop rule without look-ahead ends a walk at its first rejected slice, so its 3D
 answer is a prefix of each recorded walk: `simulate` scores any rule on the recordings in seconds,
@@ -19,154 +20,123 @@ import argparse
 import dataclasses
 import itertools
 import json
-import math
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+import harness
+
+MODES = ("record", "simulate", "signals", "oracle", "grid")
+
+
+def arguments() -> argparse.ArgumentParser:
+    parser = harness.parser(__doc__)
+    parser.add_argument("mode", choices=MODES)
+    parser.add_argument("--out", default=str(harness.OUT / "walks"))
+    parser.add_argument("--only", default="ct,mr,lesion")
+    parser.add_argument("--rules", default=None, help="simulate: comma-separated names from RULES (default: all)")
+    parser.add_argument("--verbose", action="store_true")
+    parser.add_argument("--core-quantile", type=float, default=0.5, help="record: the logit quantile of each mask's core")
+    return parser
+
+
+if __name__ == "__main__":  # --help answers before torch is imported
+    ARGS = arguments().parse_args()
+
 import cv2
 import numpy as np
-import SimpleITK as sitk
-
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE.parent / "src"))
-sys.path.insert(0, str(HERE))
-
-from real_anatomy import (  # noqa: E402
+from real_anatomy import (
     STRUCTURES,
     Structure,
     box_of,
+    ceiling_of,
     lesion_structures,
+    prepared_of,
     read_scans,
     truth_of,
-    volume_key,
 )
 
-from medsam2_endpoint.engines.lite import (  # noqa: E402
-    DEFAULT_RULE,
-    IMAGE_SIZE,
-    TRACK_MARGIN_256,
-    LiteMedSAMEngine,
-    mask_box,
-)
-from medsam2_endpoint.engines.tracking import SliceStats, TrackRule  # noqa: E402
-from medsam2_endpoint.pipeline.propagate import keep_largest_component  # noqa: E402
-from medsam2_endpoint.pipeline.window import percentile_window, window_to_uint8  # noqa: E402
-from medsam2_endpoint.testing.metrics import dice  # noqa: E402
+from medsam2_endpoint.engines.base import LITE_NAME
+from medsam2_endpoint.engines.lite import DEFAULT_RULE, IMAGE_SIZE, LiteMedSAMEngine, LiteState
+from medsam2_endpoint.engines.tracking import SliceStats, TrackRule
+from medsam2_endpoint.pipeline.propagate import keep_largest_component
+from medsam2_endpoint.testing.metrics import dice
+
+LITE = LITE_NAME
+# The engine's own walk with every non-empty slice accepted: it runs to the volume's edge or to the first empty
+# mask, and starts from the caller's box exactly when the default rule would (min_key_fill).
+RECORDING_RULE = TrackRule(min_iou=0.0, min_key_fill=DEFAULT_RULE.min_key_fill)
 
 
 def _slug(s: Structure) -> str:
     return f"{s.scan}_{s.name}".replace(" ", "_")
 
 
-def _embedding_mean(engine: LiteMedSAMEngine, state: object, z: int, mask: np.ndarray) -> np.ndarray:
-    """Mean of slice z's (256, 64, 64) image embedding over the mask (area-weighted, in the model frame)."""
-    embedding = engine._embedding(state, z)[0].float().numpy()  # type: ignore[arg-type]
-    h, w = mask.shape
-    new_h, new_w = engine._resized_size(h, w)
-    side_h, side_w = max(1, round(new_h / 4)), max(1, round(new_w / 4))
-    weights = np.zeros((IMAGE_SIZE // 4, IMAGE_SIZE // 4), np.float32)
-    weights[:side_h, :side_w] = cv2.resize(mask.astype(np.float32), (side_w, side_h), interpolation=cv2.INTER_AREA)
+def _embedding_mean(engine: LiteMedSAMEngine, slice_u8: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """Mean of the slice's (256, 64, 64) image embedding over the mask (area-weighted, in the model frame). The
+    slice is encoded again through the engine's 2D interface (the same encoder input as a tracked slice's)."""
+    embedding = engine.embed_image(np.repeat(slice_u8[:, :, None], 3, axis=2)).embedding[0].float().numpy()
+    frame = (engine.low_res_from_mask(mask) > 0).astype(np.float32)  # (256, 256), padded as the model sees it
+    side = IMAGE_SIZE // 4
+    weights = cv2.resize(frame, (side, side), interpolation=cv2.INTER_AREA)
     total = float(weights.sum())
     if total == 0:
         return np.zeros(embedding.shape[0], np.float32)
-    return (embedding * weights).sum(axis=(1, 2)) / total
+    return np.asarray((embedding * weights).sum(axis=(1, 2)) / total, dtype=np.float32)
 
 
-def _grown_box(mask: np.ndarray, margin: int, margin_frac: float | None, cap: np.ndarray | None = None) -> np.ndarray | None:
-    """The mask's box grown by `margin` px, or by `margin_frac` of its smaller side when that is less;
-    with `cap` ((width, height)), no side longer than cap's, about the box's centre."""
-    if margin_frac is not None and mask.any():
-        ys, xs = np.nonzero(mask)
-        side = min(int(ys.max() - ys.min() + 1), int(xs.max() - xs.min() + 1))
-        margin = min(margin, int(round(margin_frac * side)))
-    box = mask_box(mask, margin)
-    if box is not None and cap is not None:
-        for lo, hi, limit in ((0, 2, cap[0]), (1, 3, cap[1])):
-            if box[hi] - box[lo] > limit:
-                centre = (box[lo] + box[hi]) / 2
-                box[lo], box[hi] = centre - limit / 2, centre + limit / 2
-    return box
-
-
-@dataclass(frozen=True)
-class WalkVariant:
-    """How a recorded walk prompts each slice; the defaults are the engine's own walk."""
-
-    margin_frac: float | None = None  # grow the box by at most this share of the mask's smaller side
-    box_cap: float | None = None  # no side longer than this x the caller's box side
-    refine: int = 0  # segment each slice again from its own mask's tight box, this many times
-    core_quantile: float = 0.5  # the logit quantile of the core whose mean intensity each step records
-
-
-def _walk(engine: LiteMedSAMEngine, state: object, volume: np.ndarray, key: int, box: np.ndarray, step: int,
-          key_mask: np.ndarray, variant: WalkVariant
-          ) -> tuple[list[int], list[np.ndarray], list[SliceStats], list[np.ndarray]]:
-    depth, h, w = volume.shape
-    margin = math.ceil(TRACK_MARGIN_256 * max(h, w) / IMAGE_SIZE)
-    margin_frac = variant.margin_frac
-    cap = None if variant.box_cap is None else variant.box_cap * np.array([box[2] - box[0], box[3] - box[1]])
-    prompt = box if DEFAULT_RULE.keeps_caller_box(int(key_mask.sum()), box) else _grown_box(key_mask, margin, margin_frac, cap)
+def _walk(engine: LiteMedSAMEngine, state: LiteState, volume: np.ndarray, key: int, box: np.ndarray, reverse: bool,
+          core_quantile: float) -> tuple[list[int], list[np.ndarray], list[SliceStats], list[np.ndarray]]:
+    """One direction of the engine's own `track` (RECORDING_RULE), observed: each slice it yields past the key,
+    with the signals measured on its mask (its predicted IoU as the engine recorded it in the state)."""
     zs, masks, stats, embs = [], [], [], []
-    z = key + step
-    while prompt is not None and 0 <= z < depth:
-        logits, iou = engine.slice_logits(state, z, prompt)  # type: ignore[arg-type]
+    walk = engine.track(state, key_index=key, box=box, reverse=reverse)
+    next(walk)  # the key slice
+    for z, logits in walk:
         mask = logits > 0
-        for _ in range(variant.refine):  # the slice again, from its own mask's tight box
-            tight = mask_box(mask, 0)
-            if tight is None:
-                break
-            logits, iou = engine.slice_logits(state, z, tight)  # type: ignore[arg-type]
-            mask = logits > 0
-        if not mask.any():
+        if not mask.any():  # the walk's end (the engine yields its rejected slice as empty)
             break
         zs.append(z)
         masks.append(mask)
-        stats.append(SliceStats.of(mask, volume[z], iou, logits, variant.core_quantile))
-        embs.append(_embedding_mean(engine, state, z, mask))
-        prompt = _grown_box(mask, margin, margin_frac, cap)
-        z += step
+        stats.append(SliceStats.of(mask, volume[z], state.ious[z], logits, core_quantile))
+        embs.append(_embedding_mean(engine, volume[z], mask))
     return zs, masks, stats, embs
 
 
-def record(out: Path, only: set[str], variant: WalkVariant) -> None:
-    from medsam2_endpoint.core.service import Service
-    from medsam2_endpoint.core.settings import Settings
-
-    settings = Settings.from_env({"MEDSAM2_WARMUP": "0"}, model_dir=str(HERE / "no-models"))
-    engine = Service.from_settings(settings).registry.get("lite-medsam")
+def record(out: Path, only: set[str], core_quantile: float) -> None:
+    service = harness.service()
+    engine = service.registry.get(LITE)
     assert isinstance(engine, LiteMedSAMEngine)
+    engine.rule = RECORDING_RULE
     scans = read_scans()
     structures = [s for s in STRUCTURES if s.scan in only] + (lesion_structures(scans) if "lesion" in only else [])
     out.mkdir(parents=True, exist_ok=True)
     for s in structures:
         image, labels = scans[s.scan]
         truth = truth_of(labels, s)
-        array = sitk.GetArrayFromImage(image)
-        windowed = window_to_uint8(array, s.window if s.window is not None else percentile_window(array))
-        state = engine.start(windowed, volume_key(windowed))
+        prepared = prepared_of(LITE, image, truth, s.window)  # windowed and keyed as the served request
+        windowed = prepared.windowed.array
+        state = engine.start(windowed, prepared.volume_key)
         key = int(np.argmax(truth.sum(axis=(1, 2))))
         box = np.asarray(box_of(truth[key]))
         logits, iou = engine.slice_logits(state, key, box)
         key_mask = logits > 0
-        ceiling = np.zeros_like(truth)
-        for z in np.flatnonzero(truth.any(axis=(1, 2))):
-            ceiling[z] = engine.segment_slice(state, int(z), box_of(truth[z]))[0]
-        arrays: dict[str, np.ndarray] = {"truth": truth, "ceiling": ceiling, "key_mask": key_mask,
-                                         "spacing_zyx": np.array(list(reversed(image.GetSpacing())))}
-        meta: dict[str, object] = {"key": key, "box": box.tolist(), "key_stats": SliceStats.of(key_mask, windowed[key], iou, logits, variant.core_quantile).__dict__,
-                                   "key_fill_rebase": DEFAULT_RULE.keeps_caller_box(int(key_mask.sum()), box)}
-        arrays["key_emb"] = _embedding_mean(engine, state, key, key_mask)
-        for name, step in (("up", 1), ("down", -1)):
-            zs, masks, stats, embs = _walk(engine, state, windowed, key, box, step, key_mask, variant)
+        arrays: dict[str, np.ndarray] = {"truth": truth, "ceiling": ceiling_of(service, LITE, image, truth, s.window),
+                                         "key_mask": key_mask, "spacing_zyx": np.array(list(reversed(image.GetSpacing())))}
+        meta: dict[str, object] = {"key": key, "box": box.tolist(), "key_stats": SliceStats.of(key_mask, windowed[key], iou, logits, core_quantile).__dict__,
+                                   "key_fill_rebase": RECORDING_RULE.keeps_caller_box(int(key_mask.sum()), box)}
+        arrays["key_emb"] = _embedding_mean(engine, windowed[key], key_mask)
+        ends = {}
+        for name, reverse in (("up", False), ("down", True)):
+            zs, masks, stats, embs = _walk(engine, state, windowed, key, box, reverse, core_quantile)
             meta[name] = {"zs": zs, "stats": [st.__dict__ for st in stats]}
+            ends[name] = zs[-1] if zs else "-"
             arrays[f"{name}_masks"] = np.array(masks, dtype=bool).reshape(len(masks), *truth.shape[1:])
             arrays[f"{name}_embs"] = np.array(embs, dtype=np.float32).reshape(len(embs), 256)
-        np.savez_compressed(out / f"{_slug(s)}.npz", **arrays)
+        np.savez_compressed(out / f"{_slug(s)}.npz", **arrays)  # type: ignore[arg-type]
         (out / f"{_slug(s)}.json").write_text(json.dumps(meta))
-        print(f"{s.scan} {s.name}: key {key}, up {meta['up']['zs'][-1:] if meta['up']['zs'] else '-'}, "  # type: ignore[index]
-              f"down {meta['down']['zs'][-1:] if meta['down']['zs'] else '-'}", flush=True)
+        print(f"{s.scan} {s.name}: key {key}, up {ends['up']}, down {ends['down']}", flush=True)
 
 
 # ------------------------------------------------------------------------------------------- simulate
@@ -204,9 +174,10 @@ def load(out: Path) -> list[Recording]:
                      for z, st, e in zip(meta[name]["zs"], meta[name]["stats"], arrays[f"{name}_embs"], strict=True)]
             walks[name] = (steps, arrays[f"{name}_masks"])
         ks = meta["key_stats"]
+        sz, sy, sx = (float(v) for v in arrays["spacing_zyx"])
         recordings.append(Recording(path.stem, arrays["truth"], arrays["ceiling"], meta["key"], arrays["key_mask"],
                                     SliceStats(**{**ks, "centroid": tuple(ks["centroid"])}), arrays["key_emb"],
-                                    meta["key_fill_rebase"], walks, tuple(float(v) for v in arrays["spacing_zyx"])))
+                                    meta["key_fill_rebase"], walks, (sz, sy, sx)))
     return recordings
 
 
@@ -348,9 +319,9 @@ def oracle(out: Path) -> None:
         ends = bool(abs(a[0] - t[0]) <= 1 and abs(a[-1] - t[-1]) <= 1)
         rows.append((best[0], c, ends))
         print(f"| {rec.name} | {best[0]:.3f} | {c:.3f} | {c - best[0]:+.3f} | {a[0]}-{a[-1]} | {t[0]}-{t[-1]} |")
-    d, c = np.array([r[0] for r in rows]), np.array([r[1] for r in rows])
-    print(f"oracle: mean Dice {d.mean():.3f}, mean ceiling {c.mean():.3f}, gap {c.mean() - d.mean():.4f}, "
-          f"{int(((c - d) > 0.10).sum())} more than 0.10 below, ends within 1 slice {sum(r[2] for r in rows)}/{len(rows)}")
+    dices, ceilings = np.array([r[0] for r in rows]), np.array([r[1] for r in rows])
+    print(f"oracle: mean Dice {dices.mean():.3f}, mean ceiling {ceilings.mean():.3f}, gap {ceilings.mean() - dices.mean():.4f}, "
+          f"{int(((ceilings - dices) > 0.10).sum())} more than 0.10 below, ends within 1 slice {sum(r[2] for r in rows)}/{len(rows)}")
 
 
 def signals(out: Path) -> None:
@@ -376,23 +347,11 @@ def signals(out: Path) -> None:
                     ref = step
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("mode", choices=["record", "simulate", "signals", "oracle", "grid"])
-    parser.add_argument("--out", default=str(HERE / "out" / "walks"))
-    parser.add_argument("--only", default="ct,mr,lesion")
-    parser.add_argument("--rules", default=",".join(RULES))
-    parser.add_argument("--verbose", action="store_true")
-    parser.add_argument("--margin-frac", type=float, default=None,
-                        help="record: grow each tracked box by at most this share of the mask's smaller side")
-    parser.add_argument("--box-cap", type=float, default=None, help="record: no tracked box side longer than this x the caller's")
-    parser.add_argument("--refine", type=int, default=0, help="record: re-segment each slice from its mask's tight box, N times")
-    parser.add_argument("--core-quantile", type=float, default=0.5, help="record: the logit quantile of each mask's core")
-    args = parser.parse_args(argv)
+def main(args: argparse.Namespace) -> int:
     if args.mode == "record":
-        record(Path(args.out), set(args.only.split(",")), WalkVariant(args.margin_frac, args.box_cap, args.refine, args.core_quantile))
+        record(Path(args.out), set(args.only.split(",")), args.core_quantile)
     elif args.mode == "simulate":
-        simulate(Path(args.out), args.rules.split(","), args.verbose)
+        simulate(Path(args.out), args.rules.split(",") if args.rules else list(RULES), args.verbose)
     elif args.mode == "oracle":
         oracle(Path(args.out))
     elif args.mode == "grid":
@@ -403,4 +362,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(ARGS))

@@ -11,7 +11,6 @@ import pytest
 import SimpleITK as sitk
 from PIL import Image
 
-from local_server import running_server
 from medsam2_endpoint.api.cli import main
 from medsam2_endpoint.io.dicom_seg import series_files
 from medsam2_endpoint.io.polygons import geometry_area
@@ -23,9 +22,8 @@ LIVER = 5
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    with running_server(tmp_path_factory.mktemp("clinical"), {}) as running:
-        yield running.score
+def server(lite_server):
+    return lite_server.score  # conftest's LiteMedSAM server, shared with test_client.py
 
 
 def liver_prompt() -> tuple[int, list[int]]:

@@ -1,7 +1,7 @@
 """The client (`medsam2-endpoint predict`, `client.segment`) against a real local azmlinfsrv and a fake front end.
 
 Real server: score.py under azmlinfsrv on a loopback port, with no MedSAM2 weights (LiteMedSAM serves),
-started once for the module. Fake server: a tiny HTTP server on 127.0.0.1 playing Azure's front end
+started once and shared with test_cli_clinical.py (conftest `lite_server`). Fake server: a tiny HTTP server on 127.0.0.1 playing Azure's front end
 (503/429 then success, 424 with `ms-azureml-model-error-statuscode`) to check retries, error reading
 and the Bearer key without running a model. Nothing leaves 127.0.0.1.
 """
@@ -19,7 +19,7 @@ import pytest
 import SimpleITK as sitk
 from PIL import Image
 
-from local_server import free_port, running_server
+from local_server import free_port
 from medsam2_endpoint.client import ClientError, EndpointError, ObjectPrompt, read_volume, segment
 from medsam2_endpoint.client.cli import predict_main
 from medsam2_endpoint.client.presets import PRESETS, resolve_window
@@ -40,10 +40,9 @@ def phantom() -> Phantom:
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    """The real azmlinfsrv on score.py with an empty model folder (LiteMedSAM serves); yields the /score URL."""
-    with running_server(tmp_path_factory.mktemp("client"), {}) as running:
-        yield running.score
+def server(lite_server):
+    """The real azmlinfsrv on score.py with an empty model folder (LiteMedSAM serves; conftest's, shared); its /score URL."""
+    return lite_server.score
 
 
 def write_dicom_series(image: sitk.Image, folder: Path, *, series: str = "2") -> None:

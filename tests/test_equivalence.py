@@ -49,16 +49,16 @@ def reference_predictor(medsam2_checkpoint):
     return build_reference_predictor(medsam2_checkpoint)
 
 
-def cold(service):
-    """The MedSAM2 engine with an empty feature cache of the configured size."""
-    engine = service.registry.get(MODEL)
-    engine.features = ByteLRU(engine.features.max_bytes)
-    return engine
+def cold(cold_service):
+    """A Service of its own (conftest `cold_service`) and its MedSAM2 engine: an empty feature cache of the
+    configured size, the session Service's caches untouched."""
+    service = cold_service()
+    return service, service.registry.get(MODEL)
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("case", list(CASES))
-def test_medsam2_route_equals_reference(case, service, reference_predictor, tmp_path, monkeypatch):
+def test_medsam2_route_equals_reference(case, cold_service, reference_predictor, tmp_path, monkeypatch):
     make, offset, key_slice = CASES[case]
     phantom = make()
     window = phantom.window or (0.0, float(phantom.array().max()) * 0.9)
@@ -70,7 +70,7 @@ def test_medsam2_route_equals_reference(case, service, reference_predictor, tmp_
 
     expected = reference_segment(path, lesion.bbox, key, window, predictor=reference_predictor)
 
-    engine = cold(service)
+    service, engine = cold(cold_service)
     held = []  # tracking outputs held after each step
     forget = engine.predictor.forget_frame
 
@@ -97,10 +97,10 @@ def test_medsam2_route_equals_reference(case, service, reference_predictor, tmp_
 
 
 @pytest.mark.slow
-def test_medsam2_cache_keeps_bfloat16_features_for_later_requests(service):
+def test_medsam2_cache_keeps_bfloat16_features_for_later_requests(cold_service):
     phantom = ct_phantom((8, 40, 40), lesions=("ellipsoid",), seed=14)
     depth = phantom.labels.shape[0]
-    engine = cold(service)
+    service, engine = cold(cold_service)
     body = request_for(phantom, model=[MODEL], stop_after_empty=[0])
     (first,) = json.loads(dumps(score_body(service, body)))
     # every slice encoded once: the key slice's second pass used the features it had computed, not the cache
@@ -118,13 +118,13 @@ def test_medsam2_cache_keeps_bfloat16_features_for_later_requests(service):
 
 
 @pytest.mark.slow
-def test_medsam2_cache_keeps_a_requests_first_slices_when_it_is_too_small(service):
+def test_medsam2_cache_keeps_a_requests_first_slices_when_it_is_too_small(cold_service):
     """With room for 3 slices, an 8-slice walk keeps its first 3 (the key slice and the two above it)
     rather than its last 3, which the next request's up pass would evict before its down pass reached them."""
     phantom = ct_phantom((8, 40, 40), lesions=("ellipsoid",), seed=14)
     key = phantom.lesions[0].key_slice
-    engine = service.registry.get(MODEL)
-    engine.features = ByteLRU(3 * SLICE_FEATURE_BYTES)
+    service, engine = cold(cold_service)
+    engine.features = ByteLRU(3 * SLICE_FEATURE_BYTES)  # this Service's own engine: the session's keeps its size
     body = request_for(phantom, model=[MODEL], stop_after_empty=[0])
     score_body(service, body)
     assert sorted(z for _, z in engine.features._items) == [key, key + 1, key + 2]
@@ -134,14 +134,14 @@ def test_medsam2_cache_keeps_a_requests_first_slices_when_it_is_too_small(servic
 
 
 @pytest.mark.slow
-def test_medsam2_state_serves_objects_with_different_key_slices(service):
+def test_medsam2_state_serves_objects_with_different_key_slices(cold_service):
     """Objects of one item share the state (and its cached slices); each starts from its own key slice's
     features, not the previous object's."""
     phantom = ct_phantom((8, 40, 40), lesions=("ellipsoid",), seed=14)
     volume = window_to_uint8(phantom.array(), phantom.window)
     box = np.asarray(phantom.lesions[0].bbox)
     options = PropagationOptions(stop_after_empty=None)
-    engine = cold(service)
+    _, engine = cold(cold_service)
     shared = engine.start(volume, "shared")
     segment_object(engine, shared, key_index=3, box=box, shape=volume.shape, options=options)
     second = segment_object(engine, shared, key_index=5, box=box, shape=volume.shape, options=options)
@@ -150,6 +150,6 @@ def test_medsam2_state_serves_objects_with_different_key_slices(service):
     # slice 5 was cached (bfloat16) by the first object's walk: its key features are those, restored
     restored = [f.to(torch.bfloat16).float() for f in key_features]
     assert all(torch.equal(a, b) for a, b in zip(shared["key_frame_features"], restored, strict=True))
-    alone = segment_object(engine, cold(service).start(volume, None), key_index=5, box=box, shape=volume.shape, options=options)
+    alone = segment_object(engine, cold(cold_service)[1].start(volume, None), key_index=5, box=box, shape=volume.shape, options=options)
     assert alone.mask.any()
     assert dice(second.mask, alone.mask) > 0.99  # the shared state read cached bfloat16 features

@@ -88,11 +88,11 @@ def test_box_prompt_with_litemedsam_finds_the_lesion(service):
     assert meta["model"]["name"] == LITE and meta["multimask_output"] is False and meta["low_res_size"] == 256
 
 
-def test_a_second_prompt_on_the_same_image_skips_the_encoder(service, monkeypatch):
-    grey, _, (x0, y0, x1, y1) = phantom_slice()
-    grey = np.ascontiguousarray(grey[::-1])  # pixels no other test sends, so the cache starts cold
+def test_a_second_prompt_on_the_same_image_skips_the_encoder(cold_service, monkeypatch):
+    grey, _, box = phantom_slice()
+    service = cold_service()  # a Service of its own: its 2D cache starts empty, whatever other tests sent
     calls = counting(monkeypatch, service.registry.get(LITE))
-    first = score(service, image=png_b64(grey), bbox=[x0, 96 - y1, x1, 96 - y0], model=LITE)[0]
+    first = score(service, image=png_b64(grey), bbox=list(box), model=LITE)[0]
     rgb_png = png_b64(np.repeat(grey[:, :, None], 3, axis=2))  # the same pixels as an RGB PNG
     second = score(service, image=rgb_png, bbox=[10, 10, 60, 50], model=LITE)[0]
     assert calls[0] == 1
