@@ -99,13 +99,22 @@ class Settings(BaseSettings):
     samapi_upload_ttl_s: float = Field(
         900.0, gt=0, description="an upload folder nobody wrote to for this long is removed, seconds (a video request removes its own at once)")
 
+    nninteractive_token: SecretStr | None = Field(
+        None, description="require `Authorization: Bearer <token>` on the 3D Slicer nnInteractive routes (`/nninteractive/...`, the plugin's *API key*); unset: `MEDSAM2_SAMAPI_TOKEN` applies to them too")
+    nninteractive_max_sessions: int = Field(4, ge=1, description="3D Slicer sessions (leases) held at once; a claim beyond them gets 503 with Retry-After")
+    nninteractive_max_mb: int = Field(2048, ge=1, description="memory all 3D Slicer sessions together may hold (voxels, label maps, undo), MiB")
+    nninteractive_idle_s: float = Field(600.0, gt=0, description="a 3D Slicer session with no upload or interaction for this long is ended, seconds")
+    nninteractive_liveness_s: float = Field(60.0, gt=0, description="a 3D Slicer session with no request at all (heartbeats count) for this long is ended, seconds")
+    nninteractive_prediction_s: float = Field(
+        40.0, gt=0, description="a 3D Slicer interaction's walk stops after this many seconds and answers what it reached (the plugin waits 60 s)")
+
     @field_validator("fetch_allow_networks")
     @classmethod
     def _networks_parse(cls, value: str) -> str:
         parse_networks(_items(value))  # fail at start, not on the first request
         return value
 
-    @field_validator("samapi_token")
+    @field_validator("samapi_token", "nninteractive_token")
     @classmethod
     def _blank_token_is_none(cls, value: SecretStr | None) -> SecretStr | None:
         return value if value is None or value.get_secret_value().strip() else None
@@ -119,7 +128,7 @@ class Settings(BaseSettings):
             if name.startswith(PREFIX) and raw.strip() != "":
                 field = name[len(PREFIX):].lower()
                 if field in cls.model_fields and field != "model_dir":
-                    values[field] = raw.strip() if field != "samapi_token" else raw
+                    values[field] = raw.strip() if not field.endswith("_token") else raw
         raw_dir = model_dir or env.get("MEDSAM2_MODEL_DIR") or env.get("AZUREML_MODEL_DIR")
         if raw_dir:
             values["model_dir"] = Path(raw_dir).expanduser().resolve()
@@ -129,7 +138,7 @@ class Settings(BaseSettings):
             first = exc.errors(include_url=False)[0]
             field = str(first["loc"][0]) if first["loc"] else "?"
             variable = f"{PREFIX}{field.upper()}"
-            shown = "***" if field == "samapi_token" else env.get(variable, values.get(field))
+            shown = "***" if field.endswith("_token") else env.get(variable, values.get(field))
             raise SettingsError(f"{variable}={shown!r}: {first['msg']}") from None
 
     @property
