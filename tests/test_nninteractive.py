@@ -21,6 +21,7 @@ from medsam2_endpoint.core.registry import ModelRegistry
 from medsam2_endpoint.core.service import Service
 from medsam2_endpoint.core.sessions import SessionLimits, SessionStore
 from medsam2_endpoint.engines.base import LITE_NAME
+from medsam2_endpoint.pipeline.views import box_in_view, from_view, to_view
 from medsam2_endpoint.testing.metrics import dice
 from medsam2_endpoint.testing.phantoms import ct_phantom
 from test_samapi import live
@@ -43,7 +44,7 @@ def url(service):
 
 @pytest.fixture(scope="module")
 def phantom():
-    return ct_phantom((16, 64, 64), seed=5)
+    return ct_phantom((10, 48, 48), seed=11)  # as test_interactive_models: its slice features are cached already
 
 
 @pytest.fixture
@@ -68,10 +69,10 @@ def axial_box(phantom, k: int | None = None) -> list[list[int]]:
     return [[k, k + 1], [y0, y1 + 1], [x0, x1 + 1]]
 
 
-def test_claim_and_capabilities_come_from_the_model(url, session):
+def test_claim_and_capabilities_come_from_the_model(url, session, phantom):
     assert session.supported_interactions == {"points": False, "bbox2d": True, "bbox3d": True, "lasso": True, "scribble": False}
     assert session.supports_initial_label and session.supports_undo and session.license
-    assert session.original_image_shape == (1, 16, 64, 64)
+    assert session.original_image_shape == (1, *phantom.labels.shape)
     assert session.idle_timeout_seconds > 0 and session.liveness_timeout_seconds > 0
     assert session.ping() and 0 < session.heartbeat() <= session.idle_timeout_seconds
 
@@ -90,9 +91,21 @@ def test_axial_box_walks_and_answers_the_changed_sub_box(session, phantom):
     assert meta["bbox"] is None and resp.content == b""
 
 
-def test_coronal_and_sagittal_boxes_walk_along_their_axis(session, phantom):
+def test_views_reslice_and_come_back():
+    volume = np.arange(2 * 3 * 4).reshape(2, 3, 4)
+    for axis, shape in ((0, (2, 3, 4)), (1, (3, 2, 4)), (2, (4, 2, 3))):
+        view = to_view(volume, axis)
+        assert view.shape == shape and np.array_equal(from_view(view, axis), volume)
+    # a box drawn on coronal slice j=1 (rows k, columns i) and on sagittal slice i=3 (rows k, columns j)
+    assert (lambda z, b: (z, b.tolist()))(*box_in_view([[0, 2], [1, 2], [1, 3]], 1)) == (1, [1, 0, 3, 2])
+    assert (lambda z, b: (z, b.tolist()))(*box_in_view([[1, 2], [0, 3], [3, 4]], 2)) == (3, [0, 1, 3, 2])
+    assert to_view(volume, 1)[1][0, 2] == volume[0, 1, 2] and to_view(volume, 2)[3][1, 0] == volume[1, 0, 3]
+
+
+def test_coronal_box_walks_along_j(session, phantom):
+    """A box drawn in the coronal view (flat along j); sagittal runs the same code along i (test above)."""
     truth = truth_of(phantom)
-    for axis in (1, 2):
+    for axis in (1,):
         session.reset_interactions()
         at = int(np.argmax(truth.sum(axis=tuple(a for a in range(3) if a != axis))))
         plane = np.take(truth, at, axis=axis)
@@ -123,10 +136,10 @@ def test_negative_box_erases_its_region_on_its_slice(session, phantom):
     before = session.target_buffer.copy()
     k = phantom.lesions[0].key_slice + 1
     assert before[k].any()
-    session.add_bbox_interaction([[k, k + 1], [0, 64], [0, 64]], include_interaction=False)
+    session.add_bbox_interaction([[k, k + 1], [0, 48], [0, 48]], include_interaction=False)
     after = session.target_buffer
     assert not after[k].any()
-    others = np.ones(16, bool)
+    others = np.ones(len(after), bool)
     others[k] = False
     assert np.array_equal(after[others], before[others])
 
@@ -149,9 +162,9 @@ def test_initial_segment_then_box_then_undo(session, phantom):
 
 
 def test_points_and_scribbles_are_refused_naming_the_model(session, phantom):
-    for call in (lambda: session.add_point_interaction([8, 30, 30], include_interaction=True),
+    for call in (lambda: session.add_point_interaction([5, 24, 24], include_interaction=True),
                  lambda: session.add_scribble_interaction(np.ones((1, 2, 2), np.uint8), include_interaction=True,
-                                                          interaction_bbox=[[8, 9], [30, 32], [30, 32]])):
+                                                          interaction_bbox=[[5, 6], [24, 26], [24, 26]])):
         with pytest.raises(httpx.HTTPStatusError) as err:
             call()
         assert err.value.response.status_code == 400 and LITE_NAME in err.value.response.json()["error"]
@@ -208,3 +221,12 @@ def test_store_reaps_silent_leases_and_caps_bytes():
     with pytest.raises(Exception) as gone:
         store.get(b.token)
     assert getattr(gone.value, "code", "") == "lease_gone"
+
+
+def test_capabilities_follow_the_default_model(service):
+    """With MedSAM2 weights served (the fixture's random checkpoint is the default), points are advertised."""
+    from medsam2_endpoint.core.slicer import SlicerSessions
+
+    caps = SlicerSessions(service).capabilities()
+    assert service.default != LITE_NAME and caps["supported_interactions"]["points"] is True
+    assert caps["model"]["name"] == service.default

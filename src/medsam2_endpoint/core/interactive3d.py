@@ -188,7 +188,9 @@ class SegmentSession:
 
     def state(self, engine: VolumeEngine, axis: int) -> Any:
         if axis not in self.states:
-            self.states[axis] = engine.start(self.view(axis), f"{self.volume_key}:{VIEW_NAMES[axis]}")
+            # axial: the JSON route's key, so both share the engine's per-slice features of this volume
+            key = self.volume_key if axis == 0 else f"{self.volume_key}:{VIEW_NAMES[axis]}"
+            self.states[axis] = engine.start(self.view(axis), key)
         return self.states[axis]
 
     def apply_pins(self, labels: np.ndarray) -> None:
