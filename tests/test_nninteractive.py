@@ -230,3 +230,18 @@ def test_capabilities_follow_the_default_model(service):
     caps = SlicerSessions(service).capabilities()
     assert service.default != LITE_NAME and caps["supported_interactions"]["points"] is True
     assert caps["model"]["name"] == service.default
+
+
+def test_a_walk_out_of_time_answers_what_it_reached(service, phantom):
+    """Past MEDSAM2_NNINTERACTIVE_PREDICTION_S the walk stops and says so in X-Meta; the key slice is answered."""
+    with live(create_app(lite_service(service, nninteractive_prediction_s=1e-6))) as base:
+        s = nnInteractiveRemoteInferenceSession(base.replace("/sam/", "/nninteractive"))
+        image = phantom.array()
+        s.set_image(image[None], {"spacing": [2.5, 0.8, 0.8]})
+        s.set_target_buffer(np.zeros(image.shape, np.uint8))
+        resp = s._http.post("/add_bbox_interaction", json={"bbox_coords": axial_box(phantom), "include_interaction": True})
+        meta = json.loads(resp.headers["X-Meta"])
+        assert meta["partial"] is True and "MEDSAM2_NNINTERACTIVE_PREDICTION_S" in meta["not_done"]
+        k = phantom.lesions[0].key_slice
+        assert meta["bbox"][0][0] <= k < meta["bbox"][0][1] and meta["slices_processed"] <= 4
+        s.close()

@@ -229,8 +229,8 @@ class SegmentSession:
             outside[z_range[0]:z_range[1]] = False
             new[outside] = labels[outside]
         self.prompts[axis] = [*earlier, prompt]
-        if pin is not None:
-            self.pins = [p for p in self.pins if (p.axis, p.z) != (pin.axis, pin.z)] + [pin]
+        # a new prompt on a slice overrides what earlier lassos or erasures fixed there
+        self.pins = [p for p in self.pins if (p.axis, p.z) != (axis, prompt.z)] + ([pin] if pin is not None else [])
         self.apply_pins(new)
         meta = {"view": VIEW_NAMES[axis], "slice": prompt.z, "slices_processed": result.slices_processed,
                 "ms": round((time.perf_counter() - started) * 1000), "partial": timed.cut, **self.window_report()}
