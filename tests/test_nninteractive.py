@@ -37,7 +37,8 @@ def lite_service(service: Service, **changes) -> Service:
 
 @pytest.fixture(scope="module")
 def url(service):
-    app = create_app(lite_service(service, nninteractive_token=SecretStr(KEY), nninteractive_max_sessions=2))
+    app = create_app(lite_service(service, nninteractive_token=SecretStr(KEY), nninteractive_max_sessions=2,
+                                 nninteractive_prediction_s=1e6))  # answers independent of the machine's load
     with live(app) as base:
         yield base.replace("/sam/", "/nninteractive")
 
