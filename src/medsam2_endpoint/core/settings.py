@@ -106,7 +106,7 @@ class Settings(BaseSettings):
     nninteractive_idle_s: float = Field(600.0, gt=0, description="a 3D Slicer session with no upload or interaction for this long is ended, seconds")
     nninteractive_liveness_s: float = Field(60.0, gt=0, description="a 3D Slicer session with no request at all (heartbeats count) for this long is ended, seconds")
     nninteractive_prediction_s: float = Field(
-        40.0, gt=0, description="a 3D Slicer interaction's walk stops after this many seconds and answers what it reached (the plugin waits 60 s)")
+        30.0, gt=0, description="a 3D Slicer interaction's walk stops after the slice that ends past this many seconds and answers what it reached (the plugin waits 60 s; a slice can take seconds on a busy CPU)")
 
     @field_validator("fetch_allow_networks")
     @classmethod
