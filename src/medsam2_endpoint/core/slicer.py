@@ -101,9 +101,9 @@ class SlicerSessions:
     def box(self, session: SegmentSession, bbox: Any, include: bool, budget: Budget) -> Change:
         image, _ = session.require_image()
         box = check_box(bbox, image.shape, "add_bbox_interaction: bbox_coords")
-        flat = [a for a in range(3) if box[a][1] - box[a][0] == 1]
-        if len(flat) > 1:
-            raise InvalidRequest(f"add_bbox_interaction: bbox_coords {box} is flat along {len(flat)} axes; draw a box, not a line")
+        # one voxel thick along k, j or i: a box drawn in that view; a box one voxel wide along several axes
+        # (a one-pixel structure's box) is taken as drawn on the axial slice when it can be
+        flat = sorted((a for a in range(3) if box[a][1] - box[a][0] == 1), key=lambda a: a != 0)
         if not include:
             if flat:
                 axis = flat[0]
@@ -128,7 +128,7 @@ class SlicerSessions:
         if list(crop.shape) != [b - a for a, b in box]:
             raise InvalidRequest(f"add_lasso_interaction: the lasso crop's shape {list(crop.shape)} does not match "
                                  f"interaction_bbox {box}")
-        flat = [a for a in range(3) if box[a][1] - box[a][0] == 1]
+        flat = sorted((a for a in range(3) if box[a][1] - box[a][0] == 1), key=lambda a: a != 0)
         if not flat:
             raise InvalidRequest(f"add_lasso_interaction: interaction_bbox {box} spans several slices in every axis; "
                                  "draw the lasso on one slice")
