@@ -143,6 +143,8 @@ def test_negative_box_erases_its_region_on_its_slice(session, phantom):
     others = np.ones(len(after), bool)
     others[k] = False
     assert np.array_equal(after[others], before[others])
+    x, y = phantom.lesions[0].bbox[:2]  # a box one voxel wide along every axis is an axial one
+    session.add_bbox_interaction([[k - 1, k], [y, y + 1], [x, x + 1]], include_interaction=False)
 
 
 def test_initial_segment_then_box_then_undo(session, phantom):
