@@ -104,8 +104,9 @@ class SegmentSession:
 
     @staticmethod
     def bytes_for(shape: tuple[int, ...]) -> int:
-        """What `set_image` will hold for a volume of this shape: its windowed voxels and its label map."""
-        return 2 * int(np.prod(shape))
+        """What a volume of this shape may come to hold, reserved at `set_image`: its windowed voxels, its label
+        map, and the coronal and sagittal copies a box in those views makes (undo patches come on top)."""
+        return 4 * int(np.prod(shape))
 
     # ------------------------------------------------------------ set-up
 
