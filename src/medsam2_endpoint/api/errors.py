@@ -18,6 +18,7 @@ STATUS_OF_CODE: dict[str, int] = {
     "not_found": 404,
     "conflict": 409,
     "volume_not_held": 409,
+    "lease_gone": 410,
     "too_large": 413,
     "unsupported_media": 415,
     "fetch_failed": 502,

@@ -41,7 +41,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from medsam2_endpoint import __version__
-from medsam2_endpoint.api import medsam2_plugin
+from medsam2_endpoint.api import medsam2_plugin, nninteractive
 from medsam2_endpoint.api.bodies import EXTRA_BYTES, BodyCap, BodyLimit, Scope
 from medsam2_endpoint.api.cancel import run_until_disconnected
 from medsam2_endpoint.api.errors import body_of, error_body, headers_of, http_status
@@ -320,6 +320,7 @@ def create_app(service: Service | None = None, *, build_service: Callable[[], Se
         svc = service if service is not None else build_service()  # type: ignore[misc]
         state = SamapiState.build(svc)
         app.state.samapi = state
+        slicer = nninteractive.attach(app, svc)  # the 3D Slicer nnInteractive plugin's routes, /nninteractive/...
         cfg = state.options
         log.info("samapi ready: types %s; models %s; auth %s; weight registration %s",
                  ", ".join(state.types.available()), ", ".join(svc.available_models()), "on" if cfg.token else "off",
@@ -328,12 +329,15 @@ def create_app(service: Service | None = None, *, build_service: Callable[[], Se
             yield
         finally:
             state.uploads.close()
+            slicer.store.close()
 
     app = FastAPI(title="medsam2-endpoint samapi", version=__version__, lifespan=lifespan)
     _install_error_handlers(app)
     app.include_router(router)
     app.include_router(medsam2_plugin.router, dependencies=[Depends(require_token)])  # MedSAM2's Slicer plugin, at the root
     app.add_middleware(BodyLimit, cap_of=body_cap)
+    app.include_router(nninteractive.open_router)
+    app.include_router(nninteractive.router)
     return app
 
 

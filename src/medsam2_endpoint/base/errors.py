@@ -96,3 +96,9 @@ class Busy(ServiceError):
     """Every inference slot of the model is taken; `detail["retry_after_s"]` says when to try again."""
 
     code = "busy"
+
+
+class LeaseGone(ServiceError):
+    """A session lease that this server does not hold (never issued, released, or reaped after its timeout): claim again."""
+
+    code = "lease_gone"

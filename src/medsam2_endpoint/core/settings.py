@@ -122,6 +122,15 @@ class Settings(BaseSettings):
         1024, ge=1, description="MedSAM2's Slicer plugin: volumes, masks and results held for all client addresses together, MiB (least recently used dropped)")
     plugin_ttl_s: float = Field(1800.0, gt=0, description="MedSAM2's Slicer plugin: a client address's volume and result are dropped after this long unused, seconds")
 
+    nninteractive_token: SecretStr | None = Field(
+        None, description="require `Authorization: Bearer <token>` on the 3D Slicer nnInteractive routes (`/nninteractive/...`, the plugin's *API key*); unset: `MEDSAM2_SAMAPI_TOKEN` applies to them too")
+    nninteractive_max_sessions: int = Field(4, ge=1, description="3D Slicer sessions (leases) held at once; a claim beyond them gets 503 with Retry-After")
+    nninteractive_max_mb: int = Field(2048, ge=1, description="memory all 3D Slicer sessions together may hold (voxels, label maps, undo), MiB")
+    nninteractive_idle_s: float = Field(600.0, gt=0, description="a 3D Slicer session with no upload or interaction for this long is ended, seconds")
+    nninteractive_liveness_s: float = Field(60.0, gt=0, description="a 3D Slicer session with no request at all (heartbeats count) for this long is ended, seconds")
+    nninteractive_prediction_s: float = Field(
+        30.0, gt=0, description="a 3D Slicer interaction's walk stops after the slice that ends past this many seconds and answers what it reached (the plugin waits 60 s; a slice can take seconds on a busy CPU)")
+
     @field_validator("fetch_allow_networks")
     @classmethod
     def _networks_parse(cls, value: str) -> str:
@@ -136,7 +145,7 @@ class Settings(BaseSettings):
                               parse=parse_basic if info.field_name == "dicomweb_basic_auth" else str)
         return value
 
-    @field_validator("samapi_token")
+    @field_validator("samapi_token", "nninteractive_token")
     @classmethod
     def _blank_token_is_none(cls, value: SecretStr | None) -> SecretStr | None:
         return value if value is None or value.get_secret_value().strip() else None

@@ -24,6 +24,24 @@ def percentile_window(array: np.ndarray, percentiles: tuple[float, float] = MR_P
     return (lo, hi) if lo < hi else None
 
 
+CT_SOFT_TISSUE = (-160.0, 240.0)  # W 400 / L 40: MedSAM2's CT script's abdominal window
+
+
+def auto_window(array: np.ndarray) -> tuple[tuple[float, float] | None, str]:
+    """A window for voxels that came without one (3D Slicer sends raw voxels and spacing only), and why.
+
+    uint8 voxels are taken as already windowed (min-max); a range reaching air (<= -500) and dense bone
+    (>= 300) is CT in Hounsfield units: the soft-tissue window; anything else is MR-like: the percentiles
+    of its nonzero voxels, as an MR request without a window gets."""
+    if array.dtype == np.uint8:
+        return None, "uint8 voxels: already windowed, min-max"
+    lo, hi = float(array.min()), float(array.max())
+    if lo <= -500 and hi >= 300:
+        return CT_SOFT_TISSUE, f"CT-like range [{lo:g}, {hi:g}]: soft-tissue window"
+    window = percentile_window(array)
+    return window, f"range [{lo:g}, {hi:g}] is not CT-like: {MR_PERCENTILES} percentiles of the nonzero voxels"
+
+
 def window_to_uint8(array: np.ndarray, window: tuple[float, float] | None, *, field: str = "input_data.dicom_window") -> np.ndarray:
     """Clip to the window, min-max scale by the clipped volume's own min and max, truncate to uint8.
 
