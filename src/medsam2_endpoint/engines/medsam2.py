@@ -293,6 +293,26 @@ class MedSAM2Engine:
         with bf16_autocast(self.device):
             return self.predictor.init_state_from_frames(frames, height, width, features, volume_key or "private")
 
+    def _propagated(self, state: dict[str, Any], *, reverse: bool, start: int | None = None) -> Iterator[tuple[int, np.ndarray]]:
+        """The reference's propagation in one direction from what the state is conditioned on (from `start`, else
+        from the conditioned frame): (z, float32 (H, W) logits at the original resolution) a step. A tracked frame
+        out of memory attention's reach is forgotten (conditioning outputs are kept)."""
+        predictor = self.predictor
+        behind = predictor.memory_reach if reverse else -predictor.memory_reach
+        if start is None:  # the reference's own call (the equivalence test holds it to this)
+            steps = predictor.propagate_in_video(state, reverse=reverse)
+        else:
+            steps = predictor.propagate_in_video(state, start_frame_idx=start, reverse=reverse)
+        while True:
+            with bf16_autocast(self.device):
+                step = next(steps, None)
+                if step is None:
+                    return
+                z, _, logits = step
+                logits = logits[0, 0].float().cpu().numpy()
+            predictor.forget_frame(state, z + behind)
+            yield int(z), logits
+
     def track(
         self, state: dict[str, Any], *, key_index: int, box: np.ndarray, reverse: bool
     ) -> Iterator[tuple[int, np.ndarray]]:
@@ -301,22 +321,12 @@ class MedSAM2Engine:
         Yields (z, logits): float32 (H, W) mask logits at the original resolution (mask = logits > 0).
         """
         predictor = self.predictor
-        behind = predictor.memory_reach if reverse else -predictor.memory_reach
         if state["key_frame"] != key_index:  # a state serves several objects, each with its own key slice
             state["key_frame"], state["key_frame_features"] = key_index, None
         try:
             with bf16_autocast(self.device):
                 predictor.add_new_points_or_box(state, frame_idx=key_index, obj_id=1, box=np.asarray(box, dtype=np.float32))
-            steps = predictor.propagate_in_video(state, reverse=reverse)
-            while True:
-                with bf16_autocast(self.device):
-                    step = next(steps, None)
-                    if step is None:
-                        return
-                    z, _, logits = step
-                    logits = logits[0, 0].float().cpu().numpy()
-                predictor.forget_frame(state, z + behind)  # out of memory attention's reach from here on
-                yield int(z), logits
+            yield from self._propagated(state, reverse=reverse)
         finally:
             predictor.reset_state(state)
 
@@ -325,22 +335,12 @@ class MedSAM2Engine:
         user's edited middle mask so), then the reference's propagation in one direction; the state is reset
         afterwards. Yields (z, logits) as `track` does, the key slice first."""
         predictor = self.predictor
-        behind = predictor.memory_reach if reverse else -predictor.memory_reach
         if state["key_frame"] != key_index:
             state["key_frame"], state["key_frame_features"] = key_index, None
         try:
             with bf16_autocast(self.device):
                 predictor.add_new_mask(state, frame_idx=key_index, obj_id=1, mask=torch.from_numpy(np.asarray(mask, dtype=bool)))
-            steps = predictor.propagate_in_video(state, start_frame_idx=key_index, reverse=reverse)
-            while True:
-                with bf16_autocast(self.device):
-                    step = next(steps, None)
-                    if step is None:
-                        return
-                    z, _, logits = step
-                    logits = logits[0, 0].float().cpu().numpy()
-                predictor.forget_frame(state, z + behind)
-                yield int(z), logits
+            yield from self._propagated(state, reverse=reverse, start=key_index)
         finally:
             predictor.reset_state(state)
 
@@ -358,7 +358,6 @@ class MedSAM2Engine:
         if mask_prompt and len(frames) != 1:
             raise ValueError("mask_prompt needs prompts on exactly one slice")
         start = frames[-1] if reverse else frames[0]
-        behind = predictor.memory_reach if reverse else -predictor.memory_reach
         if state["key_frame"] != start:
             state["key_frame"], state["key_frame_features"] = start, None
         try:
@@ -375,15 +374,6 @@ class MedSAM2Engine:
                     key_mask = (masks[0, 0] > 0).float().cpu()
                     predictor.reset_state(state)
                     predictor.add_new_mask(state, frame_idx=start, obj_id=1, mask=key_mask)
-            steps = predictor.propagate_in_video(state, start_frame_idx=start, reverse=reverse)
-            while True:
-                with bf16_autocast(self.device):
-                    step = next(steps, None)
-                    if step is None:
-                        return
-                    z, _, logits = step
-                    logits = logits[0, 0].float().cpu().numpy()
-                predictor.forget_frame(state, z + behind)  # conditioning outputs are kept: only tracked ones go
-                yield int(z), logits
+            yield from self._propagated(state, reverse=reverse, start=start)
         finally:
             predictor.reset_state(state)
