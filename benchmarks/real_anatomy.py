@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import base64
 import json
+import os
 import sys
 import time
 from dataclasses import dataclass
@@ -34,7 +35,8 @@ from medsam2_endpoint.io.volume import write_nifti  # noqa: E402
 from medsam2_endpoint.pipeline.window import percentile_window, window_to_uint8  # noqa: E402
 from medsam2_endpoint.testing.metrics import dice, nsd  # noqa: E402
 
-DATA = REPO.parent / "shared" / "data" / "real"
+# ../shared beside the checkout; MEDSAM2_REAL_DATA where the checkout lives elsewhere (a git worktree)
+DATA = Path(os.environ.get("MEDSAM2_REAL_DATA") or REPO.parent / "shared" / "data" / "real")
 SOFT_TISSUE = (-160.0, 240.0)
 BONE = (-500.0, 1300.0)
 
