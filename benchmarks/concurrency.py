@@ -5,7 +5,7 @@ Each worker is a fresh process (as a gunicorn worker of azmlinfsrv): it builds t
 exports already cached), answers the first 3D request on the real CT liver (benchmarks/runtime.py), and reports
 its request time and its peak resident memory (ru_maxrss).
 
-    PYTHONPATH=src python benchmarks/concurrency.py
+    PYTHONPATH=src python benchmarks/concurrency.py [--runs torch,onnx,onnx-2,onnx-over,openvino-bf16]
 
 Runs: one worker alone (torch and onnx); two onnx workers at once with WORKER_COUNT=2 (one thread each) and two
 with MEDSAM2_NUM_THREADS set to the core count (oversubscribed). Inside one worker the inference slots
@@ -55,18 +55,29 @@ def run_workers(n: int, env: dict[str, str]) -> tuple[float, list[dict[str, floa
 
 
 def main() -> int:
+    import argparse
+
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--runs", default="torch,onnx,onnx-2,onnx-over", help="comma-separated, from: " + ", ".join(
+        ["torch", "onnx", "onnx-2", "onnx-over", "openvino-bf16", "openvino-fp32"]))
+    wanted = parser.parse_args().runs.split(",")
     cores = os.cpu_count() or 1
     rows = []
+    fp32 = {"MEDSAM2_PRECISION": "fp32"}
     with tempfile.TemporaryDirectory() as cache:
         base = {"MEDSAM2_WARMUP": "0", "MEDSAM2_ONNX_CACHE_DIR": cache, "PYTHONPATH": str(REPO / "src")}
         run_workers(1, {**base, "MEDSAM2_RUNTIME": "onnx"})  # builds the exports once, untimed
-        for label, n, env in [
-            ("torch, 1 worker", 1, {"MEDSAM2_RUNTIME": "torch", "WORKER_COUNT": "1"}),
-            ("onnx, 1 worker", 1, {"MEDSAM2_RUNTIME": "onnx", "WORKER_COUNT": "1"}),
-            ("onnx, 2 workers, WORKER_COUNT=2", 2, {"MEDSAM2_RUNTIME": "onnx", "WORKER_COUNT": "2"}),
-            (f"onnx, 2 workers, {cores} threads each (oversubscribed)", 2,
-             {"MEDSAM2_RUNTIME": "onnx", "WORKER_COUNT": "1", "MEDSAM2_NUM_THREADS": str(cores)}),
-        ]:
+        runs = {
+            "torch": ("torch, 1 worker", 1, {"MEDSAM2_RUNTIME": "torch", "WORKER_COUNT": "1", **fp32}),
+            "onnx": ("onnx, 1 worker", 1, {"MEDSAM2_RUNTIME": "onnx", "WORKER_COUNT": "1", **fp32}),
+            "onnx-2": ("onnx, 2 workers, WORKER_COUNT=2", 2, {"MEDSAM2_RUNTIME": "onnx", "WORKER_COUNT": "2", **fp32}),
+            "onnx-over": (f"onnx, 2 workers, {cores} threads each (oversubscribed)", 2,
+                          {"MEDSAM2_RUNTIME": "onnx", "WORKER_COUNT": "1", "MEDSAM2_NUM_THREADS": str(cores), **fp32}),
+            "openvino-bf16": ("openvino bf16, 1 worker", 1,
+                              {"MEDSAM2_RUNTIME": "openvino", "MEDSAM2_PRECISION": "bf16", "WORKER_COUNT": "1"}),
+            "openvino-fp32": ("openvino fp32, 1 worker", 1, {"MEDSAM2_RUNTIME": "openvino", "WORKER_COUNT": "1", **fp32}),
+        }
+        for label, n, env in [runs[name] for name in wanted]:
             wall, results = run_workers(n, {**base, **env})
             rows.append((label, wall, results))
     print(f"{cores} CPUs, load {os.getloadavg()[0]:.2f}")

@@ -5,7 +5,7 @@ as a user's request would be (LiteMedSAM unless --model). Reported per structure
 of the 3D answer; the per-slice ceiling (every labelled slice segmented alone with its own box); the
 key slice alone (2D Dice there); the label's and the answer's slice ranges; the time of the 3D answer.
 
-    .venv/bin/python benchmarks/real_anatomy.py [--only ct,mr,lesion] [--json benchmarks/out/real.json]
+    .venv/bin/python benchmarks/real_anatomy.py [--only ct,mr,lesion] [--runtime onnx --precision fp32] [--json benchmarks/out/real.json]
 """
 
 from __future__ import annotations
@@ -192,9 +192,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rules", default="default", help=f"comma-separated LiteMedSAM tracking rules: default, {', '.join(RULES)}")
     parser.add_argument("--stop-after-empty", type=int, default=None)
     parser.add_argument("--json", default=None, help="write the rows here too")
-    parser.add_argument("--runtime", default="auto", choices=["auto", "torch", "onnx"], help="MEDSAM2_RUNTIME for LiteMedSAM")
+    parser.add_argument("--runtime", default="auto", choices=["auto", "torch", "onnx", "openvino"], help="MEDSAM2_RUNTIME for LiteMedSAM")
+    parser.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"],
+                        help="MEDSAM2_PRECISION for LiteMedSAM (benchmarks/bf16.py compares fp32 and bf16 side by side)")
     args = parser.parse_args(argv)
-    settings = Settings.from_env({"MEDSAM2_WARMUP": "0", "MEDSAM2_RUNTIME": args.runtime}, model_dir=args.model_dir or str(REPO / "benchmarks" / "no-models"))
+    env = {"MEDSAM2_WARMUP": "0", "MEDSAM2_RUNTIME": args.runtime, "MEDSAM2_PRECISION": args.precision}
+    settings = Settings.from_env(env, model_dir=args.model_dir or str(REPO / "benchmarks" / "no-models"))
     service = Service.from_settings(settings)
     engine = service.registry.get(args.model)
     scans = read_scans()
