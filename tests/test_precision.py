@@ -48,11 +48,22 @@ def test_flags_are_read_from_cpuinfo(tmp_path):
     ("torch", "bf16", True, ("torch", "bf16")),
 ])
 def test_auto_picks_bf16_only_where_the_cpu_and_the_runtime_have_it(runtime, asked, has_bf16, expected):
-    assert choose_runtime_precision(runtime, asked, "cpu", has_bf16=has_bf16, openvino=True) == expected
+    """The policy with `auto_bf16` on (how `auto` behaves once AUTO_BF16 is flipped)."""
+    assert choose_runtime_precision(runtime, asked, "cpu", has_bf16=has_bf16, openvino=True, auto_bf16=True) == expected
+
+
+@pytest.mark.parametrize(("runtime", "asked", "expected"), [
+    ("auto", "auto", ("onnx", "fp32")),  # the shipped default: fp32 even on a bf16 CPU (precision.AUTO_BF16)
+    ("openvino", "auto", ("openvino", "fp32")),
+    ("auto", "bf16", ("openvino", "bf16")),  # bf16 asked for: OpenVINO runs it
+])
+def test_shipped_auto_stays_fp32_and_bf16_is_one_setting_away(runtime, asked, expected):
+    assert not precision.AUTO_BF16
+    assert choose_runtime_precision(runtime, asked, "cpu", has_bf16=True, openvino=True) == expected
 
 
 def test_auto_without_openvino_stays_fp32():
-    assert choose_runtime_precision("auto", "auto", "cpu", has_bf16=True, openvino=False) == ("onnx", "fp32")
+    assert choose_runtime_precision("auto", "auto", "cpu", has_bf16=True, openvino=False, auto_bf16=True) == ("onnx", "fp32")
 
 
 @pytest.mark.parametrize(("runtime", "asked", "has_bf16", "named"), [
