@@ -123,13 +123,16 @@ def test_openvino_export_rebuilt_when_corrupt_or_stale(engines, tmp_path, monkey
     with torch.inference_mode():
         expected = encoder_module(image).numpy()
 
-    path.write_bytes(b"not an onnx model")  # corrupt: exported again, for real
+    # the rebuild is the export call; a copy of a good export stands in for it (test_lite_onnx.py exports for real)
+    exported = []
+    monkeypatch.setattr(lite_openvino, "_export", lambda module, p, *rest: (exported.append(p), shutil.copy(good_path, p)))
+    path.write_bytes(b"not an onnx model")  # corrupt: rebuilt
     encoder = OpenVinoEncoder(encoder_module, SHA, tmp_path, "fp32")
+    assert exported == [path]
     assert _props(path) == {SHA_KEY: SHA, TORCH_KEY: torch.__version__, GRAPH_KEY: "lite_encoder/1"}
     assert np.abs(encoder(image.numpy()) - expected).max() < 1e-3
 
-    exported = []  # stale: another checkpoint's export; the rebuild is the export call (a copy of a good one here)
-    monkeypatch.setattr(lite_openvino, "_export", lambda module, p, *rest: (exported.append(p), shutil.copy(good_path, p)))
+    exported.clear()  # stale: another checkpoint's export
     model = onnx.load(str(path))
     onnx.helper.set_model_props(model, {SHA_KEY: "0" * 64, TORCH_KEY: torch.__version__, GRAPH_KEY: "lite_encoder/1"})
     onnx.save(model, str(path))
