@@ -10,6 +10,7 @@ and bf16, torch bf16 autocast; then the served answers of fp32 (ONNX Runtime) ag
    bf16, and between them. --phantoms: the same on the "quality" phantoms (testing/phantoms.py).
 
     PYTHONPATH=src python benchmarks/bf16.py [--slices 12] [--structures] [--phantoms] [--json out.json]
+        [--candidate openvino:fp32]   # another served variant against ONNX Runtime fp32
 
 Needs a CPU with native bf16 (avx512_bf16 or amx_bf16); elsewhere OpenVINO emulates bf16 and the figures mean
 nothing (the script says so and stops).
@@ -65,7 +66,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--structures", action="store_true", help="3D Dice of fp32 and bf16 on all 15 real structures")
     parser.add_argument("--phantoms", action="store_true", help="3D Dice of fp32 and bf16 on the quality phantoms")
     parser.add_argument("--json", default=None, help="write every figure here too")
+    parser.add_argument("--candidate", default="openvino:bf16",
+                        help="RUNTIME:PRECISION served against onnx:fp32 in parts 2 and 3 (its columns keep the name bf16)")
     args = parser.parse_args(argv)
+    runtime_c, _, precision_c = args.candidate.partition(":")
+    VARIANTS["bf16"] = (runtime_c, precision_c)
 
     import torch
     from real_anatomy import STRUCTURES, answer_of, box_of, lesion_structures, read_scans, truth_of
