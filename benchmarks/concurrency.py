@@ -25,12 +25,13 @@ import time
 
 import harness
 
-RUNS = ("torch", "onnx", "onnx2", "oversubscribed")
+RUNS = ("torch", "onnx", "onnx2", "oversubscribed", "openvino-bf16", "openvino-fp32")
+DEFAULT_RUNS = RUNS[:4]
 
 
 def arguments() -> argparse.ArgumentParser:
     parser = harness.parser(__doc__)
-    parser.add_argument("--runs", default=",".join(RUNS), help=f"comma-separated, of: {', '.join(RUNS)}")
+    parser.add_argument("--runs", default=",".join(DEFAULT_RUNS), help=f"comma-separated, of: {', '.join(RUNS)}")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)  # one worker process's request
     return parser
 
@@ -63,12 +64,15 @@ def run_workers(n: int, env: dict[str, str]) -> tuple[float, list[dict[str, floa
 
 def main(args: argparse.Namespace) -> int:
     cores = os.cpu_count() or 1
+    fp32 = {"MEDSAM2_PRECISION": "fp32"}
     runs = {
-        "torch": ("torch, 1 worker", 1, {"MEDSAM2_RUNTIME": "torch", "WORKER_COUNT": "1"}),
-        "onnx": ("onnx, 1 worker", 1, {"MEDSAM2_RUNTIME": "onnx", "WORKER_COUNT": "1"}),
-        "onnx2": ("onnx, 2 workers, WORKER_COUNT=2", 2, {"MEDSAM2_RUNTIME": "onnx", "WORKER_COUNT": "2"}),
+        "torch": ("torch, 1 worker", 1, {"MEDSAM2_RUNTIME": "torch", "WORKER_COUNT": "1", **fp32}),
+        "onnx": ("onnx, 1 worker", 1, {"MEDSAM2_RUNTIME": "onnx", "WORKER_COUNT": "1", **fp32}),
+        "onnx2": ("onnx, 2 workers, WORKER_COUNT=2", 2, {"MEDSAM2_RUNTIME": "onnx", "WORKER_COUNT": "2", **fp32}),
         "oversubscribed": (f"onnx, 2 workers, {cores} threads each (oversubscribed)", 2,
-                           {"MEDSAM2_RUNTIME": "onnx", "WORKER_COUNT": "1", "MEDSAM2_NUM_THREADS": str(cores)}),
+                           {"MEDSAM2_RUNTIME": "onnx", "WORKER_COUNT": "1", "MEDSAM2_NUM_THREADS": str(cores), **fp32}),
+        "openvino-bf16": ("openvino bf16, 1 worker", 1, {"MEDSAM2_RUNTIME": "openvino", "MEDSAM2_PRECISION": "bf16", "WORKER_COUNT": "1"}),
+        "openvino-fp32": ("openvino fp32, 1 worker", 1, {"MEDSAM2_RUNTIME": "openvino", "WORKER_COUNT": "1", **fp32}),
     }
     rows = []
     with tempfile.TemporaryDirectory() as cache:

@@ -42,7 +42,7 @@ from runtime import LIVER, ct_liver
 
 from medsam2_endpoint.base.budget import Budget
 from medsam2_endpoint.engines.lite import LiteMedSAMEngine
-from medsam2_endpoint.engines.lite_onnx import INPUT_NAME, OUTPUT_NAME
+from medsam2_endpoint.engines.lite_onnx import INPUT_NAME, OUTPUT_NAME, OnnxEncoder
 from medsam2_endpoint.pipeline.window import window_to_uint8
 from medsam2_endpoint.testing.metrics import dice
 from medsam2_endpoint.testing.phantoms import ct_phantom, mri_phantom
@@ -100,7 +100,7 @@ def main(args: argparse.Namespace) -> int:
         service = harness.service(env)
         service.budget = Budget.unlimited  # type: ignore[method-assign]  # a loaded machine must not cut a request short
         engine = service.registry.get("lite-medsam")
-        assert isinstance(engine, LiteMedSAMEngine) and engine._onnx_encoder is not None
+        assert isinstance(engine, LiteMedSAMEngine) and isinstance(engine._onnx_encoder, OnnxEncoder)
         _, _, windowed, truth = ct_liver()
         zs = np.flatnonzero(truth.any(axis=(1, 2)))
         images = [engine._image_tensor(windowed[z]).numpy() for z in np.linspace(zs[0], zs[-1], args.slices).astype(int)]
@@ -127,7 +127,7 @@ def main(args: argparse.Namespace) -> int:
             int8_service = harness.service(int8_env)
             int8_service.budget = Budget.unlimited  # type: ignore[method-assign]
             int8_engine = int8_service.registry.get("lite-medsam")
-            assert isinstance(int8_engine, LiteMedSAMEngine) and int8_engine._onnx_encoder is not None
+            assert isinstance(int8_engine, LiteMedSAMEngine) and isinstance(int8_engine._onnx_encoder, OnnxEncoder)
             int8_engine._onnx_encoder.session = ort_int8  # this benchmark only: the served encoder stays fp32
             scans = read_scans()
             for structure in [*STRUCTURES, *lesion_structures(scans)]:

@@ -5,7 +5,7 @@ as a user's request would be (LiteMedSAM unless --model). Reported per structure
 of the 3D answer; the per-slice ceiling (every labelled slice segmented alone with its own box); the
 key slice alone (2D Dice there); the label's and the answer's slice ranges; the time of the 3D answer.
 
-    .venv/bin/python benchmarks/real_anatomy.py [--only ct,mr,lesion] [--json benchmarks/out/real.json]
+    .venv/bin/python benchmarks/real_anatomy.py [--only ct,mr,lesion] [--runtime onnx --precision fp32] [--json benchmarks/out/real.json]
 """
 
 from __future__ import annotations
@@ -62,7 +62,9 @@ def arguments() -> argparse.ArgumentParser:
     parser.add_argument("--rules", default="default", help=f"comma-separated LiteMedSAM tracking rules: default, {', '.join(RULES)}")
     parser.add_argument("--stop-after-empty", type=int, default=None)
     parser.add_argument("--json", default=None, help="write the rows here too")
-    parser.add_argument("--runtime", default="auto", choices=["auto", "torch", "onnx"], help="MEDSAM2_RUNTIME for LiteMedSAM")
+    parser.add_argument("--runtime", default="auto", choices=["auto", "torch", "onnx", "openvino"], help="MEDSAM2_RUNTIME for LiteMedSAM")
+    parser.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"],
+                        help="MEDSAM2_PRECISION for LiteMedSAM (benchmarks/bf16.py compares fp32 and bf16 side by side)")
     return parser
 
 
@@ -204,7 +206,7 @@ def _ends_within(answer: np.ndarray, truth: np.ndarray, tolerance: int) -> bool:
 
 
 def main(args: argparse.Namespace) -> int:
-    service = harness.service({"MEDSAM2_RUNTIME": args.runtime}, args.model_dir)
+    service = harness.service({"MEDSAM2_RUNTIME": args.runtime, "MEDSAM2_PRECISION": args.precision}, args.model_dir)
     engine = service.registry.get(args.model)
     scans = read_scans()
     wanted = set(args.only.split(","))

@@ -73,7 +73,8 @@ def test_response_metadata_and_geometry(phantom):
     depth = lesion.z_range[1] - lesion.z_range[0] + 1
     assert meta["voxel_count"] == int(mask.sum()) == per_slice * depth
     assert meta["volume_ml"] == pytest.approx(per_slice * depth * 0.8 * 0.9 * 2.5 / 1000, rel=1e-3)
-    assert meta["model"] == {"name": "box", "family": "test", "checkpoint": "none.pt", "sha256": "ab" * 32}
+    assert meta["model"] == {"name": "box", "family": "test", "checkpoint": "none.pt", "sha256": "ab" * 32,
+                             "precision": "fp32"}
     assert meta["slices_processed"] == 16 + 1  # stop rules off: both directions to the volume's ends, key slice twice
     (stopped,) = score_body(service, request_for(phantom, slice_offset=30))  # default: stop after 2 empty slices
     low, high = lesion.z_range

@@ -21,6 +21,7 @@ from medsam2_endpoint.base.log import log
 from medsam2_endpoint.engines.base import LITE_NAME as LITE_NAME  # re-exported: the adapters' name for it
 from medsam2_endpoint.engines.base import ImageEngine, ModelInfo, VolumeEngine
 from medsam2_endpoint.engines.medsam2 import CheckpointError, MedSAM2Engine, find_checkpoints
+from medsam2_endpoint.engines.precision import choose_runtime_precision as choose_lite
 
 
 def choose_device(setting: str) -> str:
@@ -43,6 +44,11 @@ def choose_runtime(setting: str, device: str) -> str:
     except ImportError:
         return "torch"
     return "onnx"
+
+
+def choose_runtime_precision(runtime: str, precision: str, device: str) -> tuple[str, str]:
+    """LiteMedSAM's encoder (runtime, precision) from MEDSAM2_RUNTIME and MEDSAM2_PRECISION (engines/precision.py)."""
+    return choose_lite(runtime, precision, device)
 
 
 def configure_threads(requested: int) -> int:
@@ -70,10 +76,11 @@ class ModelRegistry:
     @classmethod
     def build(cls, *, model_dir: Path | None, device: str, feature_cache_mb: int, enable_lite: bool,
               extra_checkpoints: Mapping[str, Path] | None = None, lite_runtime: str = "torch",
-              onnx_cache_dir: Path | None = None) -> ModelRegistry:
+              onnx_cache_dir: Path | None = None, lite_precision: str = "fp32") -> ModelRegistry:
         """Load every checkpoint of the model folder (never one under a registration staging folder),
         the registered ones in `extra_checkpoints` (name -> file) and LiteMedSAM, its encoder on
-        `lite_runtime` ("torch" or "onnx", exported under `onnx_cache_dir`); MedSAM2 runs on torch."""
+        `lite_runtime` ("torch", "onnx" or "openvino", exported under `onnx_cache_dir`) in `lite_precision`
+        ("fp32" or "bf16"); MedSAM2 runs on torch."""
         engines: dict[str, VolumeEngine] = {}
         candidates = [(path.stem, path) for path in find_checkpoints(model_dir)]
         candidates += list((extra_checkpoints or {}).items())
@@ -92,7 +99,8 @@ class ModelRegistry:
             )
 
             engines[LITE_NAME] = LiteMedSAMEngine(
-                device=device, feature_cache_mb=feature_cache_mb, runtime=lite_runtime, onnx_cache_dir=onnx_cache_dir
+                device=device, feature_cache_mb=feature_cache_mb, runtime=lite_runtime, onnx_cache_dir=onnx_cache_dir,
+                precision=lite_precision,
             )
         if not engines:
             raise ModelUnavailable(
@@ -102,8 +110,8 @@ class ModelRegistry:
         for name, engine in engines.items():
             info = engine.info
             runtime = getattr(engine, "runtime", "torch")
-            log.info("model %s loaded (%s, sha256 %s, %s runtime)%s", name, info.checkpoint, info.sha256[:12], runtime,
-                     " [default]" if name == default else "")
+            log.info("model %s loaded (%s, sha256 %s, %s runtime, %s)%s", name, info.checkpoint, info.sha256[:12], runtime,
+                     info.capabilities.precision, " [default]" if name == default else "")
         return cls(engines, default, device=device, feature_cache_mb=feature_cache_mb)
 
     def snapshot(self) -> Mapping[str, VolumeEngine]:

@@ -44,7 +44,12 @@ from medsam2_endpoint.core.images import (
     typed_prompt,
 )
 from medsam2_endpoint.core.registration import WeightRecords, WeightRegistrar
-from medsam2_endpoint.core.registry import ModelRegistry, choose_device, choose_runtime, configure_threads
+from medsam2_endpoint.core.registry import (
+    ModelRegistry,
+    choose_device,
+    choose_runtime_precision,
+    configure_threads,
+)
 from medsam2_endpoint.core.settings import Settings
 from medsam2_endpoint.core.slots import InferenceSlots
 from medsam2_endpoint.engines.base import ModelInfo
@@ -106,14 +111,15 @@ class Service:
     def from_settings(cls, settings: Settings) -> Service:
         device = choose_device(settings.device)
         threads = configure_threads(settings.num_threads)
-        runtime = choose_runtime(settings.runtime, device)
+        runtime, precision = choose_runtime_precision(settings.runtime, settings.precision, device)
         records = WeightRecords(settings.samapi.weights_dir)
         registry = ModelRegistry.build(
             model_dir=settings.model_dir, device=device, feature_cache_mb=settings.feature_cache_mb,
             enable_lite=settings.enable_lite, extra_checkpoints=records.checkpoints(),
-            lite_runtime=runtime, onnx_cache_dir=settings.onnx_cache_dir,
+            lite_runtime=runtime, onnx_cache_dir=settings.onnx_cache_dir, lite_precision=precision,
         )
-        log.info("device %s, %d threads, LiteMedSAM runtime %s, model folder %s", device, threads, runtime, settings.model_dir)
+        log.info("device %s, %d threads, LiteMedSAM runtime %s (%s), model folder %s", device, threads, runtime, precision,
+                 settings.model_dir)
         service = cls(settings, registry, records)
         if settings.warmup:
             service.warm_up()

@@ -60,7 +60,8 @@ class ModelInfo:
 
     def as_metadata(self) -> dict[str, str]:
         """The `metadata.model` of every response."""
-        return {"name": self.name, "family": self.family, "checkpoint": self.checkpoint, "sha256": self.sha256}
+        return {"name": self.name, "family": self.family, "checkpoint": self.checkpoint, "sha256": self.sha256,
+                "precision": self.capabilities.precision}
 
 
 class VolumeEngine(Protocol):

@@ -39,10 +39,12 @@ from medsam2_endpoint.engines.tracking import SliceStats, TrackRule
 
 if TYPE_CHECKING:
     from medsam2_endpoint.engines.lite_onnx import OnnxDecoder, OnnxEncoder
+    from medsam2_endpoint.engines.lite_openvino import OpenVinoEncoder
 
 IMAGE_SIZE = 256  # the encoder's input side
 RESIZE_MODES = ("pad", "stretch")
-RUNTIMES = ("torch", "onnx")  # where the image encoder, prompt encoder and mask decoder run
+RUNTIMES = ("torch", "onnx", "openvino")  # where the image encoder, prompt encoder and mask decoder run
+PRECISIONS = ("fp32", "bf16")  # the image encoder's arithmetic (engines/precision.py chooses it)
 # Tracking margin around the previous slice's mask: 3 px on the model's 256 grid, as the authors'
 # 3D inference (get_bbox256(bbox_shift=3)); in original pixels ceil(3 * max(H, W) / 256), so 2 px
 # for a 96-px slice and 6 px for a 512-px one.
@@ -109,7 +111,11 @@ class LiteMedSAMEngine:
     (module docstring). embedding_cache_slices: LRU bound on cached slice embeddings per state
     (about 4 MiB each in float32). rule: when tracking goes on (engines/tracking.py).
     runtime: "torch", or "onnx" to run the image encoder and the box decoder on ONNX Runtime (CPU only;
-    engines/lite_onnx.py), their exports cached under `onnx_cache_dir` (None: ~/.cache/medsam2-endpoint/onnx).
+    engines/lite_onnx.py), their exports cached under `onnx_cache_dir` (None: ~/.cache/medsam2-endpoint/onnx),
+    or "openvino": the image encoder compiled by OpenVINO from the same export (engines/lite_openvino.py), the
+    box decoder on ONNX Runtime. precision: the image encoder's arithmetic on the CPU, "fp32" or "bf16"
+    (OpenVINO's inference precision, torch's autocast; ONNX Runtime runs fp32 only). CUDA always runs bf16
+    autocast.
     """
 
     def __init__(
@@ -122,6 +128,7 @@ class LiteMedSAMEngine:
         rule: TrackRule = DEFAULT_RULE,
         runtime: str = "torch",
         onnx_cache_dir: Path | None = None,
+        precision: str = "fp32",
     ):
         if resize_mode not in RESIZE_MODES:
             raise ValueError(f"resize_mode must be one of {RESIZE_MODES}, got {resize_mode!r}")
@@ -129,10 +136,15 @@ class LiteMedSAMEngine:
             raise ValueError(f"embedding_cache_slices must be >= 1, got {embedding_cache_slices}")
         if runtime not in RUNTIMES:
             raise ValueError(f"runtime must be one of {RUNTIMES}, got {runtime!r}")
+        if precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
         self.device = torch.device(device)
-        if runtime == "onnx" and self.device.type != "cpu":
-            raise ValueError(f"runtime 'onnx' runs the encoder on the CPU; device is {device!r}")
+        if runtime in ("onnx", "openvino") and self.device.type != "cpu":
+            raise ValueError(f"runtime {runtime!r} runs the encoder on the CPU; device is {device!r}")
+        if runtime == "onnx" and precision != "fp32":
+            raise ValueError("runtime 'onnx' runs the encoder in fp32 only")
         self.runtime = runtime
+        self.precision = "bf16" if self.device.type == "cuda" else precision
         self.resize_mode = resize_mode
         self.embedding_cache_slices = embedding_cache_slices
         self.rule = rule
@@ -159,10 +171,19 @@ class LiteMedSAMEngine:
             sha256=sha256,
             # box-only: no points in 2D or 3D; a mask prompt in 2D (its low-res mask input) and, in 3D, a drawn
             # mask is taken as that slice's answer
-            capabilities=Capabilities(points=False, negative_points=False, mask_prompts=True, multi_slice=False),
+            capabilities=Capabilities(points=False, negative_points=False, mask_prompts=True, multi_slice=False,
+                                      precision=self.precision),
         )
-        self._onnx_encoder: OnnxEncoder | None = None
+        self._onnx_encoder: OnnxEncoder | OpenVinoEncoder | None = None
         self._onnx_decoder: OnnxDecoder | None = None
+        if runtime == "openvino":
+            from medsam2_endpoint.engines.lite_onnx import OnnxDecoder
+            from medsam2_endpoint.engines.lite_openvino import (
+                OpenVinoEncoder,  # openvino loads only when used
+            )
+
+            self._onnx_encoder = OpenVinoEncoder(self.net.image_encoder, sha256, onnx_cache_dir, precision)
+            self._onnx_decoder = OnnxDecoder(self.net, sha256, onnx_cache_dir)
         if runtime == "onnx":
             from medsam2_endpoint.engines.lite_onnx import (  # onnxruntime loads only when used
                 OnnxDecoder,
@@ -177,6 +198,9 @@ class LiteMedSAMEngine:
         if self._onnx_encoder is not None:
             return torch.from_numpy(self._onnx_encoder(image.numpy()))
         with torch.inference_mode(), bf16_autocast(self.device):
+            if self.precision == "bf16" and self.device.type == "cpu":  # opt-in: slower than ONNX Runtime fp32 here
+                with torch.autocast("cpu", dtype=torch.bfloat16):
+                    return cast(torch.Tensor, self.net.image_encoder(image)).float()
             return cast(torch.Tensor, self.net.image_encoder(image.to(self.device)))
 
     def _decode(self, embedding: torch.Tensor, boxes_256: np.ndarray, mask_input: np.ndarray | None = None,

@@ -275,7 +275,8 @@ class MedSAM2Engine:
         self._image: SAM2ImageEngine | None = None
         self.info = ModelInfo(
             name=name or checkpoint.stem, family="medsam2", checkpoint=checkpoint.name, sha256=sha256_file(checkpoint),
-            capabilities=Capabilities(points=True, negative_points=True, mask_prompts=True, multi_slice=True),
+            capabilities=Capabilities(points=True, negative_points=True, mask_prompts=True, multi_slice=True,
+                                      precision="bf16" if self.device.type == "cuda" else "fp32"),  # bf16_autocast
         )
 
 
