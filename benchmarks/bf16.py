@@ -60,7 +60,7 @@ def interleaved(variants: dict[str, Callable[[np.ndarray], Any]], images: list[n
     return {name: seconds / len(images) for name, seconds in spent.items()}
 
 
-def main(argv: list[str] | None = None) -> int:
+def arguments() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--slices", type=int, default=12, help="real CT slices timed per encoder variant")
     parser.add_argument("--structures", action="store_true", help="3D Dice of fp32 and bf16 on all 15 real structures")
@@ -68,7 +68,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", default=None, help="write every figure here too")
     parser.add_argument("--candidate", default="openvino:bf16",
                         help="RUNTIME:PRECISION served against onnx:fp32 in parts 2 and 3 (its columns keep the name bf16)")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = arguments().parse_args(argv)
     runtime_c, _, precision_c = args.candidate.partition(":")
     VARIANTS["bf16"] = (runtime_c, precision_c)
 

@@ -8,29 +8,35 @@ Run each in a fresh process (ru_maxrss is the process's peak); the ONNX exports 
 
 from __future__ import annotations
 
+import argparse
 import resource
 import sys
 
-import numpy as np
-
-from medsam2_endpoint.engines.lite import LiteMedSAMEngine
+import harness
 
 
-def main(argv: list[str]) -> int:
-    if len(argv) != 2 or "--help" in argv:
-        print(__doc__)
-        return 0 if "--help" in argv else 2
-    runtime, precision = argv
-    engine = LiteMedSAMEngine(runtime=runtime, precision=precision)
+def arguments() -> argparse.ArgumentParser:
+    parser = harness.parser(__doc__)
+    parser.add_argument("runtime", choices=["torch", "onnx", "openvino"])
+    parser.add_argument("precision", choices=["fp32", "bf16"])
+    return parser
+
+
+def main(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from medsam2_endpoint.engines.lite import LiteMedSAMEngine
+
+    engine = LiteMedSAMEngine(runtime=args.runtime, precision=args.precision)
     built = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     volume = (np.random.default_rng(0).random((3, 512, 512)) * 255).astype(np.uint8)
     state = engine.start(volume)
     for z in range(3):
         engine.segment_slice(state, z, [100, 100, 300, 300])
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    print(f"{runtime} {precision}: peak RSS after build {built:.0f} MB, after 3 slices {peak:.0f} MB")
+    print(f"{args.runtime} {args.precision}: peak RSS after build {built:.0f} MB, after 3 slices {peak:.0f} MB")
     return 0
 
 
 if __name__ == "__main__":
-    raise SystemExit(main(sys.argv[1:]))
+    sys.exit(main(arguments().parse_args()))
