@@ -81,11 +81,11 @@ def check(prompter: Prompter, model: str, rgb: np.ndarray, *, prompt: Prompt2D |
 def infer(prompter: Prompter, model: str, rgb: np.ndarray, *, prompt: Prompt2D | None, params: AutomaskParams | None,
           budget: Budget, automask_where: Callable[[str], str]) -> Result2D:
     """One checked 2D request's masks: automask with `params`, else the prompt's masks."""
-    budget.check(0, "prompts")  # a client gone before the model ran gets nothing computed
-    if params is not None:
+    if params is not None:  # automask checks the budget itself, per batch of grid prompts
         return automask(prompter, model, rgb, params, where=automask_where, budget=budget)
     if prompt is None:
         raise ValueError("infer: give a prompt or automask params")
+    budget.check(0, "prompts")  # a client gone before the model ran gets nothing computed
     return prompter.segment(model, rgb, prompt)
 
 
