@@ -30,7 +30,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -68,6 +67,7 @@ from real_anatomy import STRUCTURES, Structure, lesion_structures, read_scans, t
 from scipy import ndimage
 
 from medsam2_endpoint.testing.metrics import dice, nsd
+from medsam2_endpoint.testing.processes import answers, stop_group, wait_ready
 
 Box = list[list[int]]  # half-open [[k0, k1], [j0, j1], [i0, i1]], the protocol's
 
@@ -117,26 +117,11 @@ def served(model_dir: str | None, prediction_s: float | None) -> Iterator[str]:
             proc = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         url = f"http://127.0.0.1:{port}/nninteractive"
         try:
-            deadline = time.monotonic() + 300
-            while True:
-                if proc.poll() is not None:
-                    raise RuntimeError(f"the server exited early:\n{log_path.read_text(errors='replace')[-3000:]}")
-                try:
-                    if httpx.get(url + "/healthz", timeout=2).status_code == 200:
-                        break
-                except httpx.HTTPError:
-                    pass
-                if time.monotonic() > deadline:
-                    raise RuntimeError(f"the server did not answer in 300 s:\n{log_path.read_text(errors='replace')[-3000:]}")
-                time.sleep(0.5)
+            wait_ready(proc, lambda: answers(url + "/healthz"), what="the server",
+                       log=lambda: log_path.read_text(errors="replace"), timeout_s=300)
             yield url
         finally:
-            os.killpg(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait(timeout=30)
+            stop_group(proc)
 
 
 # ----------------------------------------------------------------------------------------------- interactions

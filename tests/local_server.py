@@ -10,11 +10,9 @@ import base64
 import gzip
 import io
 import os
-import signal
 import socket
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -25,6 +23,7 @@ import numpy as np
 import requests
 
 from medsam2_endpoint.api.errors import STATUS_OF_CODE
+from medsam2_endpoint.testing.processes import answers, stop_group, wait_ready
 
 REPO = Path(__file__).resolve().parents[1]
 #: An allowlist no host name can match ('!' is not a host character): the fuzzers can never make the
@@ -80,29 +79,11 @@ def running_server(folder: Path, env: dict[str, str], *, workers: int = 1, ready
         )
     server = Server(f"http://127.0.0.1:{port}", log_path, proc)
     try:
-        deadline = time.monotonic() + ready_timeout
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"azmlinfsrv exited early:\n{server.log_text()[-3000:]}")
-            if server.log_text().count("ready: models") >= workers:
-                try:
-                    if requests.get(server.url + "/", timeout=2).status_code == 200:
-                        break
-                except requests.RequestException:
-                    pass
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"azmlinfsrv not ready after {ready_timeout} s:\n{server.log_text()[-3000:]}")
-            time.sleep(0.5)
+        wait_ready(proc, lambda: server.log_text().count("ready: models") >= workers and answers(server.url + "/"),
+                   what="azmlinfsrv", log=server.log_text, timeout_s=ready_timeout)
         yield server
     finally:
-        try:
-            os.killpg(proc.pid, signal.SIGTERM)
-            proc.wait(timeout=30)
-        except ProcessLookupError:  # a test stopped the server itself (the shutdown drill)
-            pass
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=30)
+        stop_group(proc)  # a test may have stopped it itself (the shutdown drill)
         proc.wait(timeout=30)
 
 

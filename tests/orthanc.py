@@ -5,11 +5,8 @@ from __future__ import annotations
 
 import io
 import json
-import os
 import shutil
-import signal
 import subprocess
-import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -21,6 +18,7 @@ import requests
 from pydicom.uid import generate_uid
 
 from local_server import free_port
+from medsam2_endpoint.testing.processes import answers, stop_group, wait_ready
 
 ORTHANC = shutil.which("Orthanc") or "/usr/sbin/Orthanc"
 DICOMWEB_PLUGIN = Path("/usr/share/orthanc/plugins/libOrthancDicomWeb.so")
@@ -68,26 +66,11 @@ def running_orthanc(folder: Path, *, users: dict[str, str] | None = None, lua: s
                                 start_new_session=True)
     server = Orthanc(f"http://127.0.0.1:{port}", auth, log_path)
     try:
-        deadline = time.monotonic() + 30
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"Orthanc exited early:\n{log_path.read_text(errors='replace')[-3000:]}")
-            try:
-                if requests.get(server.url + "/system", auth=auth, timeout=2).status_code == 200:
-                    break
-            except requests.RequestException:
-                pass
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"Orthanc not ready after 30 s:\n{log_path.read_text(errors='replace')[-3000:]}")
-            time.sleep(0.1)
+        wait_ready(proc, lambda: answers(server.url + "/system", auth=auth), what="Orthanc",
+                   log=lambda: log_path.read_text(errors="replace"), timeout_s=30, interval_s=0.1)
         yield server
     finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=20)
+        stop_group(proc, timeout_s=20)
 
 
 def load_series(orthanc: Orthanc, files: Sequence[Path], *, tag: str) -> tuple[str, str]:

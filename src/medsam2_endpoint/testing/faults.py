@@ -29,6 +29,7 @@ import requests
 from PIL import Image
 
 from medsam2_endpoint.testing.phantoms import ct_phantom
+from medsam2_endpoint.testing.processes import answers, wait_ready
 
 HEADERS = {"accept": "application/json", "Content-Type": "application/json; charset=utf-8"}  # as the extension
 
@@ -88,18 +89,8 @@ def samapi_server(folder: Path, env: dict[str, str] | None = None, *, ready_time
         proc = subprocess.Popen(command, env=full_env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     server = SamapiProcess(f"http://127.0.0.1:{port}/sam/", proc, log_path)
     try:
-        deadline = time.monotonic() + ready_timeout
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"the samapi server exited early:\n{server.log_text()[-3000:]}")
-            try:
-                if requests.get(server.url + "version/", timeout=2).status_code == 200:
-                    break
-            except requests.RequestException:
-                pass
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"the samapi server was not ready after {ready_timeout} s:\n{server.log_text()[-3000:]}")
-            time.sleep(0.3)
+        wait_ready(proc, lambda: answers(server.url + "version/"), what="the samapi server", log=server.log_text,
+                   timeout_s=ready_timeout, interval_s=0.3)
         yield server
     finally:
         if proc.poll() is None:
