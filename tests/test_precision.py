@@ -38,9 +38,9 @@ def test_flags_are_read_from_cpuinfo(tmp_path):
 
 
 @pytest.mark.parametrize(("runtime", "asked", "has_bf16", "expected"), [
-    ("auto", "auto", False, ("onnx", "fp32")),  # no bf16: today's fp32 runtime
+    ("auto", "auto", False, ("openvino", "fp32")),  # no bf16: the fp32 runtime
     ("auto", "auto", True, ("openvino", "bf16")),
-    ("auto", "fp32", True, ("onnx", "fp32")),
+    ("auto", "fp32", True, ("openvino", "fp32")),
     ("openvino", "auto", False, ("openvino", "fp32")),
     ("openvino", "auto", True, ("openvino", "bf16")),
     ("onnx", "auto", True, ("onnx", "fp32")),  # ONNX Runtime has no bf16 here: auto stays fp32
@@ -53,7 +53,7 @@ def test_auto_picks_bf16_only_where_the_cpu_and_the_runtime_have_it(runtime, ask
 
 
 @pytest.mark.parametrize(("runtime", "asked", "expected"), [
-    ("auto", "auto", ("onnx", "fp32")),  # the shipped default: fp32 even on a bf16 CPU (precision.AUTO_BF16)
+    ("auto", "auto", ("openvino", "fp32")),  # the shipped default: fp32 even on a bf16 CPU (precision.AUTO_BF16)
     ("openvino", "auto", ("openvino", "fp32")),
     ("auto", "bf16", ("openvino", "bf16")),  # bf16 asked for: OpenVINO runs it
 ])
@@ -62,8 +62,9 @@ def test_shipped_auto_stays_fp32_and_bf16_is_one_setting_away(runtime, asked, ex
     assert choose_runtime_precision(runtime, asked, "cpu", has_bf16=True, openvino=True) == expected
 
 
-def test_auto_without_openvino_stays_fp32():
+def test_auto_without_openvino_stays_fp32_on_onnx_runtime():
     assert choose_runtime_precision("auto", "auto", "cpu", has_bf16=True, openvino=False, auto_bf16=True) == ("onnx", "fp32")
+    assert choose_runtime_precision("auto", "auto", "cpu", has_bf16=False, openvino=False) == ("onnx", "fp32")
 
 
 @pytest.mark.parametrize(("runtime", "asked", "has_bf16", "named"), [
