@@ -17,6 +17,7 @@ import pytest
 import SimpleITK as sitk
 import torch
 
+from dicom_checks import iod_errors
 from medsam2_endpoint.testing.metrics import dice
 from medsam2_endpoint.testing.phantoms import ct_phantom, mri_phantom, oblique_direction
 
@@ -131,6 +132,7 @@ def test_dicom_series_folder_gets_a_nifti_mask_and_a_seg(batch, tmp_path):
     mask = sitk.GetArrayFromImage(sitk.ReadImage(str(out / row["mask_file"])))
     assert dice(mask, phantom.mask(lesion.label)) >= 0.8
     seg, frames = read_back((out / row["seg_file"]).read_bytes(), tmp_path)
+    assert iod_errors(out / row["seg_file"]) == []
     assert [s.SegmentLabel for s in seg.SegmentSequence] == ["lesion"]
     assert seg.SegmentSequence[0].SegmentationAlgorithmIdentificationSequence[0].AlgorithmName == "lite-medsam"
     files = sorted(folder.iterdir(), key=lambda p: int(p.stem.rsplit("_", 1)[1]))  # s2_000.dcm ... in z order

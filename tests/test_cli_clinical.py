@@ -11,6 +11,7 @@ import pytest
 import SimpleITK as sitk
 from PIL import Image
 
+from dicom_checks import iod_errors
 from medsam2_endpoint.api.cli import main
 from medsam2_endpoint.io.dicom_seg import series_files
 from medsam2_endpoint.io.polygons import geometry_area
@@ -61,6 +62,7 @@ def test_predict_dicom_series_to_seg_and_nifti(server, tmp_path, capsys):
     assert dice(mask[key], truth) > 0.8
 
     seg, frames = read_back(seg_path.read_bytes(), tmp_path)
+    assert iod_errors(seg_path) == []
     assert [s.SegmentLabel for s in seg.SegmentSequence] == ["liver"]
     (algorithm,) = seg.SegmentSequence[0].SegmentationAlgorithmIdentificationSequence
     assert algorithm.AlgorithmName == "lite-medsam" and metadata["model"]["sha256"] in algorithm.AlgorithmParameters

@@ -15,6 +15,7 @@ import pytest
 import SimpleITK as sitk
 from PIL import Image
 
+from dicom_checks import iod_errors
 from medsam2_endpoint.client.cli import predict_main
 from medsam2_endpoint.client.preview import Orientation, render_preview
 from medsam2_endpoint.io.volume import write_nifti
@@ -47,6 +48,7 @@ def test_predict_to_dicom_seg_shows_library_logs_only_with_verbose(tmp_path):
     assert quiet.stderr.strip() == "", quiet.stderr  # no highdicom INFO lines, nothing else either
     assert verbose.returncode == 0, verbose.stderr
     assert HIGHDICOM_INFO in verbose.stderr
+    assert iod_errors(tmp_path / "a.dcm") == []  # every SEG the suite writes passes dciodvfy
 
 
 def test_predict_dicomweb_builds_the_request_item(monkeypatch, tmp_path, capsys):
