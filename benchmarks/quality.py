@@ -49,31 +49,36 @@ from medsam2_endpoint.core.registry import ModelRegistry, configure_threads
 from medsam2_endpoint.core.service import Service
 from medsam2_endpoint.core.settings import Settings
 from medsam2_endpoint.engines.base import VolumeEngine
-from medsam2_endpoint.engines.lite import DEFAULT_RULE, LiteMedSAMEngine
+from medsam2_endpoint.engines.lite import LiteMedSAMEngine
 from medsam2_endpoint.engines.medsam2 import MedSAM2Engine, find_checkpoints
 from medsam2_endpoint.io.encode import dumps, rle_decode
+from medsam2_endpoint.pipeline.tracking import DEFAULT_RULE, TrackRule, using_rule
 from medsam2_endpoint.testing.metrics import dice, hd95
 from medsam2_endpoint.testing.phantoms import phantom_set
 
 
-def build_service(model_dir: Path | None, lite_modes: list[str], lite_min_iou: float | None = None,
-                  lite_intensity_z: float | None = None, lite_key_fill: float | None = None,
-                  lite_end_area: float | None = None, lite_core: float | None = None) -> Service:
+def lite_rule(min_iou: float | None = None, intensity_z: float | None = None, key_fill: float | None = None,
+              end_area: float | None = None, core: float | None = None) -> TrackRule:
+    """The served rule with the options given (0 turns a test off)."""
+    rule = DEFAULT_RULE if min_iou is None else dataclasses.replace(DEFAULT_RULE, min_iou=min_iou)
+    if intensity_z is not None:
+        rule = dataclasses.replace(rule, intensity_z=intensity_z or None)
+    if key_fill is not None:
+        rule = dataclasses.replace(rule, min_key_fill=key_fill or None)
+    if end_area is not None:
+        rule = dataclasses.replace(rule, end_area_ratio=end_area or None)
+    if core is not None:
+        rule = dataclasses.replace(rule, intensity_core=core or None)
+    return rule
+
+
+def build_service(model_dir: Path | None, lite_modes: list[str]) -> Service:
     engines: dict[str, VolumeEngine] = {}
     for path in find_checkpoints(model_dir):
         engines[path.stem] = MedSAM2Engine(path)
     for mode in lite_modes:
         name = "lite-medsam" if len(lite_modes) == 1 else f"lite-medsam[{mode}]"
-        rule = DEFAULT_RULE if lite_min_iou is None else dataclasses.replace(DEFAULT_RULE, min_iou=lite_min_iou)
-        if lite_intensity_z is not None:
-            rule = dataclasses.replace(rule, intensity_z=lite_intensity_z or None)
-        if lite_key_fill is not None:
-            rule = dataclasses.replace(rule, min_key_fill=lite_key_fill or None)
-        if lite_end_area is not None:
-            rule = dataclasses.replace(rule, end_area_ratio=lite_end_area or None)
-        if lite_core is not None:
-            rule = dataclasses.replace(rule, intensity_core=lite_core or None)
-        engines[name] = LiteMedSAMEngine(resize_mode=mode, rule=rule)
+        engines[name] = LiteMedSAMEngine(resize_mode=mode)
     settings = Settings.from_env({"MEDSAM2_WARMUP": "0", "MEDSAM2_REQUEST_DEADLINE_S": "3600"})
     return Service(settings, ModelRegistry(engines, next(iter(engines))))
 
@@ -136,9 +141,10 @@ def markdown(rows: list[dict[str, Any]]) -> str:
 
 def main(args: argparse.Namespace) -> int:
     configure_threads(0)
-    service = build_service(args.model_dir, [m for m in args.lite_modes.split(",") if m], args.lite_min_iou, args.lite_intensity_z,
-                            args.lite_key_fill, args.lite_end_area, args.lite_core)
-    print(markdown(evaluate(service, args.set, [int(v) for v in args.stop_after_empty.split(",")])))
+    service = build_service(args.model_dir, [m for m in args.lite_modes.split(",") if m])
+    rule = lite_rule(args.lite_min_iou, args.lite_intensity_z, args.lite_key_fill, args.lite_end_area, args.lite_core)
+    with using_rule(rule):  # every LiteMedSAM walk of this run
+        print(markdown(evaluate(service, args.set, [int(v) for v in args.stop_after_empty.split(",")])))
     return 0
 
 

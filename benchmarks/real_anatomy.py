@@ -21,7 +21,7 @@ from typing import Any
 
 import harness
 
-# LiteMedSAM tracking rules tried (engines/tracking.TrackRule fields); "default" is the engine's own
+# LiteMedSAM tracking rules tried (pipeline/tracking.TrackRule fields); "default" is the engine's own
 RULES: dict[str, dict[str, Any]] = {
     "iou0.8": {"min_iou": 0.8},  # the rule before this benchmark existed
     "iou0.5": {"min_iou": 0.5},
@@ -78,9 +78,9 @@ from scipy import ndimage
 from medsam2_endpoint.contract.score3d import parse_request
 from medsam2_endpoint.core import volumes
 from medsam2_endpoint.core.service import Service
-from medsam2_endpoint.engines.tracking import TrackRule
 from medsam2_endpoint.io.encode import rle_decode
 from medsam2_endpoint.io.volume import Volume, write_nifti
+from medsam2_endpoint.pipeline.tracking import DEFAULT_RULE, TrackRule, using_rule
 from medsam2_endpoint.testing.metrics import dice, nsd
 
 DATA = harness.DATA
@@ -207,7 +207,6 @@ def _ends_within(answer: np.ndarray, truth: np.ndarray, tolerance: int) -> bool:
 
 def main(args: argparse.Namespace) -> int:
     service = harness.service({"MEDSAM2_RUNTIME": args.runtime, "MEDSAM2_PRECISION": args.precision}, args.model_dir)
-    engine = service.registry.get(args.model)
     scans = read_scans()
     wanted = set(args.only.split(","))
     structures = [s for s in STRUCTURES if s.scan in wanted] + (lesion_structures(scans) if "lesion" in wanted else [])
@@ -216,7 +215,6 @@ def main(args: argparse.Namespace) -> int:
     rows: list[dict[str, Any]] = []
     print(harness.header(["rule", "scan", "structure", "3D Dice", "NSD 2 mm", "ceiling Dice", "key slice alone",
                           "label slices", "answer slices", "time (s)"]))
-    default_rule = getattr(engine, "rule", None)
     for s in structures:
         image, labels = scans[s.scan]
         truth = truth_of(labels, s)
@@ -225,9 +223,8 @@ def main(args: argparse.Namespace) -> int:
         spacing_zyx = (float(sz), float(sy), float(sx))
         answers = {}
         for rule in rules:  # the first rule's answer on a scan's first structure is a cold (first) request
-            if default_rule is not None:
-                engine.rule = default_rule if rule == "default" else TrackRule(**RULES[rule])  # type: ignore[attr-defined]
-            answers[rule] = answer_of(service, args.model, image, truth, window, extra)
+            with using_rule(DEFAULT_RULE if rule == "default" else TrackRule(**RULES[rule])):
+                answers[rule] = answer_of(service, args.model, image, truth, window, extra)
         ceiling = ceiling_of(service, args.model, image, truth, window)
         key = int(np.argmax(truth.sum(axis=(1, 2))))
         for rule in rules:

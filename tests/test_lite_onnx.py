@@ -20,6 +20,7 @@ from medsam2_endpoint.engines.lite_onnx import (
     export_path,
     graph_path,
 )
+from medsam2_endpoint.pipeline.propagate import walk_from_box
 from medsam2_endpoint.pipeline.window import window_to_uint8
 from medsam2_endpoint.testing.phantoms import ct_phantom
 
@@ -47,7 +48,7 @@ def track_masks(engine: LiteMedSAMEngine, volume: np.ndarray, lesion) -> np.ndar
     masks = np.zeros(volume.shape, dtype=bool)
     box = np.array(lesion.bbox, dtype=np.float64)
     for reverse in (False, True):
-        for z, logits in engine.track(state, key_index=lesion.key_slice, box=box, reverse=reverse):
+        for z, logits in walk_from_box(engine, state, key_index=lesion.key_slice, box=box, reverse=reverse):
             masks[z] = logits > 0
     return masks
 

@@ -1,11 +1,11 @@
-"""The tracking rule's tests, one signal at a time (engines/tracking.py)."""
+"""The tracking rule's tests, one signal at a time, and the walk that applies it (pipeline/tracking.py)."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from medsam2_endpoint.engines.tracking import SliceStats, TrackRule
+from medsam2_endpoint.pipeline.tracking import SliceStats, TrackRule, using_rule, walk_slices
 
 KEY = SliceStats(iou=0.9, area=400, centroid=(50.0, 50.0), mean=100.0, std=10.0)
 
@@ -103,7 +103,7 @@ def test_a_shrunken_slice_rejected_by_intensity_alone_is_kept_as_the_last():
     assert not TrackRule(min_iou=0.0, intensity_z=1.5).ends_at(tip, KEY, KEY)  # off unless set
 
 
-# ---------------------------------------------------------------- the walk (LiteMedSAMEngine.track)
+# ---------------------------------------------------------------- the walk (walk_slices on LiteMedSAM)
 # The engine's decoder is replaced by a script of masks per slice, so each signal is set exactly.
 
 SIDE = 64
@@ -137,9 +137,8 @@ def scripted_walk(engine, monkeypatch, masks: dict[int, np.ndarray], means: dict
         return np.where(masks[z], 5.0, -5.0).astype(np.float32), 0.9
 
     monkeypatch.setattr(engine, "slice_logits", slice_logits)
-    monkeypatch.setattr(engine, "rule", rule)
     state = engine.start(volume)
-    walked = {z: logits > 0 for z, logits in engine.track(state, key_index=key, box=np.array(box), reverse=False)}
+    walked = {z: logits > 0 for z, logits in walk_slices(engine, state, key_index=key, box=np.array(box), reverse=False, rule=rule)}
     return walked, prompts
 
 
@@ -194,9 +193,9 @@ def test_the_walk_follows_a_tapering_slice_by_its_core(lite, monkeypatch):
     monkeypatch.setattr(lite, "slice_logits", slice_logits)
 
     def walk(rule):
-        monkeypatch.setattr(lite, "rule", rule)
         state = lite.start(volume)
-        return {z: m > 0 for z, m in lite.track(state, key_index=2, box=np.array([22, 22, 42, 42]), reverse=False)}
+        with using_rule(rule):  # the served walks' rule, set for this block
+            return {z: m > 0 for z, m in walk_slices(lite, state, key_index=2, box=np.array([22, 22, 42, 42]), reverse=False)}
 
     assert walk(TrackRule(min_iou=0.0, intensity_z=1.5, intensity_core=0.75))[4].sum() == 400
     assert not walk(TrackRule(min_iou=0.0, intensity_z=1.5))[4].any()

@@ -37,7 +37,7 @@ from medsam2_endpoint.base.log import log
 from medsam2_endpoint.contract.score3d import DEFAULT_STOP_AFTER_EMPTY
 from medsam2_endpoint.engines.base import ModelInfo, PromptedVolumeEngine, SlicePrompt, VolumeEngine
 from medsam2_endpoint.pipeline.interactive import segment_prompts
-from medsam2_endpoint.pipeline.propagate import PropagationOptions, segment_object
+from medsam2_endpoint.pipeline.propagate import PropagationOptions, segment_object, walk_from_box
 from medsam2_endpoint.pipeline.views import VIEW_NAMES, from_view, to_view
 from medsam2_endpoint.pipeline.window import auto_window, window_to_uint8
 
@@ -294,7 +294,7 @@ class _Timed:
         return self.engine.image_engine()
 
     def track(self, state: Any, *, key_index: int, box: np.ndarray, reverse: bool) -> Iterator[tuple[int, np.ndarray]]:
-        return self._bounded(self.engine.track(state, key_index=key_index, box=box, reverse=reverse))
+        return self._bounded(walk_from_box(self.engine, state, key_index=key_index, box=box, reverse=reverse))
 
     def _bounded(self, steps: Iterator[tuple[int, np.ndarray]]) -> Iterator[tuple[int, np.ndarray]]:
         try:

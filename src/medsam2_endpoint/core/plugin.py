@@ -232,7 +232,7 @@ def _mask_box(mask: np.ndarray) -> np.ndarray:
 
 def _from_mask(engine: VolumeEngine, key_mask: np.ndarray) -> Callable[..., Iterator[tuple[int, np.ndarray]]] | None:
     """A walk from the user's mask itself where the model takes mask prompts and can start from one
-    (MedSAM2's `add_new_mask`); None: from its bounding box (`engine.track`, LiteMedSAM)."""
+    (MedSAM2's `add_new_mask`); None: from its bounding box (`propagate.walk_from_box`, LiteMedSAM)."""
     track_mask = getattr(engine, "track_mask", None)
     if not engine.info.capabilities.mask_prompts or track_mask is None:
         return None

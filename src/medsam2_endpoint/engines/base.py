@@ -65,25 +65,54 @@ class ModelInfo:
 
 
 class VolumeEngine(Protocol):
-    """A promptable 3D segmenter driven slice by slice.
+    """A promptable 3D segmenter driven slice by slice: a `TrackingEngine` (walks with its own memory) or a
+    `SliceEngine` (a 2D box model the pipeline walks, pipeline/tracking.py).
 
     `start` takes the windowed volume, uint8 (Z, Y, X), and returns an opaque per-volume state
     (frames are prepared lazily: only visited slices are resized and normalised).
-    `track` segments the key slice from a box [x_min, y_min, x_max, y_max] (original pixel
-    indices) and walks away from it, one slice per step: towards higher z (reverse=False) or
-    lower z (reverse=True). It yields (z, mask) with mask a bool (Y, X) array, the key slice
-    first. The caller may stop iterating at any time (stop rules, deadlines); the engine must
-    leave the state reusable for the next `track` call.
     """
 
     info: ModelInfo
-
-    def track(self, state: Any, *, key_index: int, box: np.ndarray, reverse: bool) -> Iterator[tuple[int, np.ndarray]]: ...
 
     def start(self, volume_u8: np.ndarray, volume_key: str | None = None) -> Any: ...
 
     def image_engine(self) -> ImageEngine | None:
         """This model's 2D prompt interface (sharing its weights), or None when it has none."""
+        ...
+
+
+@runtime_checkable
+class TrackingEngine(VolumeEngine, Protocol):
+    """An engine that walks a volume itself (MedSAM2's memory attention).
+
+    `track` segments the key slice from a box [x_min, y_min, x_max, y_max] (original pixel indices) and
+    walks away from it, one slice per step: towards higher z (reverse=False) or lower z (reverse=True). It
+    yields (z, logits) with logits a float32 (Y, X) array (mask = logits > 0), the key slice first, and has
+    no stop rule of its own: the caller (pipeline/propagate.py) may stop iterating at any time (stop rules,
+    deadlines); the engine must leave the state reusable for the next `track` call.
+    """
+
+    def track(self, state: Any, *, key_index: int, box: np.ndarray, reverse: bool) -> Iterator[tuple[int, np.ndarray]]: ...
+
+
+@runtime_checkable
+class SliceEngine(VolumeEngine, Protocol):
+    """A 2D box model that answers one slice at a time (LiteMedSAM); the pipeline walks it
+    (pipeline/tracking.walk_slices) and judges each slice with its stop rules."""
+
+    def slice_logits(self, state: Any, z: int, box: Any) -> tuple[np.ndarray, float]:
+        """float32 (Y, X) logits of slice z from a box [x_min, y_min, x_max, y_max] (original pixels; mask =
+        logits > 0), and the model's predicted IoU."""
+        ...
+
+    def slice_pixels(self, state: Any, z: int) -> np.ndarray:
+        """Slice z of the windowed uint8 volume (what the walk's intensity tests measure)."""
+        ...
+
+    def volume_shape(self, state: Any) -> tuple[int, int, int]: ...
+
+    def walk_margin(self, height: int, width: int) -> int:
+        """Pixels the walk grows each accepted mask's bounding box by for the next slice's prompt."""
         ...
 
 
@@ -131,7 +160,7 @@ class SlicePrompt:
 
 
 @runtime_checkable
-class PromptedVolumeEngine(VolumeEngine, Protocol):
+class PromptedVolumeEngine(TrackingEngine, Protocol):
     """A 3D engine conditioned on several prompted slices at once (MedSAM2's video predictor).
 
     `track_prompts` conditions every prompted slice (boxes and points), then walks from the lowest

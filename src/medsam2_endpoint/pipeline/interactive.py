@@ -3,7 +3,7 @@
 Two ways to use the prompts, chosen by what the engine can do:
 
 - anchors (any engine; LiteMedSAM, and MedSAM2 with a single box): each prompted slice's box starts
-  a walk up and a walk down (`engine.track`); a walk never crosses the next prompted slice, so between
+  a walk up and a walk down (`propagate.walk_from_box`); a walk never crosses the next prompted slice, so between
   two anchors both walks meet, and each slice takes the mask of the nearer anchor's walk (the other's
   when the nearer one stopped before it).
 - conditioned (a `PromptedVolumeEngine`: MedSAM2): every prompted slice conditions the predictor at
@@ -34,7 +34,9 @@ from medsam2_endpoint.pipeline.propagate import (
     PropagationOptions,
     as_logits,
     keep_largest_component,
+    walk_from_box,
 )
+from medsam2_endpoint.pipeline.tracking import current_rule
 
 # A corrected walk rejoins the earlier answer once the two masks on a slice overlap this much: the
 # earlier answer was right from there on, so recomputing further slices could only disturb it.
@@ -139,8 +141,8 @@ class WalkMemo:
 
     def track(self, engine: VolumeEngine, state: object, volume_key: str, *, key_index: int, box: np.ndarray,
               reverse: bool) -> Iterator[tuple[int, np.ndarray]]:
-        """`engine.track(state, ...)`, its steps recorded under this walk's key and replayed when recorded."""
-        key = (engine.info.name, engine.info.sha256, repr(getattr(engine, "rule", None)), volume_key, key_index,
+        """`walk_from_box(engine, state, ...)`, its steps recorded under this walk's key and replayed when recorded."""
+        key = (engine.info.name, engine.info.sha256, repr(current_rule()), volume_key, key_index,
                tuple(int(v) for v in box), reverse)
         entry: _Recorded | None = self._cache.get(key)
         recorded = entry.steps if entry is not None else []
@@ -149,7 +151,7 @@ class WalkMemo:
             yield from recorded
             if complete:
                 return  # the engine's walk ended there
-            live = engine.track(state, key_index=key_index, box=box, reverse=reverse)
+            live = walk_from_box(engine, state, key_index=key_index, box=box, reverse=reverse)
             try:
                 for k, step in enumerate(live):
                     if k >= len(recorded):
@@ -258,7 +260,7 @@ def segment_prompts(
                 def track(reverse: bool = reverse, box: np.ndarray = box, z: int = p.z) -> Iterator[tuple[int, np.ndarray]]:
                     if memo is not None and volume_key is not None:
                         return memo.track(engine, state, volume_key, key_index=z, box=box, reverse=reverse)
-                    return engine.track(state, key_index=z, box=box, reverse=reverse)
+                    return walk_from_box(engine, state, key_index=z, box=box, reverse=reverse)
 
                 steps = track()
                 if n == 0 and previous is not None:

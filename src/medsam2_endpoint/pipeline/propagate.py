@@ -1,10 +1,14 @@
-"""The 3D algorithm, independent of the engine: both directions from the key slice, OR, largest component."""
+"""The 3D algorithm, independent of the engine: both directions from the key slice, OR, largest component.
+
+Every stop rule of a walk is in the pipeline: `walk_from_box` hands a box model to pipeline/tracking.py's judged walk and
+a tracking engine's steps through as they come; `_walk` below applies the caller's options (empty run, slice
+count, budget) to either."""
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import numpy as np
 from scipy import ndimage, sparse
@@ -12,7 +16,8 @@ from scipy.sparse import csgraph
 
 from medsam2_endpoint.base.budget import Budget
 from medsam2_endpoint.base.heap import release_if_grown
-from medsam2_endpoint.engines.base import VolumeEngine
+from medsam2_endpoint.engines.base import SliceEngine, TrackingEngine, VolumeEngine
+from medsam2_endpoint.pipeline.tracking import walk_slices
 
 Direction = Literal["both", "up", "down"]
 FULL_CONNECTIVITY = np.ones((3, 3, 3), dtype=bool)
@@ -41,6 +46,13 @@ class ObjectResult:
     mask: np.ndarray  # uint8 (Z, Y, X), 1 = object
     slices_processed: int  # engine steps, both directions (the key slice counts once per direction)
     logits: dict[int, np.ndarray] = field(default_factory=dict)  # z -> float32 (Y, X) max logit, slices with foreground (keep_logits)
+
+
+def walk_from_box(engine: VolumeEngine, state: Any, *, key_index: int, box: np.ndarray, reverse: bool) -> Iterator[tuple[int, np.ndarray]]:
+    """One direction's steps from a box on the key slice: (z, float32 logits), the key slice first."""
+    if isinstance(engine, SliceEngine):
+        return walk_slices(engine, state, key_index=key_index, box=box, reverse=reverse)
+    return cast(TrackingEngine, engine).track(state, key_index=key_index, box=box, reverse=reverse)
 
 
 def as_logits(step: np.ndarray) -> np.ndarray:
@@ -176,7 +188,7 @@ def segment_object(
 ) -> ObjectResult:
     """Propagate one box prompt through the volume, checking `budget` before every slice.
 
-    track: what yields each direction's steps, called as `engine.track` is (default): a recording
+    track: what yields each direction's steps, called as `walk_from_box` is without its engine (default: `walk_from_box`): a recording
     wrapper (pipeline/interactive.WalkMemo) lets a later correction round replay them."""
     mask = np.zeros(shape, dtype=np.uint8)
     processed = 0
@@ -189,7 +201,8 @@ def segment_object(
     logits: dict[int, np.ndarray] = {}
     for direction, reverse in (("up", False), ("down", True)):
         if options.direction in ("both", direction):
-            steps = (track or engine.track)(state, key_index=key_index, box=box, reverse=reverse)
+            steps = (track(state, key_index=key_index, box=box, reverse=reverse) if track is not None
+                     else walk_from_box(engine, state, key_index=key_index, box=box, reverse=reverse))
             processed += _walk(steps, bool_view, logits, options, check_deadline, processed)
     if options.largest_component:
         mask = keep_largest_component(mask)

@@ -58,11 +58,21 @@ def children(pid: int) -> list[int]:
     return sorted(found)
 
 
-def rss_mb(pid: int) -> float:
+def memory_mb(pid: int) -> dict[str, float]:
+    """A process's memory lines from /proc/<pid>/status in MB: VmRSS (now), VmHWM (its peak RSS so far), ..."""
+    found = {}
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    raise RuntimeError(f"no VmRSS for {pid}")
+        name, _, value = line.partition(":")
+        if name.startswith("Vm") and value.strip().endswith("kB"):
+            found[name] = int(value.split()[0]) / 1024
+    return found
+
+
+def rss_mb(pid: int) -> float:
+    rss = memory_mb(pid).get("VmRSS")
+    if rss is None:
+        raise RuntimeError(f"no VmRSS for {pid}")
+    return rss
 
 
 @dataclass
