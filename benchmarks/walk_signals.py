@@ -66,7 +66,7 @@ from medsam2_endpoint.testing.metrics import dice
 LITE = LITE_NAME
 # The engine's own walk with every non-empty slice accepted: it runs to the volume's edge or to the first empty
 # mask, and starts from the caller's box exactly when the default rule would (min_key_fill).
-RECORDING_RULE = TrackRule(min_iou=0.0, min_key_fill=DEFAULT_RULE.min_key_fill)
+RECORDING_RULE = TrackRule(min_iou=0.0, min_key_fill=DEFAULT_RULE.min_key_fill, min_key_iou=DEFAULT_RULE.min_key_iou)
 
 
 def _slug(s: Structure) -> str:
@@ -123,8 +123,9 @@ def record(out: Path, only: set[str], core_quantile: float) -> None:
         key_mask = logits > 0
         arrays: dict[str, np.ndarray] = {"truth": truth, "ceiling": ceiling_of(service, LITE, image, truth, s.window),
                                          "key_mask": key_mask, "spacing_zyx": np.array(list(reversed(image.GetSpacing())))}
-        meta: dict[str, object] = {"key": key, "box": box.tolist(), "key_stats": SliceStats.of(key_mask, windowed[key], iou, logits, core_quantile).__dict__,
-                                   "key_fill_rebase": RECORDING_RULE.keeps_caller_box(int(key_mask.sum()), box)}
+        key_stats = SliceStats.of(key_mask, windowed[key], iou, logits, core_quantile)
+        meta: dict[str, object] = {"key": key, "box": box.tolist(), "key_stats": key_stats.__dict__,
+                                   "key_fill_rebase": RECORDING_RULE.keeps_caller_box(key_stats, box)}
         arrays["key_emb"] = _embedding_mean(engine, windowed[key], key_mask)
         ends = {}
         for name, reverse in (("up", False), ("down", True)):

@@ -87,9 +87,17 @@ def test_area_and_shift_are_judged_against_the_previous_accepted_slice():
 def test_a_key_mask_that_fills_little_of_the_callers_box_keeps_the_box_for_the_walk():
     box = np.array([0.0, 0.0, 20.0, 10.0])  # 200 px
     rule = TrackRule(min_key_fill=0.3)
-    assert rule.keeps_caller_box(59, box)
-    assert not rule.keeps_caller_box(60, box)
-    assert not TrackRule().keeps_caller_box(1, box)  # off by default in a bare rule
+    assert rule.keeps_caller_box(step(area=59), box)
+    assert not rule.keeps_caller_box(step(area=60), box)
+    assert not TrackRule().keeps_caller_box(step(area=1), box)  # off by default in a bare rule
+
+
+def test_a_key_mask_the_model_rates_under_the_floor_keeps_the_callers_box():
+    box = np.array([0.0, 0.0, 20.0, 10.0])
+    rule = TrackRule(min_key_fill=0.3, min_key_iou=0.5)
+    assert rule.keeps_caller_box(step(area=150, iou=0.49), box)  # fills the box well, but the model doubts it
+    assert not rule.keeps_caller_box(step(area=150, iou=0.5), box)
+    assert not TrackRule(min_key_fill=0.3).keeps_caller_box(step(area=150, iou=0.1), box)  # off unless set
 
 
 
