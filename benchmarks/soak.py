@@ -9,14 +9,20 @@ azmlinfsrv with score.py (one worker). Both get MEDSAM2_REQUEST_DEADLINE_S=--dea
 --timeout, so the server gives up before a client does. Logs: benchmarks/out/soak/.
 
 - Slicer clients (nninteractive-client's own `nnInteractiveRemoteInferenceSession`, heartbeats included) loop:
-  claim, set_image (a 16 x 96 x 96 CT phantom, fresh noise each time: no cache hit), then one to three objects: a box on the lesion's key slice, a
+  claim, set_image (a 16 x 96 x 96 CT phantom, the next of --volumes noise variants), then one to three objects: a box on the lesion's key slice, a
   correction (a box or a lasso on another slice of the lesion, or a negative box), sometimes an undo. Then the
   session is released, or (--abandon of the time) abandoned as a crashed Slicer leaves it: heartbeats stop, no
   release. An abandoned lease is asked for (GET lease_status) --session-ttl + 2 s later: 410 means reaped.
   A 503 (busy, or all sessions held) is retried after its Retry-After.
 - QuPath clients: testing/faults.qupath_load (box prompts and small automasks on a field of view each).
-- /score clients loop one-item 3D requests (a 12 x 96 x 96 CT phantom with fresh noise, a box on its lesion).
-  QuPath clients keep one field of view each, as a user does: their later prompts reuse its embedding.
+- /score clients loop one-item 3D requests (a 12 x 96 x 96 CT phantom, the next of --volumes noise variants,
+  a box on its lesion).
+
+Each client cycles through its own --volumes variants (default 16) so the servers' caches reach their steady
+state early, and the RSS drift shows leaks rather than caches filling: after the first pass /score's held-volume
+LRU holds them all, while their slice features (16 x 8 slices) are more than the 256 MiB feature cache holds, so
+every request computes. Fresh volumes on every request would grow the held-volume LRU (1 GiB cap) all run long.
+QuPath clients keep one field of view each, as a user does: their later prompts reuse its embedding.
 
 Every request has the client timeout --timeout; one that gets no answer in time counts as a hang. The servers'
 RSS (process tree) is sampled every --sample-s; "warm" is the sample at --warmup (half the run when shorter).
@@ -63,6 +69,7 @@ def arguments() -> argparse.ArgumentParser:
     parser.add_argument("--max-sessions", type=int, default=4,
                         help="MEDSAM2_NNINTERACTIVE_MAX_SESSIONS of the started server (default 4, the server's own)")
     parser.add_argument("--abandon", type=float, default=0.3, help="share of Slicer sessions abandoned, not released (default 0.3)")
+    parser.add_argument("--volumes", type=int, default=16, help="noise variants each Slicer and /score client cycles through (default 16)")
     parser.add_argument("--timeout", type=float, default=120.0, help="client timeout per request; longer is a hang (default 120)")
     parser.add_argument("--deadline", type=float, default=60.0, help="MEDSAM2_REQUEST_DEADLINE_S of the started servers (default 60)")
     parser.add_argument("--warmup", type=float, default=120.0, help="RSS baseline after this many seconds (default 120)")
@@ -233,6 +240,7 @@ class Abandoned:
 class Slicer:
     url: str  # .../nninteractive
     phantom: Phantom
+    volumes: list[np.ndarray]  # the phantom's voxels with different noise, uploaded in turn
     tally: Tally
     stop_at: float
     timeout_s: float
@@ -240,6 +248,8 @@ class Slicer:
     rng: np.random.Generator
     abandoned: list[Abandoned]
     lock: threading.Lock
+
+    uploads: int = 0
 
     def patient(self, call: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         """`call(*args, **kwargs)`, again after Retry-After while the server answers 503 (busy, or all sessions held)."""
@@ -308,7 +318,8 @@ class Slicer:
 
     def cycle(self, session: Any) -> str:
         """One Slicer user's session on one volume; 'release' or 'abandon'."""
-        image = jittered(self.phantom.array(), self.rng)
+        image = self.volumes[self.uploads % len(self.volumes)]
+        self.uploads += 1
         spacing_zyx = [float(v) for v in reversed(self.phantom.image.GetSpacing())]
         self.patient(session.set_image, image[None], {"spacing": spacing_zyx})
         for _ in range(int(self.rng.integers(1, 4))):
@@ -413,24 +424,28 @@ def free_leases(url: str) -> tuple[int, int]:
 # ------------------------------------------------------------------------------------------- /score and QuPath
 
 
-def jittered(voxels: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    """The voxels with fresh noise (+-3 HU): every upload is a volume the server has not seen (no cache hit)."""
-    return (voxels + rng.integers(-3, 4, voxels.shape)).astype(voxels.dtype)
+def variants(phantom: Phantom, n: int, seed: int) -> list[np.ndarray]:
+    """The phantom's voxels with `n` different noises (+-3 HU): volumes whose content (cache keys) differ."""
+    rng = np.random.default_rng(seed)
+    voxels = phantom.array()
+    return [(voxels + rng.integers(-3, 4, voxels.shape)).astype(voxels.dtype) for _ in range(n)]
 
 
-def score_body(phantom: Phantom, rng: np.random.Generator) -> dict[str, Any]:
-    """A one-item 3D /score body: the phantom with fresh noise (NIfTI, its spacing), a box on its lesion."""
+def score_body(phantom: Phantom, voxels: np.ndarray) -> dict[str, Any]:
+    """A one-item 3D /score body: `voxels` (the phantom's grid; NIfTI with its spacing), a box on its lesion."""
     lesion = phantom.lesions[0]
     affine = np.diag([*phantom.image.GetSpacing(), 1.0])
-    raw = nib.Nifti1Image(np.ascontiguousarray(jittered(phantom.array(), rng).transpose(2, 1, 0)), affine).to_bytes()
+    raw = nib.Nifti1Image(np.ascontiguousarray(voxels.transpose(2, 1, 0)), affine).to_bytes()
     return {"input_data": {"nii_image": [base64.b64encode(gzip.compress(raw, mtime=0)).decode("ascii")],
                            "bbox": [[float(v) for v in lesion.bbox]], "key_slice_idx": [lesion.key_slice],
                            "dicom_window": [list(phantom.window or (-160.0, 240.0))]}}
 
 
-def score_client(url: str, phantom: Phantom, rng: np.random.Generator, tally: Tally, stop_at: float, timeout_s: float) -> None:
+def score_client(url: str, bodies: list[dict[str, Any]], tally: Tally, stop_at: float, timeout_s: float) -> None:
+    sent = 0
     while time.monotonic() < stop_at:
-        body = score_body(phantom, rng)
+        body = bodies[sent % len(bodies)]
+        sent += 1
         started = time.monotonic()
         try:
             response = requests.post(url + "/score", json=body, timeout=timeout_s)
@@ -543,21 +558,25 @@ def count_in_log(log: Path, word: str) -> int:
 def run(args: argparse.Namespace, root: str, score_url: str, pids: dict[str, int]) -> tuple[Tally, Sessions, Row | None, dict[str, Any]]:
     tally = Tally()
     remote_session.httpx = SimpleNamespace(**{**vars(httpx), "Client": recording_client(tally)})  # this module's only
-    started = time.monotonic()
-    stop_at = started + args.duration
+    slicer_phantoms = [ct_phantom((16, 96, 96), lesions=("ellipsoid", "lobulated"), seed=args.seed + k) for k in range(args.slicer)]
+    slicer_volumes = [variants(p, args.volumes, args.seed + k) for k, p in enumerate(slicer_phantoms)]
+    score_bodies = []
+    for k in range(args.score):
+        phantom = ct_phantom((12, 96, 96), seed=args.seed + 100 + k)
+        score_bodies.append([score_body(phantom, v) for v in variants(phantom, args.volumes, args.seed + 100 + k)])
     nn_url = root + "/nninteractive"
     abandoned: list[Abandoned] = []
     sessions = Sessions()
     done, probes_done = threading.Event(), threading.Event()
     samples: dict[str, list[tuple[float, float]]] = {}
     lock = threading.Lock()
-    clients = [threading.Thread(target=Slicer(nn_url, ct_phantom((16, 96, 96), lesions=("ellipsoid", "lobulated"), seed=args.seed + k),
-                                              tally, stop_at, args.timeout, args.abandon,
+    started = time.monotonic()
+    stop_at = started + args.duration
+    clients = [threading.Thread(target=Slicer(nn_url, phantom, volumes, tally, stop_at, args.timeout, args.abandon,
                                               np.random.default_rng(args.seed + k), abandoned, lock).run_safely, daemon=True)
-               for k in range(args.slicer)]
-    clients += [threading.Thread(target=score_client, args=(score_url, ct_phantom((12, 96, 96), seed=args.seed + k),
-                                                            np.random.default_rng(1000 + args.seed + k), tally, stop_at, args.timeout),
-                                 daemon=True) for k in range(args.score)]
+               for k, (phantom, volumes) in enumerate(zip(slicer_phantoms, slicer_volumes, strict=True))]
+    clients += [threading.Thread(target=score_client, args=(score_url, bodies, tally, stop_at, args.timeout), daemon=True)
+                for bodies in score_bodies]
     qupath: dict[str, LoadReport] = {}
     if args.qupath:
         clients.append(threading.Thread(target=lambda: qupath.update(report=qupath_load(
