@@ -14,9 +14,11 @@ from nnInteractive.inference.remote import (
     SessionExpiredError,
     nnInteractiveRemoteInferenceSession,
 )
+from nnInteractive.inference.remote.serialization import pack_array
 from pydantic import SecretStr
 
 from medsam2_endpoint.api.samapi import create_app
+from medsam2_endpoint.core.background import DONE, GONE
 from medsam2_endpoint.core.registry import ModelRegistry
 from medsam2_endpoint.core.service import Service
 from medsam2_endpoint.core.sessions import SessionLimits, SessionStore
@@ -36,9 +38,13 @@ def lite_service(service: Service, **changes) -> Service:
 
 
 @pytest.fixture(scope="module")
-def url(service):
-    app = create_app(lite_service(service, nninteractive_token=SecretStr(KEY), nninteractive_max_sessions=2,
-                                 nninteractive_prediction_s=1e6))  # answers independent of the machine's load
+def app(service):
+    return create_app(lite_service(service, nninteractive_token=SecretStr(KEY), nninteractive_max_sessions=2,
+                                   nninteractive_prediction_s=1e6))  # answers independent of the machine's load
+
+
+@pytest.fixture(scope="module")
+def url(app):
     with live(app) as base:
         yield base.replace("/sam/", "/nninteractive")
 
@@ -247,4 +253,87 @@ def test_a_walk_out_of_time_answers_what_it_reached(service, phantom):
         assert meta["partial"] is True and "MEDSAM2_NNINTERACTIVE_PREDICTION_S" in meta["not_done"]
         k = phantom.lesions[0].key_slice
         assert meta["bbox"][0][0] <= k < meta["bbox"][0][1] and meta["slices_processed"] <= 4
+        s.close()
+
+
+# ------------------------------------------------------------------------------------ background encoding
+# Each test its own three-slice volume that no other test encodes, so the shared engine's cache holds none of its
+# slices before; the runs are awaited (a hang guard, not a timing assertion).
+DISC_BOX = [[1, 2], [9, 24], [9, 24]]  # the disc's box on the middle slice
+
+
+def disc_volume(seed: int) -> np.ndarray:
+    """uint8 (3, 32, 32): noise, and a bright disc through every slice (uint8: the server windows it min-max)."""
+    volume = np.random.default_rng(seed).integers(20, 60, size=(3, 32, 32), dtype=np.uint8)
+    yy, xx = np.mgrid[:32, :32]
+    volume[:, (yy - 16) ** 2 + (xx - 16) ** 2 <= 36] = 200
+    return volume
+
+
+def wait_for(condition, what: str, timeout_s: float = 120.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, f"still waiting for {what}"
+        time.sleep(0.02)
+
+
+def test_set_image_encodes_the_slices_in_the_background(url, app):
+    """After set_image every axial slice is in the engine's feature cache under the session's volume key (the JSON
+    route's key of the same voxels), so the first box walks without encoding a slice itself."""
+    slicer = app.state.slicer
+    volume = disc_volume(41)
+    s = nnInteractiveRemoteInferenceSession(url, api_key=KEY)
+    try:
+        s.set_image(volume[None])
+        run = slicer.encoder.latest
+        assert run is not None and run.wait(300) and (run.reason, run.cached) == (DONE, 3)
+        session = slicer.store.get(s._lease_token).payload
+        features = slicer.service.registry.get(LITE_NAME).features
+        assert all((session.volume_key, z) in features for z in range(3))
+        s.set_target_buffer(np.zeros(volume.shape, np.uint8))
+        s.add_bbox_interaction(DISC_BOX, include_interaction=True)
+        assert s.target_buffer[1].any()
+        assert session.states[0].encoder_calls == 0  # every slice the walk visited was cached
+    finally:
+        s.close()
+
+
+def test_a_new_image_or_the_release_ends_the_background_run(url, app):
+    """While a request holds the model's slot the runs wait and encode nothing; a second set_image ends the first
+    run, the release the second; neither volume's slices reach the cache."""
+    slicer = app.state.slicer
+    s = nnInteractiveRemoteInferenceSession(url, api_key=KEY)
+    features = slicer.service.registry.get(LITE_NAME).features
+    try:
+        with slicer.service.slots.hold(LITE_NAME):  # a request computing
+            s.set_image(disc_volume(42)[None])
+            old = slicer.encoder.latest
+            old_key = slicer.store.get(s._lease_token).payload.volume_key
+            wait_for(lambda: old.yielded > 0, "the first run to meet the busy slot")
+            s.set_image(disc_volume(43)[None])
+            new = slicer.encoder.latest
+            assert new is not old and old.wait(60) and (old.reason, old.cached) == ("a new image", 0)
+            new_key = slicer.store.get(s._lease_token).payload.volume_key
+            wait_for(lambda: new.yielded > 0, "the second run to meet the busy slot")
+            s.close()  # the release
+            assert new.wait(60) and (new.reason, new.cached) == (GONE, 0)
+        assert not any((key, z) in features for key in (old_key, new_key) for z in range(3))
+    finally:
+        s.close()
+
+
+def test_a_box_right_after_set_image_is_answered(url, app):
+    """The box does not wait for the background run: it takes the slot, the run waits, and both finish."""
+    slicer = app.state.slicer
+    volume = disc_volume(44)
+    s = nnInteractiveRemoteInferenceSession(url, api_key=KEY)
+    try:
+        resp = s._http.post("/set_image", content=pack_array(volume[None]), headers={"X-Meta": "{}"})
+        assert resp.json()["background_encoding"] is True
+        run = slicer.encoder.latest
+        s.set_target_buffer(np.zeros(volume.shape, np.uint8))
+        s.add_bbox_interaction(DISC_BOX, include_interaction=True)
+        assert s.target_buffer[1].any()
+        assert run is not None and run.wait(300) and run.reason == DONE
+    finally:
         s.close()

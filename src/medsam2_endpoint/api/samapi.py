@@ -329,7 +329,7 @@ def create_app(service: Service | None = None, *, build_service: Callable[[], Se
             yield
         finally:
             state.uploads.close()
-            slicer.store.close()
+            slicer.close()
 
     app = FastAPI(title="medsam2-endpoint samapi", version=__version__, lifespan=lifespan)
     _install_error_handlers(app)

@@ -75,6 +75,11 @@ class ByteLRU:
             self._items[key] = (value, size)
             self._size += size
 
+    def __contains__(self, key: Hashable) -> bool:
+        """Whether `key` is cached; neither a hit nor a miss, and its place in the LRU order stays."""
+        with self._lock:
+            return key in self._items
+
     @property
     def size_bytes(self) -> int:
         return self._size

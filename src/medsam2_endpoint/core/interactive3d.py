@@ -23,7 +23,6 @@ answer says so (`partial`); the next interaction goes on from the label map as i
 
 from __future__ import annotations
 
-import hashlib
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -35,6 +34,7 @@ from medsam2_endpoint.base.budget import Budget
 from medsam2_endpoint.base.errors import InvalidRequest
 from medsam2_endpoint.base.log import log
 from medsam2_endpoint.contract.score3d import DEFAULT_STOP_AFTER_EMPTY
+from medsam2_endpoint.core.volumes import volume_key
 from medsam2_endpoint.engines.base import ModelInfo, PromptedVolumeEngine, SlicePrompt, VolumeEngine
 from medsam2_endpoint.pipeline.interactive import segment_prompts
 from medsam2_endpoint.pipeline.propagate import PropagationOptions, segment_object, walk_from_box
@@ -119,7 +119,7 @@ class SegmentSession:
         self.image, self.window, self.window_reason, self.spacing = image, window, reason, spacing
         self.labels = np.zeros(image.shape, dtype=np.uint8)
         self.engine_name = engine_name
-        self.volume_key = hashlib.blake2b(image.data, digest_size=16).hexdigest() + str(image.shape)
+        self.volume_key = volume_key(image)  # the JSON route's key: both share the engine's features of these voxels
         log.info("route=nninteractive set_image shape=%s dtype=%s window=%s (%s)", "x".join(map(str, raw.shape)),
                  raw.dtype, list(window) if window else "min-max", reason)
         return self.window_report()

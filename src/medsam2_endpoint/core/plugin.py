@@ -17,7 +17,6 @@ registered is run when the plugin names it. The `run_script` answer says which m
 
 from __future__ import annotations
 
-import hashlib
 import io
 import re
 import zipfile
@@ -31,6 +30,7 @@ from medsam2_endpoint.base.budget import Budget
 from medsam2_endpoint.base.errors import InvalidRequest, PayloadTooLarge, VolumeNotHeld
 from medsam2_endpoint.core.plugin_state import ClientState, PluginVolume
 from medsam2_endpoint.core.service import Service
+from medsam2_endpoint.core.volumes import volume_key
 from medsam2_endpoint.engines.base import VolumeEngine
 from medsam2_endpoint.io.limits import Limits
 from medsam2_endpoint.pipeline.propagate import (
@@ -152,8 +152,7 @@ def parse_image(arrays: dict[str, np.ndarray], *, limits: Limits, field: str = "
     if high < 0 or low >= depth:
         raise InvalidRequest(f"{field}.z_range: slices {low}..{high} are outside the volume's {depth} slices (0..{depth - 1})")
     low, high = max(low, 0), min(high, depth - 1)
-    key = hashlib.blake2b(imgs.data, digest_size=16).hexdigest() + str(imgs.shape)
-    return PluginVolume(imgs, boxes, (min(low, mid), max(high, mid), mid), key, scaled_from)
+    return PluginVolume(imgs, boxes, (min(low, mid), max(high, mid), mid), volume_key(imgs), scaled_from)
 
 
 def parse_gts(arrays: dict[str, np.ndarray], *, field: str = "file") -> np.ndarray:

@@ -112,6 +112,12 @@ class SessionStore(Generic[P]):
             del self._leases[lease.token]
         log.info("%s released (%d held)", self._what, len(self._leases))
 
+    def holds(self, payload: P) -> bool:
+        """Whether a lease still holds `payload` (not released, reaped or closed); for work done on its behalf
+        outside its requests."""
+        with self._lock:
+            return any(lease.payload is payload for lease in self._leases.values())
+
     def remaining_s(self, lease: Lease[P]) -> float:
         """Seconds until the idle timeout reaps the lease (heartbeats do not extend it)."""
         return max(0.0, self.limits.idle_s - (self._clock() - lease.last_action))

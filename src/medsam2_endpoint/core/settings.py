@@ -132,6 +132,8 @@ class Settings(BaseSettings):
     nninteractive_liveness_s: float = Field(60.0, gt=0, description="a 3D Slicer session with no request at all (heartbeats count) for this long is ended, seconds")
     nninteractive_prediction_s: float = Field(
         30.0, gt=0, description="a 3D Slicer interaction's walk stops after the slice that ends past this many seconds and answers what it reached (the plugin waits 60 s; a slice can take seconds on a busy CPU)")
+    nninteractive_background_encode: bool = Field(
+        True, description="after a 3D Slicer `set_image`, encode the volume's axial slices into the feature cache in the background (middle slice outwards, one at a time, only while no request is computing), so the first box walks over cached slices; it stops at the next image, at the session's end, or when the cache is full of that volume's slices. LiteMedSAM only (MedSAM2 has no per-slice encoding)")
 
     @field_validator("fetch_allow_networks")
     @classmethod

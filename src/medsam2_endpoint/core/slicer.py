@@ -14,6 +14,7 @@ import numpy as np
 from medsam2_endpoint import __version__
 from medsam2_endpoint.base.budget import Budget
 from medsam2_endpoint.base.errors import InvalidRequest, PayloadTooLarge
+from medsam2_endpoint.core.background import BackgroundEncoder
 from medsam2_endpoint.core.interactive3d import OPTIONS, Box, Change, Pacing, Pin, SegmentSession
 from medsam2_endpoint.core.service import Service
 from medsam2_endpoint.core.sessions import SessionLimits, SessionStore
@@ -37,6 +38,13 @@ class SlicerSessions:
         token = settings.nninteractive_token or settings.samapi_token
         self.token = token.get_secret_value().strip() if token is not None else None
         self.prediction_s = settings.nninteractive_prediction_s
+        # the latest image's slices, encoded while no request computes (core/background.py)
+        self.encoder = BackgroundEncoder(service.slots, service.running, enabled=settings.nninteractive_background_encode)
+
+    def close(self) -> None:
+        """The server stops: the background encoding, then every session."""
+        self.encoder.close()
+        self.store.close()
 
     # ------------------------------------------------------------ model
 
@@ -86,10 +94,15 @@ class SlicerSessions:
         return k, j, i
 
     def set_image(self, session: SegmentSession, raw: np.ndarray, spacing: Any) -> dict[str, Any]:
-        name, _ = self.engine()
+        """The session's new image, windowed; its slices then encoded in the background (the answer says whether)."""
+        name, engine = self.engine()
         sp = [float(v) for v in spacing] if isinstance(spacing, list | tuple) and len(spacing) == 3 else None
         report = session.set_image(np.ascontiguousarray(raw[0]), sp, name)
-        return {"original_image_shape": list(raw.shape), **report}
+        image, _ = session.require_image()
+        key = session.volume_key
+        run = self.encoder.start(name, engine, image, key,
+                                 alive=lambda: session.volume_key == key and self.store.holds(session))
+        return {"original_image_shape": list(raw.shape), **report, "background_encoding": run is not None}
 
     def set_target_buffer(self, session: SegmentSession, shape: Any) -> None:
         image, _ = session.require_image()

@@ -58,6 +58,12 @@ class PreparedItem:
     dicomweb: DicomwebSeries | None = None  # the item's PACS series, while a SEG is to be stored into it (core/pacs.py)
 
 
+def volume_key(windowed: np.ndarray) -> str:
+    """The content key of what a model sees, a uint8 (Z, Y, X) windowed volume: the same voxels (and window) give
+    the same key, under which an engine's per-slice features are cached and shared by every route that sends them."""
+    return hashlib.blake2b(np.ascontiguousarray(windowed).data, digest_size=16).hexdigest() + str(windowed.shape)
+
+
 def request_tally(items: Sequence[VolumeItem], limits: Limits) -> VoxelTally:
     """The request-wide limits, checked before any item is decoded: the base64 of all items together, and the
     voxels every base64 item's NIfTI header declares (URL items are added once fetched, before their decoding)."""
@@ -115,7 +121,7 @@ def prepare(item: VolumeItem, volume: Volume, engine_name: str, *, decode_ms: fl
         window = percentile_window(volume.array)
     windowed = volume.with_array(window_to_uint8(volume.array, window, field=item.field("dicom_window")))
     del volume  # the raw voxels (often int16, twice the windowed bytes) are not needed past this point
-    volume_key = hashlib.blake2b(windowed.array.data, digest_size=16).hexdigest() + str(windowed.array.shape)
+    key = volume_key(windowed.array)
     shape = windowed.array.shape
     previous = None
     if item.previous_mask is not None:
@@ -124,7 +130,7 @@ def prepare(item: VolumeItem, volume: Volume, engine_name: str, *, decode_ms: fl
         prepare_object(spec, item.slice_offset, shape, engine_name, accepts_points=accepts_points, corrects=previous is not None)
         for spec in item.objects
     )
-    return PreparedItem(item, windowed, volume_key, volume_id, previous, engine_name, objects, window, decode_ms=decode_ms,
+    return PreparedItem(item, windowed, key, volume_id, previous, engine_name, objects, window, decode_ms=decode_ms,
                         window_ms=(time.perf_counter() - started) * 1000)
 
 

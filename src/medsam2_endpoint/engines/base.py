@@ -116,6 +116,17 @@ class SliceEngine(VolumeEngine, Protocol):
         ...
 
 
+@runtime_checkable
+class SliceCachingEngine(VolumeEngine, Protocol):
+    """A 3D engine whose per-slice image features are computed on their own and kept in its shared cache under
+    (volume_key, z) (LiteMedSAM): slices can be encoded ahead of a walk (core/background.py)."""
+
+    def cache_slice(self, state: Any, z: int) -> bool:
+        """Encode slice z into the cache unless it is there already. True when it is cached afterwards; False
+        when storing it would have evicted a slice this state cached before (the cache is full of them)."""
+        ...
+
+
 class ImageEngine(Protocol):
     """What the 2D route needs from a model (sam2_image.SAM2ImageEngine, lite.LiteMedSAMEngine)."""
 

@@ -244,6 +244,12 @@ class LiteMedSAMEngine:
             state.used_keys.add(key)
         return cached
 
+    def cache_slice(self, state: LiteState, z: int) -> bool:
+        """Slice z's embedding computed into the state's cache ahead of a walk (engines/base.SliceCachingEngine):
+        True when it is cached afterwards, False when the cache had no room left but the state's own slices."""
+        self._embedding(state, z)
+        return (state.volume_key, z) in state.embeddings
+
     def _box_256(self, box: np.ndarray, h: int, w: int) -> np.ndarray:
         if self.resize_mode == "pad":
             return np.trunc(box * (IMAGE_SIZE / max(h, w)))  # the authors' int(box[i] * ratio)
