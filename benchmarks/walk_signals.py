@@ -1,7 +1,7 @@
 """Stop rules for LiteMedSAM's tracking, tried offline on recorded walks (../shared/data/real).
 
 `record`: for each structure of real_anatomy.py, the walks up and down from one box on the label's
-largest slice are run by the engine's own `LiteMedSAMEngine.track` with a rule accepting every non-empty
+largest slice are run by the served walk (`pipeline/tracking.walk_slices`) with a rule accepting every non-empty
 slice (so to the volume's edge or the first empty mask), and every step's signals
 (predicted IoU, area, centroid, intensity inside the mask, the mean image embedding inside the mask)
 and mask are saved. A stop rule without look-ahead ends a walk at its first rejected slice, so its 3D

@@ -15,7 +15,7 @@ from medsam2_endpoint.base.errors import ModelUnavailable
 from medsam2_endpoint.core.service import Service
 from medsam2_endpoint.core.settings import Settings, SettingsError
 from medsam2_endpoint.engines import lite_openvino, precision
-from medsam2_endpoint.engines.lite import LiteMedSAMEngine
+from medsam2_endpoint.engines.lite import BF16_RECHECK_IOU, LiteMedSAMEngine
 from medsam2_endpoint.engines.lite_onnx import GRAPH_KEY, SHA_KEY, TORCH_KEY, export_path
 from medsam2_endpoint.engines.lite_openvino import OpenVinoEncoder
 from medsam2_endpoint.engines.precision import choose_runtime_precision, cpu_flags, cpu_has_bf16
@@ -143,3 +143,22 @@ def test_openvino_export_rebuilt_when_corrupt_or_stale(engines, tmp_path, monkey
     assert np.abs(encoder(image.numpy()) - expected).max() < 1e-3
     OpenVinoEncoder(encoder_module, SHA, tmp_path, "bf16")  # valid: reused, not exported again
     assert exported == [path]
+
+
+def test_a_bf16_answer_the_model_doubts_is_recomputed_from_an_fp32_embedding(engines):
+    """Near the walk's IoU floor bf16 must not decide alone: such a slice's answer is fp32's, its fp32 embedding
+    cached beside the bf16 one; a confident answer stays bf16's."""
+    phantom = ct_phantom((8, 96, 128), lesions=("ellipsoid",), seed=3)
+    volume, lesion = window_to_uint8(phantom.array(), phantom.window), phantom.lesions[0]
+    z = lesion.key_slice
+    doubtful = np.array([0.0, 0.0, 40.0, 12.0])  # a box on background: a low predicted IoU
+    bf16, fp32 = engines["bf16"].start(volume, "doubt"), engines["fp32"].start(volume)
+    logits, iou = engines["bf16"].slice_logits(bf16, z, doubtful)
+    want, want_iou = engines["fp32"].slice_logits(fp32, z, doubtful)
+    assert want_iou < BF16_RECHECK_IOU
+    assert iou == pytest.approx(want_iou, abs=1e-4) and np.array_equal(logits > 0, want > 0)
+    assert ("doubt", z, "fp32") in engines["bf16"].features
+    confident = np.array(lesion.bbox, dtype=float)
+    calls = bf16.encoder_calls
+    _, iou = engines["bf16"].slice_logits(bf16, z, confident)
+    assert iou >= BF16_RECHECK_IOU and bf16.encoder_calls == calls  # the cached bf16 embedding, no fp32 pass

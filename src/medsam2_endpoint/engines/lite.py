@@ -48,6 +48,11 @@ PRECISIONS = ("fp32", "bf16")  # the image encoder's arithmetic (engines/precisi
 # for a 96-px slice and 6 px for a 512-px one.
 TRACK_MARGIN_256 = 3
 EMBEDDING_BYTES = 256 * 64 * 64 * 4  # one slice's (1, 256, 64, 64) float32 embedding
+# A bf16 answer the model itself doubts (predicted IoU under this) is computed again from an fp32 embedding: near
+# the walk's 0.5 floor bf16's small differences decide whether a walk goes on (the MR spleen's key slice, an organ's
+# edge: IoU 0.552 in fp32, 0.498 in bf16, and its walk stopped after 2 slices instead of 11). Such slices are few
+# (a walk's ends), so the fp32 encoder runs rarely.
+BF16_RECHECK_IOU = 0.6
 
 
 @dataclass
@@ -58,7 +63,7 @@ class LiteState:
     embeddings: ByteLRU  # (volume_key, z) -> embedding; the engine's shared cache, or a private one
     volume_key: str = "private"
     # shared cache only: keys this state has read or stored, never evicted by its own stores
-    used_keys: set[tuple[str, int]] | None = None
+    used_keys: set[tuple[str, int] | tuple[str, int, str]] | None = None
     encoder_calls: int = 0  # slices encoded so far (for logging "slices processed")
     ious: dict[int, float] = field(default_factory=dict)  # predicted IoU of the last mask per slice
 
@@ -160,12 +165,14 @@ class LiteMedSAMEngine:
             self._onnx_encoder = OnnxEncoder(self.net.image_encoder, sha256, onnx_cache_dir)
             self._onnx_decoder = OnnxDecoder(self.net, sha256, onnx_cache_dir)
 
-    def _encode(self, image: torch.Tensor) -> torch.Tensor:
-        """(1, 256, 64, 64) embedding of a (1, 3, 256, 256) encoder input, on the configured runtime."""
+    def _encode(self, image: torch.Tensor, fp32: bool = False) -> torch.Tensor:
+        """(1, 256, 64, 64) embedding of a (1, 3, 256, 256) encoder input, on the configured runtime (`fp32`: in
+        fp32 whatever the configured precision, on the CPU)."""
         if self._onnx_encoder is not None:
-            return torch.from_numpy(self._onnx_encoder(image.numpy()))
+            encoder = self._onnx_encoder.fp32() if fp32 else self._onnx_encoder
+            return torch.from_numpy(encoder(image.numpy()))
         with torch.inference_mode(), bf16_autocast(self.device):
-            if self.precision == "bf16" and self.device.type == "cpu":  # opt-in: slower than ONNX Runtime fp32 here
+            if self.precision == "bf16" and self.device.type == "cpu" and not fp32:  # opt-in: slower than ONNX Runtime fp32 here
                 with torch.autocast("cpu", dtype=torch.bfloat16):
                     return cast(torch.Tensor, self.net.image_encoder(image)).float()
             return cast(torch.Tensor, self.net.image_encoder(image.to(self.device)))
@@ -232,12 +239,13 @@ class LiteMedSAMEngine:
             tensor[None], size=(IMAGE_SIZE, IMAGE_SIZE), mode="bilinear", align_corners=False
         )
 
-    def _embedding(self, state: LiteState, z: int) -> torch.Tensor:
-        """The (1, 256, 64, 64) image embedding of slice z, from the state's LRU cache when present."""
-        key = (state.volume_key, z)
+    def _embedding(self, state: LiteState, z: int, fp32: bool = False) -> torch.Tensor:
+        """The (1, 256, 64, 64) image embedding of slice z, from the state's LRU cache when present (`fp32`: the
+        fp32 one of a bf16 engine, cached beside the bf16 one)."""
+        key: tuple[str, int] | tuple[str, int, str] = (state.volume_key, z, "fp32") if fp32 else (state.volume_key, z)
         cached: torch.Tensor | None = state.embeddings.get(key)
         if cached is None:
-            cached = self._encode(self._image_tensor(state.volume[z]))
+            cached = self._encode(self._image_tensor(state.volume[z]), fp32)
             state.encoder_calls += 1
             state.embeddings.put(key, cached, keep=state.used_keys or ())
         if state.used_keys is not None:
@@ -272,6 +280,8 @@ class LiteMedSAMEngine:
         h, w = state.volume.shape[1:]
         embedding = self._embedding(state, z)
         low_res, iou = self._decode(embedding, self._box_256(box, h, w)[None])  # (1, 1, 256, 256), (1, 1)
+        if self.precision == "bf16" and self.device.type == "cpu" and float(iou[0, 0]) < BF16_RECHECK_IOU:
+            low_res, iou = self._decode(self._embedding(state, z, fp32=True), self._box_256(box, h, w)[None])
         with torch.inference_mode():
             if self.resize_mode == "pad":
                 new_h, new_w = self._resized_size(h, w)

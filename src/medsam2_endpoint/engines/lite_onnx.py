@@ -127,6 +127,10 @@ class OnnxEncoder:
         outputs = self.session.run([OUTPUT_NAME], {INPUT_NAME: np.ascontiguousarray(image, dtype=np.float32)})
         return cast(np.ndarray, outputs[0])
 
+    def fp32(self) -> OnnxEncoder:
+        """This encoder in fp32: itself (ONNX Runtime runs it in fp32 only)."""
+        return self
+
 
 class BoxDecoder(nn.Module):
     """Prompt encoder + mask decoder for B boxes on one image, in one graph (exported, never served on torch).

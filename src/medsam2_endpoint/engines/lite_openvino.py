@@ -79,6 +79,21 @@ class OpenVinoEncoder:
         self.compiled = compiled
         self.request = compiled.create_infer_request()
         self._lock = threading.Lock()  # an infer request runs one call at a time; inference slots may share it
+        self._fp32: OpenVinoEncoder | None = None
+
+    def fp32(self) -> OpenVinoEncoder:
+        """This encoder in fp32 (itself when it is fp32), compiled from the same export on first use."""
+        if self.precision == "fp32":
+            return self
+        with self._lock:
+            if self._fp32 is None:
+                twin = object.__new__(OpenVinoEncoder)
+                twin.precision, twin.path, twin._fp32 = "fp32", self.path, None
+                twin.compiled = compile_encoder(self.path, "fp32")
+                twin.request = twin.compiled.create_infer_request()
+                twin._lock = threading.Lock()
+                self._fp32 = twin
+            return self._fp32
 
     def __call__(self, image: np.ndarray) -> np.ndarray:
         """float32 (1, 3, 256, 256) image -> float32 (1, 256, 64, 64) embedding (a copy: the request reuses its
