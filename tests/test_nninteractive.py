@@ -19,11 +19,13 @@ from pydantic import SecretStr
 
 from medsam2_endpoint.api.samapi import create_app
 from medsam2_endpoint.core.background import DONE, GONE
+from medsam2_endpoint.core.interactive3d import SegmentSession
 from medsam2_endpoint.core.registry import ModelRegistry
 from medsam2_endpoint.core.service import Service
 from medsam2_endpoint.core.sessions import SessionLimits, SessionStore
 from medsam2_endpoint.engines.base import LITE_NAME
 from medsam2_endpoint.pipeline.views import box_in_view, from_view, to_view
+from medsam2_endpoint.pipeline.window import CT_BONE, CT_SOFT_TISSUE, window_to_uint8
 from medsam2_endpoint.testing.metrics import dice
 from medsam2_endpoint.testing.phantoms import ct_phantom
 from test_samapi import live
@@ -337,3 +339,26 @@ def test_a_box_right_after_set_image_is_answered(url, app):
         assert run is not None and run.wait(300) and run.reason == DONE
     finally:
         s.close()
+
+
+def test_a_ct_first_prompt_on_bone_switches_the_session_to_the_bone_window():
+    """Raw HU without a window: soft tissue until the first prompt; drawn on dense bone, the bone window for good."""
+    raw = np.full((6, 40, 40), -1000, np.int16)  # air
+    raw[:, 4:20, 4:36] = 50  # soft tissue
+    raw[:, 24:36, 10:30] = 200  # cancellous bone around a dense cortex
+    raw[:, 26:34, 12:28] = 700
+    soft, bone_box = (slice(2, 3), slice(4, 20), slice(4, 36)), (slice(2, 3), slice(24, 36), slice(10, 30))
+    on_soft = SegmentSession()
+    on_soft.set_image(raw, None, "lite-medsam")
+    assert on_soft.window == CT_SOFT_TISSUE and on_soft.bone is not None
+    assert not on_soft.settle_window(soft) and on_soft.window == CT_SOFT_TISSUE
+    assert on_soft.bone is None and not on_soft.settle_window(bone_box)  # the first prompt decided: final
+    on_bone = SegmentSession()
+    on_bone.set_image(raw, None, "lite-medsam")
+    key = on_bone.volume_key
+    assert on_bone.settle_window(bone_box)
+    assert on_bone.window == CT_BONE and "bone window" in on_bone.window_reason and on_bone.volume_key != key
+    assert np.array_equal(on_bone.image, window_to_uint8(raw, CT_BONE))
+    mr = SegmentSession()
+    mr.set_image((raw + 1000).astype(np.int16), None, "lite-medsam")  # no air-to-bone HU range: MR-like, no choice
+    assert mr.bone is None and not mr.settle_window(bone_box)

@@ -39,7 +39,13 @@ from medsam2_endpoint.engines.base import ModelInfo, PromptedVolumeEngine, Slice
 from medsam2_endpoint.pipeline.interactive import segment_prompts
 from medsam2_endpoint.pipeline.propagate import PropagationOptions, segment_object, walk_from_box
 from medsam2_endpoint.pipeline.views import VIEW_NAMES, from_view, to_view
-from medsam2_endpoint.pipeline.window import auto_window, window_to_uint8
+from medsam2_endpoint.pipeline.window import (
+    CT_BONE,
+    CT_SOFT_TISSUE,
+    BoneAlternative,
+    auto_window,
+    window_to_uint8,
+)
 
 OPTIONS = PropagationOptions(stop_after_empty=DEFAULT_STOP_AFTER_EMPTY, keep_logits=False)
 MAX_UNDO = 16  # interactions kept for undo (each keeps only the sub-box it changed)
@@ -96,17 +102,20 @@ class SegmentSession:
     views: dict[int, np.ndarray] = field(default_factory=dict)  # contiguous coronal/sagittal copies of `image`
     states: dict[int, Any] = field(default_factory=dict)  # engine state per view axis
     do_autozoom: bool = True  # accepted and reported; our walks zoom per slice anyway
+    # a CT volume's bone-windowed voxels until its first prompt: soft tissue or bone, by where it is drawn
+    bone: BoneAlternative | None = None
 
     @property
     def nbytes(self) -> int:
-        held = [self.image, self.labels, *self.views.values()]
+        held = [self.image, self.labels, *self.views.values(), self.bone.image if self.bone else None]
         return sum(int(a.nbytes) for a in held if a is not None) + sum(u.nbytes for u in self.history)
 
     @staticmethod
     def bytes_for(shape: tuple[int, ...]) -> int:
         """What a volume of this shape may come to hold, reserved at `set_image`: its windowed voxels, its label
-        map, and the coronal and sagittal copies a box in those views makes (undo patches come on top)."""
-        return 4 * int(np.prod(shape))
+        map, the coronal and sagittal copies a box in those views makes, and a CT's bone-windowed copy until its
+        first prompt (undo patches come on top)."""
+        return 5 * int(np.prod(shape))
 
     # ------------------------------------------------------------ set-up
 
@@ -118,11 +127,26 @@ class SegmentSession:
         self.prompts, self.pins, self.history, self.views, self.states = {}, [], [], {}, {}
         self.image, self.window, self.window_reason, self.spacing = image, window, reason, spacing
         self.labels = np.zeros(image.shape, dtype=np.uint8)
+        self.bone = BoneAlternative.of(raw) if window == CT_SOFT_TISSUE else None
         self.engine_name = engine_name
         self.volume_key = volume_key(image)  # the JSON route's key: both share the engine's features of these voxels
         log.info("route=nninteractive set_image shape=%s dtype=%s window=%s (%s)", "x".join(map(str, raw.shape)),
                  raw.dtype, list(window) if window else "min-max", reason)
         return self.window_report()
+
+    def settle_window(self, region: tuple[slice, ...]) -> bool:
+        """Before a CT's first prompt, in `region` (K, J, I): the bone window when the region is mostly dense bone
+        (pipeline/window.BoneAlternative), else soft tissue stays; either way the choice is final. True when the
+        image changed (its features are the new window's: the background encoding starts again)."""
+        bone, self.bone = self.bone, None
+        why = bone.wanted(region) if bone is not None else None
+        if bone is None or why is None:
+            return False
+        self.image, self.window, self.window_reason = bone.image, CT_BONE, why
+        self.views, self.states = {}, {}
+        self.volume_key = volume_key(bone.image)
+        log.info("route=nninteractive window=%s (%s)", list(CT_BONE), why)
+        return True
 
     def window_report(self) -> dict[str, Any]:
         return {"window": list(self.window) if self.window else None, "window_reason": self.window_reason}

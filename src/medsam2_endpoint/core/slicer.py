@@ -95,14 +95,24 @@ class SlicerSessions:
 
     def set_image(self, session: SegmentSession, raw: np.ndarray, spacing: Any) -> dict[str, Any]:
         """The session's new image, windowed; its slices then encoded in the background (the answer says whether)."""
-        name, engine = self.engine()
+        name, _ = self.engine()
         sp = [float(v) for v in spacing] if isinstance(spacing, list | tuple) and len(spacing) == 3 else None
         report = session.set_image(np.ascontiguousarray(raw[0]), sp, name)
+        return {"original_image_shape": list(raw.shape), **report, "background_encoding": self._encode_ahead(session)}
+
+    def _encode_ahead(self, session: SegmentSession) -> bool:
+        """The session's image encoded in the background until it changes (core/background.py); whether it runs."""
+        name, engine = self.engine()
         image, _ = session.require_image()
         key = session.volume_key
         run = self.encoder.start(name, engine, image, key,
                                  alive=lambda: session.volume_key == key and self.store.holds(session))
-        return {"original_image_shape": list(raw.shape), **report, "background_encoding": run is not None}
+        return run is not None
+
+    def _settle_window(self, session: SegmentSession, box: Box) -> None:
+        """A CT's first prompt picks its window (soft tissue or bone) from the voxels it is drawn on."""
+        if session.bone is not None and session.settle_window(tuple(slice(a, b) for a, b in box)):
+            self._encode_ahead(session)
 
     def set_target_buffer(self, session: SegmentSession, shape: Any) -> None:
         image, _ = session.require_image()
@@ -123,6 +133,7 @@ class SlicerSessions:
                 z, region = _region(box, axis, to_view(image, axis).shape[1:])
                 return session.erase(axis, z, region)
             return session.erase_box(box)
+        self._settle_window(session, box)
         if flat:
             axis = flat[0]
             z, view_box = box_in_view(box, axis)
@@ -151,6 +162,7 @@ class SlicerSessions:
             raise InvalidRequest("add_lasso_interaction: the lasso encloses no voxel")
         if not include:
             return session.erase(axis, z, region)
+        self._settle_window(session, box)
         rows, cols = np.nonzero(region)
         view_box = np.array([cols.min(), rows.min(), cols.max() + 1, rows.max() + 1], dtype=np.int64)
         return self._walk(session, axis, SlicePrompt(z, box=view_box), budget, pin=Pin(axis, z, region, 1))
