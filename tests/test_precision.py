@@ -53,14 +53,15 @@ def test_auto_picks_bf16_only_where_the_cpu_and_the_runtime_have_it(runtime, ask
     assert choose_runtime_precision(runtime, asked, "cpu", has_bf16=has_bf16, openvino=True, auto_bf16=True) == expected
 
 
-@pytest.mark.parametrize(("runtime", "asked", "expected"), [
-    ("auto", "auto", ("openvino", "fp32")),  # the shipped default: fp32 even on a bf16 CPU (precision.AUTO_BF16)
-    ("openvino", "auto", ("openvino", "fp32")),
-    ("auto", "bf16", ("openvino", "bf16")),  # bf16 asked for: OpenVINO runs it
+@pytest.mark.parametrize(("runtime", "asked", "has_bf16", "expected"), [
+    ("auto", "auto", True, ("openvino", "bf16")),  # the shipped default on a bf16 CPU (precision.AUTO_BF16)
+    ("openvino", "auto", True, ("openvino", "bf16")),
+    ("auto", "auto", False, ("openvino", "fp32")),  # no native bf16: fp32
+    ("auto", "fp32", True, ("openvino", "fp32")),  # fp32 one setting away
 ])
-def test_shipped_auto_stays_fp32_and_bf16_is_one_setting_away(runtime, asked, expected):
-    assert not precision.AUTO_BF16
-    assert choose_runtime_precision(runtime, asked, "cpu", has_bf16=True, openvino=True) == expected
+def test_shipped_auto_takes_bf16_where_the_cpu_has_it_and_fp32_is_one_setting_away(runtime, asked, has_bf16, expected):
+    assert precision.AUTO_BF16
+    assert choose_runtime_precision(runtime, asked, "cpu", has_bf16=has_bf16, openvino=True) == expected
 
 
 def test_auto_without_openvino_stays_fp32_on_onnx_runtime():

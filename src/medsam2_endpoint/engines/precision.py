@@ -3,8 +3,8 @@
 bf16 halves the encoder's time where the processor multiplies bf16 natively (AVX512_BF16, or AMX on
 Sapphire Rapids and later; BENCHMARKS.md "bf16 on the CPU") and is emulated, slower than fp32, where it
 does not. So bf16 runs only where the CPU has it and the runtime uses it (OpenVINO; torch on request), and
-an explicit `bf16` on a CPU without it is refused at start rather than served slowly. `auto` stays fp32 for
-now (`AUTO_BF16`: one real structure of 15 lost its answer in bf16).
+an explicit `bf16` on a CPU without it is refused at start rather than served slowly. `auto` takes bf16 on
+OpenVINO where both are there (`AUTO_BF16`).
 
 The CPU probe reads /proc/cpuinfo's flags; tests inject the flags instead (`cpu_has_bf16(flags=...)`).
 """
@@ -22,12 +22,13 @@ CPUINFO = Path("/proc/cpuinfo")
 # runtimes that run the encoder in bf16 on the CPU: OpenVINO (INFERENCE_PRECISION_HINT) and torch (autocast).
 # ONNX Runtime's CPU provider has no bf16 kernels for these graphs.
 BF16_RUNTIMES = ("openvino", "torch")
-# Whether `auto` takes bf16 where it can. Off for now: on the 15 real structures bf16 (OpenVINO) matched fp32
-# on 14 (mean change -0.001) but lost the MR spleen (Dice 0.836 -> 0.197): its key slice is the organ's tip,
-# where fp32's own predicted IoU is 0.55; bf16's smaller key mask (IoU 0.498) changes the tracking rule's
-# reference and the walk ends after two slices (BENCHMARKS.md "bf16 on the CPU"). bf16 stays one setting away
-# (MEDSAM2_PRECISION=bf16) until the rule is robust to that; flip this to make `auto` choose it.
-AUTO_BF16 = False
+# Whether `auto` takes bf16 where it can. On since the two fixes that made bf16 give fp32's answers: at first bf16
+# (OpenVINO) matched fp32 on 14 of the 15 real structures but lost the MR spleen (Dice 0.836 -> 0.197; its key
+# slice is the organ's tip, predicted IoU 0.552 in fp32, 0.498 in bf16). Now a key mask under the 0.5 floor is no
+# reference (pipeline/tracking min_key_iou) and an answer the model doubts is computed again in fp32
+# (engines/lite BF16_RECHECK_IOU): every real structure within 0.02 of fp32, mean -0.001 (BENCHMARKS.md "bf16 on
+# the CPU").
+AUTO_BF16 = True
 
 
 def cpu_flags(cpuinfo: Path = CPUINFO) -> frozenset[str]:
@@ -60,9 +61,9 @@ def choose_runtime_precision(runtime: str, precision: str, device: str, *, has_b
                              openvino: bool | None = None, auto_bf16: bool = AUTO_BF16) -> tuple[str, str]:
     """(runtime, precision) of LiteMedSAM's encoder from the MEDSAM2_RUNTIME and MEDSAM2_PRECISION settings.
 
-    CUDA runs torch under bf16 autocast, as the MedSAM2 reference does on GPUs. On the CPU, with `auto_bf16`,
-    `auto` runtime is OpenVINO in bf16 where the CPU has bf16 and OpenVINO is installed; otherwise (and
-    always without `auto_bf16`, today's default) OpenVINO in fp32, ONNX Runtime without OpenVINO, torch without both.
+    CUDA runs torch under bf16 autocast, as the MedSAM2 reference does on GPUs. On the CPU, with `auto_bf16`
+    (the default), `auto` runtime is OpenVINO in bf16 where the CPU has bf16 and OpenVINO is installed; otherwise
+    (and always without `auto_bf16`) OpenVINO in fp32, ONNX Runtime without OpenVINO, torch without both.
     `auto` precision is bf16 only with `auto_bf16` and OpenVINO on a bf16 CPU: torch's bf16 autocast is slower
     than ONNX Runtime fp32 here, so it is opt-in. `bf16` asked explicitly picks OpenVINO under `auto` runtime.
     Raises ModelUnavailable, naming the setting, for a combination that cannot run as asked.
