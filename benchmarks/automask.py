@@ -8,7 +8,7 @@ samapi's defaults, as the extension sends them. Each request goes through `Servi
 server's budget (MEDSAM2_REQUEST_DEADLINE_S); the embedding cache is fresh for each, so every time
 includes encoding the image once.
 
-    PYTHONPATH=src python benchmarks/automask.py [--runtimes torch,onnx] [--margins]
+    PYTHONPATH=src python benchmarks/automask.py [--runtimes torch,onnx,openvino:bf16] [--margins]
 
 Reported: seconds, masks returned, grid prompts decoded / planned (and pruned before decoding), whether the
 answer is partial, and for the disk the best IoU of a returned mask with it. --margins instead reports, for
@@ -30,7 +30,7 @@ import harness
 
 def arguments() -> argparse.ArgumentParser:
     parser = harness.parser(__doc__)
-    parser.add_argument("--runtimes", default="torch,onnx")
+    parser.add_argument("--runtimes", default="torch,onnx", help="comma-separated RUNTIME[:PRECISION], e.g. onnx,openvino:fp32,openvino:bf16")
     parser.add_argument("--margins", action="store_true", help="the margin sweep instead of the requests")
     return parser
 
@@ -105,7 +105,9 @@ def main(args: argparse.Namespace) -> int:
     rows = []
     with tempfile.TemporaryDirectory() as cache:
         for runtime in args.runtimes.split(","):
-            service = harness.service({"MEDSAM2_RUNTIME": runtime, "MEDSAM2_ONNX_CACHE_DIR": cache})
+            name, _, precision = runtime.partition(":")
+            service = harness.service({"MEDSAM2_RUNTIME": name, "MEDSAM2_PRECISION": precision or "auto",
+                                       "MEDSAM2_ONNX_CACHE_DIR": cache})
             for image_name, (rgb, truth) in images.items():
                 b64 = png_b64(rgb)
                 for body_name, fields in BODIES.items():
