@@ -341,24 +341,24 @@ def test_a_box_right_after_set_image_is_answered(url, app):
         s.close()
 
 
-def test_a_ct_first_prompt_on_bone_switches_the_session_to_the_bone_window():
-    """Raw HU without a window: soft tissue until the first prompt; drawn on dense bone, the bone window for good."""
+def test_each_objects_first_prompt_on_a_ct_picks_soft_tissue_or_bone():
+    """Raw HU without a window: soft tissue at set_image; an object's first prompt drawn on dense bone switches to the
+    bone window, one drawn on soft tissue back (both windowed volumes held)."""
     raw = np.full((6, 40, 40), -1000, np.int16)  # air
     raw[:, 4:20, 4:36] = 50  # soft tissue
     raw[:, 24:36, 10:30] = 200  # cancellous bone around a dense cortex
     raw[:, 26:34, 12:28] = 700
-    soft, bone_box = (slice(2, 3), slice(4, 20), slice(4, 36)), (slice(2, 3), slice(24, 36), slice(10, 30))
-    on_soft = SegmentSession()
-    on_soft.set_image(raw, None, "lite-medsam")
-    assert on_soft.window == CT_SOFT_TISSUE and on_soft.bone is not None
-    assert not on_soft.settle_window(soft) and on_soft.window == CT_SOFT_TISSUE
-    assert on_soft.bone is None and not on_soft.settle_window(bone_box)  # the first prompt decided: final
-    on_bone = SegmentSession()
-    on_bone.set_image(raw, None, "lite-medsam")
-    key = on_bone.volume_key
-    assert on_bone.settle_window(bone_box)
-    assert on_bone.window == CT_BONE and "bone window" in on_bone.window_reason and on_bone.volume_key != key
-    assert np.array_equal(on_bone.image, window_to_uint8(raw, CT_BONE))
+    soft, bone = (slice(2, 3), slice(4, 20), slice(4, 36)), (slice(2, 3), slice(24, 36), slice(10, 30))
+    session = SegmentSession()
+    session.set_image(raw, None, "lite-medsam")
+    soft_image, soft_key = session.image, session.volume_key
+    assert session.window == CT_SOFT_TISSUE and not session.settle_window(soft)
+    assert session.settle_window(bone)
+    assert session.window == CT_BONE and "bone window" in session.window_reason and session.volume_key != soft_key
+    assert np.array_equal(session.image, window_to_uint8(raw, CT_BONE))
+    assert session.nbytes == 3 * raw.size  # both windows and the label map
+    assert session.settle_window(soft) and session.window == CT_SOFT_TISSUE
+    assert session.image is soft_image and session.volume_key == soft_key
     mr = SegmentSession()
     mr.set_image((raw + 1000).astype(np.int16), None, "lite-medsam")  # no air-to-bone HU range: MR-like, no choice
-    assert mr.bone is None and not mr.settle_window(bone_box)
+    assert mr.bone is None and not mr.settle_window(bone)

@@ -85,6 +85,13 @@ class Change:
     meta: dict[str, Any] = field(default_factory=dict)
 
 
+@dataclass(frozen=True)
+class _Windowed:
+    image: np.ndarray  # uint8 (K, J, I)
+    window: tuple[float, float] | None
+    reason: str
+
+
 @dataclass
 class SegmentSession:
     """A lease's payload (core/sessions.py): empty until `set_image`."""
@@ -102,19 +109,22 @@ class SegmentSession:
     views: dict[int, np.ndarray] = field(default_factory=dict)  # contiguous coronal/sagittal copies of `image`
     states: dict[int, Any] = field(default_factory=dict)  # engine state per view axis
     do_autozoom: bool = True  # accepted and reported; our walks zoom per slice anyway
-    # a CT volume's bone-windowed voxels until its first prompt: soft tissue or bone, by where it is drawn
+    # a CT volume in both windows: each object's first prompt picks soft tissue or bone by where it is drawn
+    # (`settle_window`)
     bone: BoneAlternative | None = None
+    soft: _Windowed | None = None
 
     @property
     def nbytes(self) -> int:
-        held = [self.image, self.labels, *self.views.values(), self.bone.image if self.bone else None]
+        other = [w.image for w in (self.bone, self.soft) if w is not None and w.image is not self.image]
+        held = [self.image, self.labels, *self.views.values(), *other]
         return sum(int(a.nbytes) for a in held if a is not None) + sum(u.nbytes for u in self.history)
 
     @staticmethod
     def bytes_for(shape: tuple[int, ...]) -> int:
         """What a volume of this shape may come to hold, reserved at `set_image`: its windowed voxels, its label
-        map, the coronal and sagittal copies a box in those views makes, and a CT's bone-windowed copy until its
-        first prompt (undo patches come on top)."""
+        map, the coronal and sagittal copies a box in those views makes, and a CT's other window (undo patches
+        come on top)."""
         return 5 * int(np.prod(shape))
 
     # ------------------------------------------------------------ set-up
@@ -127,7 +137,9 @@ class SegmentSession:
         self.prompts, self.pins, self.history, self.views, self.states = {}, [], [], {}, {}
         self.image, self.window, self.window_reason, self.spacing = image, window, reason, spacing
         self.labels = np.zeros(image.shape, dtype=np.uint8)
-        self.bone = BoneAlternative.of(raw) if window == CT_SOFT_TISSUE else None
+        ct = window == CT_SOFT_TISSUE
+        self.bone = BoneAlternative.of(raw) if ct else None
+        self.soft = _Windowed(image, window, reason) if ct else None
         self.engine_name = engine_name
         self.volume_key = volume_key(image)  # the JSON route's key: both share the engine's features of these voxels
         log.info("route=nninteractive set_image shape=%s dtype=%s window=%s (%s)", "x".join(map(str, raw.shape)),
@@ -135,17 +147,19 @@ class SegmentSession:
         return self.window_report()
 
     def settle_window(self, region: tuple[slice, ...]) -> bool:
-        """Before a CT's first prompt, in `region` (K, J, I): the bone window when the region is mostly dense bone
-        (pipeline/window.BoneAlternative), else soft tissue stays; either way the choice is final. True when the
-        image changed (its features are the new window's: the background encoding starts again)."""
-        bone, self.bone = self.bone, None
-        why = bone.wanted(region) if bone is not None else None
-        if bone is None or why is None:
+        """An object's first prompt on a CT, in `region` (K, J, I): the bone window when the region is mostly dense
+        bone (pipeline/window.BoneAlternative), else soft tissue. True when the image changed (its features are the
+        other window's: the background encoding starts again)."""
+        if self.bone is None or self.soft is None:
             return False
-        self.image, self.window, self.window_reason = bone.image, CT_BONE, why
+        why = self.bone.wanted(region)
+        image, window, reason = (self.bone.image, CT_BONE, why) if why else (self.soft.image, self.soft.window, self.soft.reason)
+        if image is self.image:
+            return False
+        self.image, self.window, self.window_reason = image, window, reason
         self.views, self.states = {}, {}
-        self.volume_key = volume_key(bone.image)
-        log.info("route=nninteractive window=%s (%s)", list(CT_BONE), why)
+        self.volume_key = volume_key(image)
+        log.info("route=nninteractive window=%s (%s)", list(window) if window else "min-max", reason)
         return True
 
     def window_report(self) -> dict[str, Any]:

@@ -110,8 +110,12 @@ class SlicerSessions:
         return run is not None
 
     def _settle_window(self, session: SegmentSession, box: Box) -> None:
-        """A CT's first prompt picks its window (soft tissue or bone) from the voxels it is drawn on."""
-        if session.bone is not None and session.settle_window(tuple(slice(a, b) for a, b in box)):
+        """On a CT, an object's first prompt (no prompt yet, an empty label map) picks the window, soft tissue or
+        bone, from the voxels it is drawn on."""
+        _, labels = session.require_image()
+        if session.bone is None or session.prompts or labels.any():
+            return
+        if session.settle_window(tuple(slice(a, b) for a, b in box)):
             self._encode_ahead(session)
 
     def set_target_buffer(self, session: SegmentSession, shape: Any) -> None:
