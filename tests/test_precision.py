@@ -163,3 +163,29 @@ def test_a_bf16_answer_the_model_doubts_is_recomputed_from_an_fp32_embedding(eng
     calls = bf16.encoder_calls
     _, iou = engines["bf16"].slice_logits(bf16, z, confident)
     assert iou >= BF16_RECHECK_IOU and bf16.encoder_calls == calls  # the cached bf16 embedding, no fp32 pass
+
+
+def test_medsam2_runs_bf16_on_the_cpu_only_when_asked_by_name(medsam2_checkpoint, model_dir):
+    """`auto` keeps MedSAM2 in the reference's fp32; MEDSAM2_PRECISION=bf16 runs it (3D and 2D) under torch's CPU
+    bf16 autocast, reported as such, with masks that agree with fp32's."""
+    from medsam2_endpoint.engines.medsam2 import MedSAM2Engine
+    from medsam2_endpoint.pipeline.propagate import PropagationOptions, segment_object
+
+    fp32, bf16 = MedSAM2Engine(medsam2_checkpoint), MedSAM2Engine(medsam2_checkpoint, precision="bf16")
+    assert fp32.info.capabilities.precision == "fp32" and bf16.info.capabilities.precision == "bf16"
+    assert bf16.image_engine().cpu_bf16 and not fp32.image_engine().cpu_bf16
+    phantom = ct_phantom((8, 64, 64), lesions=("ellipsoid",), seed=3)
+    volume, lesion = window_to_uint8(phantom.array(), phantom.window), phantom.lesions[0]
+    masks, logits = [], []
+    for engine in (fp32, bf16):
+        result = segment_object(engine, engine.start(volume), key_index=lesion.key_slice, box=np.array(lesion.bbox, float),
+                                shape=volume.shape, options=PropagationOptions(direction="up", max_slices=2))
+        masks.append(result.mask > 0)
+        logits.append(result.logits[lesion.key_slice])
+    assert not np.array_equal(logits[0], logits[1])  # bf16 arithmetic really ran
+    assert dice(masks[0], masks[1]) >= 0.9
+    settings = {"MEDSAM2_WARMUP": "0", "MEDSAM2_ENABLE_LITE": "0"}
+    auto = Service.from_settings(Settings.from_env({**settings, "MEDSAM2_PRECISION": "auto"}, model_dir=str(model_dir)))
+    assert auto.registry.get(auto.default).info.capabilities.precision == "fp32"
+    asked = Service.from_settings(Settings.from_env({**settings, "MEDSAM2_PRECISION": "bf16"}, model_dir=str(model_dir)))
+    assert asked.registry.get(asked.default).info.capabilities.precision == "bf16"

@@ -69,12 +69,14 @@ class BuildOptions:
     lite_runtime: str = "torch"
     onnx_cache_dir: Path | None = None
     lite_precision: str = "fp32"
+    medsam2_precision: str = "fp32"  # "bf16": torch's CPU autocast (opt-in; the default stays the reference's fp32)
 
 
 def _build_medsam2(name: str, checkpoint: Path | None, options: BuildOptions) -> VolumeEngine:
     if checkpoint is None:
         raise ValueError("a MedSAM2 engine needs a checkpoint")
-    return MedSAM2Engine(checkpoint, device=options.device, name=name, feature_cache_mb=options.feature_cache_mb)
+    return MedSAM2Engine(checkpoint, device=options.device, name=name, feature_cache_mb=options.feature_cache_mb,
+                         precision=options.medsam2_precision)
 
 
 def _build_lite(name: str, checkpoint: Path | None, options: BuildOptions) -> VolumeEngine:
@@ -94,7 +96,7 @@ class ModelRegistry:
     """name -> engine. `default` is the first MedSAM2 checkpoint when there is one, else LiteMedSAM."""
 
     def __init__(self, engines: Mapping[str, VolumeEngine], default: str, *, device: str = "cpu",
-                 feature_cache_mb: int = 256) -> None:
+                 feature_cache_mb: int = 256, medsam2_precision: str = "fp32") -> None:
         if default not in engines:
             raise ValueError(f"default model {default!r} is not among {sorted(engines)}")
         self._engines: dict[str, VolumeEngine] = dict(engines)
@@ -103,16 +105,18 @@ class ModelRegistry:
         self.default = default
         self.device = device
         self.feature_cache_mb = feature_cache_mb
+        self.medsam2_precision = medsam2_precision
 
     @classmethod
     def build(cls, *, model_dir: Path | None, device: str, feature_cache_mb: int, enable_lite: bool,
               extra_checkpoints: Mapping[str, Path] | None = None, lite_runtime: str = "torch",
-              onnx_cache_dir: Path | None = None, lite_precision: str = "fp32") -> ModelRegistry:
+              onnx_cache_dir: Path | None = None, lite_precision: str = "fp32",
+              medsam2_precision: str = "fp32") -> ModelRegistry:
         """Load every checkpoint of the model folder (never one under a registration staging folder),
         the registered ones in `extra_checkpoints` (name -> file) and LiteMedSAM, its encoder on
         `lite_runtime` ("torch", "onnx" or "openvino", exported under `onnx_cache_dir`) in `lite_precision`
-        ("fp32" or "bf16"); MedSAM2 runs on torch."""
-        options = BuildOptions(device, feature_cache_mb, lite_runtime, onnx_cache_dir, lite_precision)
+        ("fp32" or "bf16"); MedSAM2 runs on torch, in `medsam2_precision` on the CPU."""
+        options = BuildOptions(device, feature_cache_mb, lite_runtime, onnx_cache_dir, lite_precision, medsam2_precision)
         engines: dict[str, VolumeEngine] = {}
         candidates = [(path.stem, path) for path in find_checkpoints(model_dir)]
         candidates += list((extra_checkpoints or {}).items())
@@ -137,7 +141,7 @@ class ModelRegistry:
             runtime = getattr(engine, "runtime", "torch")
             log.info("model %s loaded (%s, sha256 %s, %s runtime, %s)%s", name, info.checkpoint, info.sha256[:12], runtime,
                      info.capabilities.precision, " [default]" if name == default else "")
-        return cls(engines, default, device=device, feature_cache_mb=feature_cache_mb)
+        return cls(engines, default, device=device, feature_cache_mb=feature_cache_mb, medsam2_precision=medsam2_precision)
 
     def snapshot(self) -> Mapping[str, VolumeEngine]:
         """A read-only copy: safe to iterate while another thread registers a model."""
@@ -189,7 +193,8 @@ class ModelRegistry:
         """Build (not add) a MedSAM2 engine from a checkpoint: `weights_only` load, strict keys.
 
         Raises CheckpointError when the file is not a MedSAM2 checkpoint."""
-        return BUILDERS["medsam2"](name, path, BuildOptions(self.device, self.feature_cache_mb))
+        return BUILDERS["medsam2"](name, path, BuildOptions(self.device, self.feature_cache_mb,
+                                                            medsam2_precision=self.medsam2_precision))
 
     def add(self, name: str, engine: VolumeEngine) -> None:
         """Add a built engine under a new name; an existing name is never replaced."""

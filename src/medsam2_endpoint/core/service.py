@@ -117,6 +117,8 @@ class Service:
             model_dir=settings.model_dir, device=device, feature_cache_mb=settings.feature_cache_mb,
             enable_lite=settings.enable_lite, extra_checkpoints=records.checkpoints(),
             lite_runtime=runtime, onnx_cache_dir=settings.onnx_cache_dir, lite_precision=precision,
+            # MedSAM2 in bf16 on the CPU only when asked for by name: `auto` keeps the reference's fp32
+            medsam2_precision="bf16" if settings.precision == "bf16" and device == "cpu" else "fp32",
         )
         log.info("device %s, %d threads, LiteMedSAM runtime %s (%s), model folder %s", device, threads, runtime, precision,
                  settings.model_dir)

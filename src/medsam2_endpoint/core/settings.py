@@ -71,7 +71,7 @@ class Settings(BaseSettings):
     runtime: Literal["auto", "torch", "onnx", "openvino"] = Field(
         "auto", description="where LiteMedSAM runs (image encoder, prompt encoder and mask decoder): `torch`, `onnx` (ONNX Runtime, CPU only), `openvino` (its image encoder on OpenVINO, the rest on ONNX Runtime; CPU only) or `auto` (openvino when installed, else onnx when onnxruntime is installed, else torch); MedSAM2 runs on torch")
     precision: Literal["auto", "fp32", "bf16"] = Field(
-        "auto", description="LiteMedSAM's image encoder arithmetic on the CPU: `fp32`, `bf16` (about twice as fast where the CPU has AVX512_BF16 or AMX; refused at start on a CPU without) or `auto` (bf16 on OpenVINO where the CPU has it, else fp32; BENCHMARKS.md \"bf16 on the CPU\"); CUDA runs bf16 autocast")
+        "auto", description="LiteMedSAM's image encoder arithmetic on the CPU: `fp32`, `bf16` (about twice as fast where the CPU has AVX512_BF16 or AMX; refused at start on a CPU without) or `auto` (bf16 on OpenVINO where the CPU has it, else fp32; BENCHMARKS.md \"bf16 on the CPU\"); `bf16` also runs MedSAM2 under torch's CPU bf16 autocast (`auto` keeps it in the reference's fp32); CUDA runs bf16 autocast")
     onnx_cache_dir: Path | None = Field(
         None, description="where LiteMedSAM's ONNX exports (encoder, box decoder) are cached; default `~/.cache/medsam2-endpoint/onnx`")
     request_deadline_s: float = Field(

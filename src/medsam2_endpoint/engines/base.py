@@ -152,10 +152,13 @@ class GridAutomaskEngine(ImageEngine, Protocol):
                     min_mask_region_area: int, params: dict[str, Any], pace: Any = None) -> tuple[list[dict[str, Any]], int]: ...
 
 
-def bf16_autocast(device: torch.device) -> contextlib.AbstractContextManager[Any]:
-    """bfloat16 autocast on CUDA (as the reference runs there); plain float32 elsewhere."""
+def bf16_autocast(device: torch.device, cpu: bool = False) -> contextlib.AbstractContextManager[Any]:
+    """bfloat16 autocast on CUDA (as the reference runs there), and on the CPU when `cpu` (MEDSAM2_PRECISION=bf16);
+    plain float32 otherwise."""
     if device.type == "cuda":
         return torch.autocast("cuda", dtype=torch.bfloat16)
+    if cpu:
+        return torch.autocast("cpu", dtype=torch.bfloat16)
     return contextlib.nullcontext()
 
 

@@ -260,8 +260,11 @@ class MedSAM2Engine:
 
     image_size = 512
 
-    def __init__(self, checkpoint: Path, *, device: str = "cpu", name: str | None = None, feature_cache_mb: int = 256) -> None:
+    def __init__(self, checkpoint: Path, *, device: str = "cpu", name: str | None = None, feature_cache_mb: int = 256,
+                 precision: str = "fp32") -> None:
         self.device = torch.device(device)
+        # opt-in (MEDSAM2_PRECISION=bf16): the default CPU path stays fp32, voxel-identical to the reference
+        self.cpu_bf16 = self.device.type == "cpu" and precision == "bf16"
         # Per-slice features shared by both propagation passes, all objects and later requests on the same volume.
         self.features = ByteLRU(feature_cache_mb * 1024 * 1024)
         state_dict = load_state_dict(checkpoint)
@@ -276,7 +279,7 @@ class MedSAM2Engine:
         self.info = ModelInfo(
             name=name or checkpoint.stem, family="medsam2", checkpoint=checkpoint.name, sha256=sha256_file(checkpoint),
             capabilities=Capabilities(points=True, negative_points=True, mask_prompts=True, multi_slice=True,
-                                      precision="bf16" if self.device.type == "cuda" else "fp32"),  # bf16_autocast
+                                      precision="bf16" if self.device.type == "cuda" or self.cpu_bf16 else "fp32"),
         )
 
 
@@ -291,7 +294,7 @@ class MedSAM2Engine:
         frames = LazyFrames(volume_u8, self.image_size)
         height, width = int(volume_u8.shape[1]), int(volume_u8.shape[2])
         features = self.features if volume_key is not None else ByteLRU(self.features.max_bytes)
-        with bf16_autocast(self.device):
+        with bf16_autocast(self.device, self.cpu_bf16):
             return self.predictor.init_state_from_frames(frames, height, width, features, volume_key or "private")
 
     def _propagated(self, state: dict[str, Any], *, reverse: bool, start: int | None = None) -> Iterator[tuple[int, np.ndarray]]:
@@ -305,7 +308,7 @@ class MedSAM2Engine:
         else:
             steps = predictor.propagate_in_video(state, start_frame_idx=start, reverse=reverse)
         while True:
-            with bf16_autocast(self.device):
+            with bf16_autocast(self.device, self.cpu_bf16):
                 step = next(steps, None)
                 if step is None:
                     return
@@ -325,7 +328,7 @@ class MedSAM2Engine:
         if state["key_frame"] != key_index:  # a state serves several objects, each with its own key slice
             state["key_frame"], state["key_frame_features"] = key_index, None
         try:
-            with bf16_autocast(self.device):
+            with bf16_autocast(self.device, self.cpu_bf16):
                 predictor.add_new_points_or_box(state, frame_idx=key_index, obj_id=1, box=np.asarray(box, dtype=np.float32))
             yield from self._propagated(state, reverse=reverse)
         finally:
@@ -339,7 +342,7 @@ class MedSAM2Engine:
         if state["key_frame"] != key_index:
             state["key_frame"], state["key_frame_features"] = key_index, None
         try:
-            with bf16_autocast(self.device):
+            with bf16_autocast(self.device, self.cpu_bf16):
                 predictor.add_new_mask(state, frame_idx=key_index, obj_id=1, mask=torch.from_numpy(np.asarray(mask, dtype=bool)))
             yield from self._propagated(state, reverse=reverse, start=key_index)
         finally:
@@ -362,7 +365,7 @@ class MedSAM2Engine:
         if state["key_frame"] != start:
             state["key_frame"], state["key_frame_features"] = start, None
         try:
-            with bf16_autocast(self.device):
+            with bf16_autocast(self.device, self.cpu_bf16):
                 masks = None
                 for p in prompts:
                     _, _, masks = predictor.add_new_points_or_box(

@@ -154,13 +154,14 @@ class SAM2ImageEngine:
         self.model = model
         self.info = info
         self.device = model.device
+        self.cpu_bf16 = self.device.type == "cpu" and info.capabilities.precision == "bf16"
         self.low_res_size = int(model.image_size) // 4
 
 
     def embed_image(self, rgb_u8: np.ndarray) -> SAM2Embedding:
         """Run the image encoder on a uint8 (H, W, 3) RGB image."""
         predictor = MedSAM2ImagePredictor(self.model)
-        with torch.inference_mode(), bf16_autocast(self.device):
+        with torch.inference_mode(), bf16_autocast(self.device, self.cpu_bf16):
             predictor.set_image(rgb_u8)
         features = predictor._features
         tensors = [features["image_embed"], *features["high_res_feats"]]
@@ -185,7 +186,7 @@ class SAM2ImageEngine:
         """(masks bool (N, H, W), predicted IoU (N,), low-res logits (N, S/4, S/4)); N = 3 with multimask else 1."""
         predictor = MedSAM2ImagePredictor(self.model)
         predictor.use_features(embedding)
-        with torch.inference_mode(), bf16_autocast(self.device):
+        with torch.inference_mode(), bf16_autocast(self.device, self.cpu_bf16):
             masks, ious, low_res = predictor.predict(
                 point_coords=points,
                 point_labels=labels,
@@ -212,5 +213,5 @@ class SAM2ImageEngine:
             pace=pace, **params,
         )
         planned = generator.planned_points((int(rgb_u8.shape[0]), int(rgb_u8.shape[1])))
-        with torch.inference_mode(), bf16_autocast(self.device):
+        with torch.inference_mode(), bf16_autocast(self.device, self.cpu_bf16):
             return cast("list[dict[str, Any]]", generator.generate(rgb_u8)), planned
