@@ -18,12 +18,14 @@ from nnInteractive.inference.remote.serialization import pack_array
 from pydantic import SecretStr
 
 from medsam2_endpoint.api.samapi import create_app
+from medsam2_endpoint.base.budget import Budget
 from medsam2_endpoint.core.background import DONE, GONE
 from medsam2_endpoint.core.interactive3d import SegmentSession
 from medsam2_endpoint.core.registry import ModelRegistry
 from medsam2_endpoint.core.service import Service
 from medsam2_endpoint.core.sessions import SessionLimits, SessionStore
 from medsam2_endpoint.engines.base import LITE_NAME
+from medsam2_endpoint.pipeline.propagate import PropagationOptions
 from medsam2_endpoint.pipeline.views import box_in_view, from_view, to_view
 from medsam2_endpoint.pipeline.window import CT_BONE, CT_SOFT_TISSUE, window_to_uint8
 from medsam2_endpoint.testing.metrics import dice
@@ -362,3 +364,35 @@ def test_each_objects_first_prompt_on_a_ct_picks_soft_tissue_or_bone():
     mr = SegmentSession()
     mr.set_image((raw + 1000).astype(np.int16), None, "lite-medsam")  # no air-to-bone HU range: MR-like, no choice
     assert mr.bone is None and not mr.settle_window(bone)
+
+
+def test_an_objects_first_lasso_on_medsam2_is_a_mask_prompt(service, phantom):
+    """MedSAM2 starts the walk from the lasso itself (`track_mask`, its `add_new_mask`); LiteMedSAM from its box."""
+    from medsam2_endpoint.core.interactive3d import Pacing, Pin
+    from medsam2_endpoint.engines.base import SlicePrompt
+
+    medsam2 = service.registry.get(service.default)
+    truth = truth_of(phantom)
+    k = phantom.lesions[0].key_slice
+    ys, xs = np.nonzero(truth[k])
+    box = np.array([xs.min(), ys.min(), xs.max() + 1, ys.max() + 1])
+    seen: list[np.ndarray] = []
+    original = medsam2.track_mask
+
+    def recording(state, *, key_index, mask, reverse):
+        seen.append(mask)
+        return original(state, key_index=key_index, mask=mask, reverse=reverse)
+
+    medsam2.track_mask = recording
+    try:
+        for engine in (medsam2, service.registry.get(LITE_NAME)):
+            session = SegmentSession()
+            session.set_image(phantom.array(), None, engine.info.name)
+            calls = len(seen)
+            session.walk(engine, 0, SlicePrompt(k, box=box), pacing=Pacing(1e6), budget=Budget.unlimited(),
+                         pin=Pin(0, k, truth[k], 1), mask=truth[k], options=PropagationOptions(max_slices=2))
+            assert np.array_equal(session.labels[k] > 0, truth[k])  # the lasso's slice as drawn, both models
+            assert len(seen) - calls == (2 if engine is medsam2 else 0)  # MedSAM2: up and down from the mask
+        assert all(np.array_equal(m, truth[k]) for m in seen)
+    finally:
+        del medsam2.track_mask

@@ -11,7 +11,7 @@ interaction answers the sub-box of the label map it changed (`Change`).
   `previous`: the view's earlier prompts and this one, a prompt replacing an earlier one on its slice);
 - a 3D box (no flat axis): the axial walk from its middle slice, bounded by its k range;
 - a lasso: its filled crop becomes that slice's mask exactly as drawn, after the walk from its
-  bounding box (as a box would);
+  bounding box (as a box would; an object's first lasso on MedSAM2: from the lasso itself, a mask prompt);
 - negative box or lasso: erases that region on its slice (a 3D box: in the box), no walk;
 - points (only where the model takes them): a SAM point on its axial slice, joined with that slice's box;
 - initial segment: becomes the label map (prompts and pins cleared);
@@ -24,7 +24,7 @@ answer says so (`partial`); the next interaction goes on from the label map as i
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -245,8 +245,10 @@ class SegmentSession:
 
     def walk(self, engine: VolumeEngine, axis: int, prompt: SlicePrompt, *, pacing: Pacing, budget: Budget,
              pin: Pin | None = None, z_range: tuple[int, int] | None = None,
-             options: PropagationOptions = OPTIONS) -> Change:
-        """A prompt on slice `prompt.z` of view `axis`: first walk or correction; its answer."""
+             options: PropagationOptions = OPTIONS, mask: np.ndarray | None = None) -> Change:
+        """A prompt on slice `prompt.z` of view `axis`: first walk or correction; its answer. `mask` (bool, the
+        view's slice): a lasso's region, from which a first walk starts where the model takes a mask prompt
+        (MedSAM2's `add_new_mask`); elsewhere the walk starts from the prompt's box."""
         _, labels = self.require_image()
         timed = pacing.wrap(engine)
         undo = self._snapshot()
@@ -256,7 +258,7 @@ class SegmentSession:
         previous = to_view(labels, axis)
         if not labels.any() and prompt.points is None and prompt.box is not None:
             result = segment_object(timed, self.state(engine, axis), key_index=prompt.z, box=prompt.box, shape=view_shape,
-                                    options=options, budget=budget)
+                                    options=options, budget=budget, track=timed.from_mask(mask) if mask is not None else None)
             mask = result.mask
         else:
             result = segment_prompts(timed, self.state(engine, axis), prompts=[*earlier, prompt], shape=view_shape,
@@ -333,6 +335,18 @@ class _Timed:
 
     def track(self, state: Any, *, key_index: int, box: np.ndarray, reverse: bool) -> Iterator[tuple[int, np.ndarray]]:
         return self._bounded(walk_from_box(self.engine, state, key_index=key_index, box=box, reverse=reverse))
+
+    def from_mask(self, mask: np.ndarray) -> Callable[..., Iterator[tuple[int, np.ndarray]]] | None:
+        """Walks from `mask` on the key slice instead of the box, where the model takes a mask prompt and starts a
+        walk from one (MedSAM2's `track_mask`); None elsewhere (LiteMedSAM: its box)."""
+        track_mask = getattr(self.engine, "track_mask", None)
+        if track_mask is None or not self.info.capabilities.mask_prompts:
+            return None
+
+        def track(state: Any, *, key_index: int, box: np.ndarray, reverse: bool) -> Iterator[tuple[int, np.ndarray]]:
+            return self._bounded(track_mask(state, key_index=key_index, mask=mask, reverse=reverse))
+
+        return track
 
     def _bounded(self, steps: Iterator[tuple[int, np.ndarray]]) -> Iterator[tuple[int, np.ndarray]]:
         try:
