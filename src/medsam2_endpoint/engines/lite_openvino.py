@@ -54,6 +54,21 @@ def compile_encoder(path: Path, precision: str, threads: int | None = None) -> A
     return ov.Core().compile_model(str(path), "CPU", config)
 
 
+class CompiledEncoder:
+    """One compiled encoder and its infer request: (1, 3, 256, 256) -> (1, 256, 64, 64), numpy float32."""
+
+    def __init__(self, compiled: Any) -> None:
+        self.compiled = compiled
+        self.request = compiled.create_infer_request()
+        self._lock = threading.Lock()  # an infer request runs one call at a time; inference slots may share it
+
+    def __call__(self, image: np.ndarray) -> np.ndarray:
+        """A copy of the embedding: the request reuses its output buffer on the next call."""
+        with self._lock:
+            outputs = self.request.infer({INPUT_NAME: np.ascontiguousarray(image, dtype=np.float32)})
+            return np.array(outputs[self.compiled.output(0)], dtype=np.float32, copy=True)
+
+
 class OpenVinoEncoder:
     """The LiteMedSAM image encoder compiled by OpenVINO: (1, 3, 256, 256) -> (1, 256, 64, 64), numpy float32."""
 
@@ -76,28 +91,19 @@ class OpenVinoEncoder:
             log.info("exporting %s to %s", metadata[GRAPH_KEY], self.path)
             _export(encoder, self.path, metadata, (torch.zeros(1, 3, 256, 256),), ((INPUT_NAME,), (OUTPUT_NAME,)))
             compiled = compile_encoder(self.path, precision)
-        self.compiled = compiled
-        self.request = compiled.create_infer_request()
-        self._lock = threading.Lock()  # an infer request runs one call at a time; inference slots may share it
-        self._fp32: OpenVinoEncoder | None = None
+        self.run = CompiledEncoder(compiled)
+        self._fp32: CompiledEncoder | None = None
+        self._fp32_lock = threading.Lock()
 
-    def fp32(self) -> OpenVinoEncoder:
-        """This encoder in fp32 (itself when it is fp32), compiled from the same export on first use."""
+    def fp32(self) -> CompiledEncoder:
+        """This encoder in fp32 (its own run when it is fp32), compiled from the same export on first use."""
         if self.precision == "fp32":
-            return self
-        with self._lock:
+            return self.run
+        with self._fp32_lock:
             if self._fp32 is None:
-                twin = object.__new__(OpenVinoEncoder)
-                twin.precision, twin.path, twin._fp32 = "fp32", self.path, None
-                twin.compiled = compile_encoder(self.path, "fp32")
-                twin.request = twin.compiled.create_infer_request()
-                twin._lock = threading.Lock()
-                self._fp32 = twin
+                self._fp32 = CompiledEncoder(compile_encoder(self.path, "fp32"))
             return self._fp32
 
     def __call__(self, image: np.ndarray) -> np.ndarray:
-        """float32 (1, 3, 256, 256) image -> float32 (1, 256, 64, 64) embedding (a copy: the request reuses its
-        output buffer on the next call)."""
-        with self._lock:
-            outputs = self.request.infer({INPUT_NAME: np.ascontiguousarray(image, dtype=np.float32)})
-            return np.array(outputs[self.compiled.output(0)], dtype=np.float32, copy=True)
+        """float32 (1, 3, 256, 256) image -> float32 (1, 256, 64, 64) embedding."""
+        return self.run(image)
