@@ -390,7 +390,7 @@ def test_an_objects_first_lasso_on_medsam2_is_a_mask_prompt(service, phantom):
             session.set_image(phantom.array(), None, engine.info.name)
             calls = len(seen)
             session.walk(engine, 0, SlicePrompt(k, box=box), pacing=Pacing(1e6), budget=Budget.unlimited(),
-                         pin=Pin(0, k, truth[k], 1), mask=truth[k], options=PropagationOptions(max_slices=2))
+                         pin=Pin(0, k, truth[k], 1), lasso=truth[k], options=PropagationOptions(max_slices=2))
             assert np.array_equal(session.labels[k] > 0, truth[k])  # the lasso's slice as drawn, both models
             assert len(seen) - calls == (2 if engine is medsam2 else 0)  # MedSAM2: up and down from the mask
         assert all(np.array_equal(m, truth[k]) for m in seen)

@@ -245,8 +245,8 @@ class SegmentSession:
 
     def walk(self, engine: VolumeEngine, axis: int, prompt: SlicePrompt, *, pacing: Pacing, budget: Budget,
              pin: Pin | None = None, z_range: tuple[int, int] | None = None,
-             options: PropagationOptions = OPTIONS, mask: np.ndarray | None = None) -> Change:
-        """A prompt on slice `prompt.z` of view `axis`: first walk or correction; its answer. `mask` (bool, the
+             options: PropagationOptions = OPTIONS, lasso: np.ndarray | None = None) -> Change:
+        """A prompt on slice `prompt.z` of view `axis`: first walk or correction; its answer. `lasso` (bool, the
         view's slice): a lasso's region, from which a first walk starts where the model takes a mask prompt
         (MedSAM2's `add_new_mask`); elsewhere the walk starts from the prompt's box."""
         _, labels = self.require_image()
@@ -258,7 +258,7 @@ class SegmentSession:
         previous = to_view(labels, axis)
         if not labels.any() and prompt.points is None and prompt.box is not None:
             result = segment_object(timed, self.state(engine, axis), key_index=prompt.z, box=prompt.box, shape=view_shape,
-                                    options=options, budget=budget, track=timed.from_mask(mask) if mask is not None else None)
+                                    options=options, budget=budget, track=timed.from_mask(lasso) if lasso is not None else None)
             mask = result.mask
         else:
             result = segment_prompts(timed, self.state(engine, axis), prompts=[*earlier, prompt], shape=view_shape,

@@ -169,7 +169,7 @@ class SlicerSessions:
         self._settle_window(session, box)
         rows, cols = np.nonzero(region)
         view_box = np.array([cols.min(), rows.min(), cols.max() + 1, rows.max() + 1], dtype=np.int64)
-        return self._walk(session, axis, SlicePrompt(z, box=view_box), budget, pin=Pin(axis, z, region, 1), mask=region)
+        return self._walk(session, axis, SlicePrompt(z, box=view_box), budget, pin=Pin(axis, z, region, 1), lasso=region)
 
     def points(self, session: SegmentSession, coordinates: Any, include: bool, budget: Budget) -> Change:
         name, engine = self.engine()
