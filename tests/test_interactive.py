@@ -18,9 +18,9 @@ from medsam2_endpoint.api.azure import score as score_body
 from medsam2_endpoint.api.errors import body_of
 from medsam2_endpoint.base.errors import InvalidRequest, VolumeNotHeld
 from medsam2_endpoint.contract.score3d import parse_request
-from medsam2_endpoint.core.held import HeldVolumes
 from medsam2_endpoint.core.registry import ModelRegistry
 from medsam2_endpoint.core.service import Service
+from medsam2_endpoint.core.sessions import SessionLimits, SessionStore
 from medsam2_endpoint.core.settings import Settings
 from medsam2_endpoint.engines.base import Capabilities, ModelInfo, PromptedVolumeEngine, SlicePrompt
 from medsam2_endpoint.io.encode import decode_mask, dumps, rle_counts, value_rle
@@ -350,16 +350,16 @@ def test_held_volumes_evict_the_least_recently_used():
         return Volume(np.random.default_rng(seed).integers(0, 9, (4, 8, 8)).astype(np.int16), (1.0, 1.0, 1.0), (0.0, 0.0, 0.0),
                       (1, 0, 0, 0, 1, 0, 0, 0, 1))
 
-    held = HeldVolumes(max_bytes=2 * 4 * 8 * 8 * 2)  # room for two
+    held = SessionStore(SessionLimits(held_bytes=2 * 4 * 8 * 8 * 2), object)  # room for two
     a, b, c = (held.hold(volume(s)) for s in (1, 2, 3))
-    assert len({a, b, c}) == 3 and len(held) == 2
+    assert len({a, b, c}) == 3 and held.held_volumes() == 2
     with pytest.raises(VolumeNotHeld):
-        held.get(a, field="input_data.volume_id[0]")
-    held.get(b, field="f")  # b is now the most recent: c goes next
+        held.held(a, field="input_data.volume_id[0]")
+    held.held(b, field="f")  # b is now the most recent: c goes next
     held.hold(volume(4))
-    held.get(b, field="f")
+    held.held(b, field="f")
     with pytest.raises(VolumeNotHeld):
-        held.get(c, field="f")
+        held.held(c, field="f")
     assert held.hold(volume(2)) == b  # the id is the content's: the same volume, the same id
     moved = volume(2)
     shifted = Volume(moved.array, moved.spacing, (1.0, 0.0, 0.0), moved.direction)

@@ -236,6 +236,34 @@ def test_store_reaps_silent_leases_and_caps_bytes():
     assert getattr(gone.value, "code", "") == "lease_gone"
 
 
+def test_held_volumes_and_leases_share_one_store_without_taking_each_others_room():
+    """The JSON route's volume_id and 3D Slicer's leases live in one store; a re-sendable held volume never
+    takes a lease's room, and filling the leases' bytes evicts no held volume."""
+    from medsam2_endpoint.io.volume import Volume
+
+    class Payload:
+        nbytes = 0
+
+    store = SessionStore(SessionLimits(max_sessions=2, max_bytes=300, held_bytes=2 * 4 * 8 * 8 * 2), Payload)
+    volumes = [Volume(np.full((4, 8, 8), v, np.int16), (1.0, 1.0, 1.0), (0.0, 0.0, 0.0), (1, 0, 0, 0, 1, 0, 0, 0, 1))
+               for v in (1, 2)]
+    ids = [store.hold(v) for v in volumes]
+    lease = store.claim()
+    store.make_room(lease.payload, 300, field_name="set_image")  # the held volumes count nothing against it
+    lease.payload.nbytes = 300
+    assert [store.held(i, field="f").array[0, 0, 0] for i in ids] == [1, 2] and store.held_volumes() == 2
+    with pytest.raises(Exception) as full:
+        store.make_room(store.claim().payload, 1, field_name="set_image")
+    assert getattr(full.value, "code", "") == "busy"
+
+
+def test_the_service_has_one_store_for_the_json_route_and_slicer(service):
+    from medsam2_endpoint.core.slicer import SlicerSessions
+
+    own = lite_service(service)
+    assert SlicerSessions(own).store is own.sessions
+
+
 def test_capabilities_follow_the_default_model(service):
     """With MedSAM2 weights served (the fixture's random checkpoint is the default), points are advertised."""
     from medsam2_endpoint.core.slicer import SlicerSessions

@@ -34,7 +34,6 @@ from medsam2_endpoint.contract.samapi import VideoPrompt
 from medsam2_endpoint.contract.score2d import AutomaskOptions, ImageItem, ImagePrompt
 from medsam2_endpoint.contract.score3d import VolumeItem
 from medsam2_endpoint.core import pacs, score2d, volumes
-from medsam2_endpoint.core.held import HeldVolumes
 from medsam2_endpoint.core.images import (
     Frame,
     automask_params,
@@ -43,6 +42,7 @@ from medsam2_endpoint.core.images import (
     mask_logits,
     typed_prompt,
 )
+from medsam2_endpoint.core.interactive3d import SegmentSession
 from medsam2_endpoint.core.registration import WeightRecords, WeightRegistrar
 from medsam2_endpoint.core.registry import (
     ModelRegistry,
@@ -50,6 +50,7 @@ from medsam2_endpoint.core.registry import (
     choose_runtime_precision,
     configure_threads,
 )
+from medsam2_endpoint.core.sessions import SessionLimits, SessionStore
 from medsam2_endpoint.core.settings import Settings
 from medsam2_endpoint.core.slots import InferenceSlots
 from medsam2_endpoint.engines.base import ModelInfo
@@ -96,7 +97,9 @@ class Service:
         self.settings = settings
         self.registry = registry
         self.prompter = Prompter(registry, EmbeddingCache(settings.embedding_cache_mb * 1024 * 1024))
-        self.held = HeldVolumes(settings.held_volumes_mb * 1024 * 1024)  # volume_id -> decoded volume (no re-upload)
+        # one store: 3D Slicer leases, and decoded volumes by volume_id (a correction round needs no upload)
+        self.sessions: SessionStore[SegmentSession] = SessionStore(SessionLimits.of(settings), SegmentSession,
+                                                                   what="nnInteractive session")
         # anchor walks of earlier rounds, replayed in a correction round instead of decoded again
         self.walks = WalkMemo(WALK_MEMO_MB * 1024 * 1024 if settings.held_volumes_mb else 0)
         samapi = settings.samapi
@@ -168,15 +171,15 @@ class Service:
         if loaded is not None:  # a local file (batch): not held, nobody can name it in a later request
             volume, volume_id = loaded, loaded.content_id()
         elif item.image is None and item.volume_id is not None:
-            volume = self.held.get(item.volume_id, field=item.field("volume_id"))
+            volume = self.sessions.held(item.volume_id, field=item.field("volume_id"))
             volume_id = item.volume_id
         elif item.dicomweb is not None:  # a series in a PACS (core/pacs.py)
             volume, series = pacs.load(item, self.settings, budget, tally)
-            volume_id = self.held.hold(volume)
+            volume_id = self.sessions.hold(volume)
         else:
             volume = volumes.load_volume(item, policy=self.settings.fetch, limits=self.settings.limits, budget=budget,
                                          tally=tally)
-            volume_id = self.held.hold(volume)
+            volume_id = self.sessions.hold(volume)
         prepared = volumes.prepare(item, volume, name, decode_ms=(time.perf_counter() - started) * 1000, volume_id=volume_id,
                                    accepts_points=self.registry.info(name).capabilities.points, limits=self.settings.limits)
         return prepared if series is None else replace(prepared, dicomweb=series)

@@ -1,11 +1,17 @@
-"""Leased interactive sessions: a bounded store of per-client state, reaped when its client goes quiet.
+"""The one session store of a worker: leased interactive sessions (3D Slicer) and held volumes (`volume_id`).
 
-A client claims a lease (a random token) and names it on every later request. A lease ends when it is
+Leases. A client claims a lease (a random token) and names it on every later request. A lease ends when it is
 released, when no real action (an upload, an interaction) came for `idle_s`, or when nothing at all (not
 even a heartbeat) came for `liveness_s`. The store caps the number of leases and the bytes their
 payloads hold; a claim or an upload that does not fit is refused with `Busy` (503 + Retry-After), a
 lease it does not hold with `LeaseGone` (410). Each lease has its own lock: one client's requests run one
 at a time, different clients' concurrently. Nothing of one lease is reachable from another's token.
+
+Held volumes. The JSON route keeps each decoded volume under its `volume_id` (its content hash), so a
+correction round needs no upload. They are a bounded LRU in bytes of their own (`held_bytes`,
+MEDSAM2_HELD_VOLUMES_MB): a client can always send a volume again (409 `volume_not_held`), a lease's
+state it cannot, so held volumes never take room from leases. Each worker process has its own store, so
+behind a load balancer a request may reach a worker that does not hold the volume.
 """
 
 from __future__ import annotations
@@ -20,8 +26,11 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Generic, Protocol, TypeVar
 
-from medsam2_endpoint.base.errors import Busy, LeaseGone, PayloadTooLarge
+from medsam2_endpoint.base.errors import Busy, LeaseGone, PayloadTooLarge, VolumeNotHeld
 from medsam2_endpoint.base.log import log
+from medsam2_endpoint.base.lru import ByteLRU
+from medsam2_endpoint.core.settings import Settings
+from medsam2_endpoint.io.volume import Volume
 
 
 class Sized(Protocol):
@@ -39,6 +48,13 @@ class SessionLimits:
     idle_s: float = 600.0  # no upload or interaction for this long: reaped
     liveness_s: float = 60.0  # no request at all (heartbeats count) for this long: reaped
     retry_after_s: float = 30.0
+    held_bytes: int = 0  # volumes held by `volume_id`, all together; 0 holds none
+
+    @classmethod
+    def of(cls, settings: Settings) -> SessionLimits:
+        return cls(max_sessions=settings.nninteractive_max_sessions, max_bytes=settings.nninteractive_max_mb * 2**20,
+                   idle_s=settings.nninteractive_idle_s, liveness_s=settings.nninteractive_liveness_s,
+                   retry_after_s=settings.retry_after_s, held_bytes=settings.held_volumes_mb * 2**20)
 
 
 @dataclass
@@ -62,6 +78,7 @@ class SessionStore(Generic[P]):
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._reaper: threading.Thread | None = None
+        self._volumes = ByteLRU(limits.held_bytes)
 
     # ------------------------------------------------------------ leases
 
@@ -142,6 +159,27 @@ class SessionStore(Generic[P]):
         if others + nbytes > cap:
             raise self._full(f"{field_name}: the other sessions hold {others / 2**20:.0f} MiB of the "
                              f"{cap / 2**20:.0f} MiB cap; this volume needs {nbytes / 2**20:.0f} MiB")
+
+    # ------------------------------------------------------------ held volumes (the JSON route's volume_id)
+
+    def hold(self, volume: Volume) -> str:
+        """Keep `volume` (least recently used ones make room); its volume_id."""
+        volume_id = volume.content_id()
+        self._volumes.put(volume_id, volume)
+        return volume_id
+
+    def held(self, volume_id: str, *, field: str) -> Volume:
+        """The volume `volume_id` names; VolumeNotHeld (409) when this worker does not hold it."""
+        volume: Volume | None = self._volumes.get(volume_id)
+        if volume is None:
+            raise VolumeNotHeld(
+                f"{field}: this worker does not hold volume {volume_id[:64]} (evicted, restarted, or another worker); "
+                "send nii_image again"
+            )
+        return volume
+
+    def held_volumes(self) -> int:
+        return len(self._volumes)
 
     # ------------------------------------------------------------ reaping
 

@@ -17,7 +17,7 @@ from medsam2_endpoint.base.errors import InvalidRequest, PayloadTooLarge
 from medsam2_endpoint.core.background import BackgroundEncoder
 from medsam2_endpoint.core.interactive3d import OPTIONS, Box, Change, Pacing, Pin, SegmentSession
 from medsam2_endpoint.core.service import Service
-from medsam2_endpoint.core.sessions import SessionLimits, SessionStore
+from medsam2_endpoint.core.sessions import SessionStore
 from medsam2_endpoint.engines.base import SlicePrompt, VolumeEngine
 from medsam2_endpoint.pipeline.propagate import PropagationOptions
 from medsam2_endpoint.pipeline.views import box_in_view, to_view
@@ -30,11 +30,8 @@ class SlicerSessions:
     def __init__(self, service: Service) -> None:
         settings = service.settings
         self.service = service
-        self.limits = SessionLimits(
-            max_sessions=settings.nninteractive_max_sessions, max_bytes=settings.nninteractive_max_mb * 2**20,
-            idle_s=settings.nninteractive_idle_s, liveness_s=settings.nninteractive_liveness_s,
-            retry_after_s=settings.retry_after_s)
-        self.store: SessionStore[SegmentSession] = SessionStore(self.limits, SegmentSession, what="nnInteractive session")
+        self.store: SessionStore[SegmentSession] = service.sessions  # the worker's one store (core/sessions.py)
+        self.limits = self.store.limits
         token = settings.nninteractive_token or settings.samapi_token
         self.token = token.get_secret_value().strip() if token is not None else None
         self.prediction_s = settings.nninteractive_prediction_s
