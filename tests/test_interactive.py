@@ -479,10 +479,15 @@ def test_a_correction_extends_the_answer_only_past_an_end_it_moves(phantom):
     engine = ReachEngine(reach=12)
     service = service_with(engine)
     obj = {"id": 1, "prompts": [{"slice": 6, "box": [5, 5, 13, 13]}]}
-    # the earlier answer ends before the corrected slice: the walk up goes on by the engine's rules (to the edge)
+    # the earlier answer ends right before the corrected slice: the end moves to it, no further (the engine would
+    # go on to the volume's edge)
     previous, _ = earlier_answer(slice(2, 6), [4, 4, 12, 12])
     (moved,) = json.loads(dumps(score_body(service, volume_body(phantom, [obj], mask_format=["rle"], previous_mask=[previous]))))
-    assert moved["metadata"]["changed_slices"] == [5, 6, 7, 8, 9, 10, 11]
+    assert moved["metadata"]["changed_slices"] == [5, 6]
+    # it ends three slices before (2-3, then 4 and 5 empty): the gap is filled, and the walk goes on as far again
+    previous, _ = earlier_answer(slice(2, 4), [4, 4, 12, 12])
+    (far,) = json.loads(dumps(score_body(service, volume_body(phantom, [obj], mask_format=["rle"], previous_mask=[previous]))))
+    assert far["metadata"]["changed_slices"] == [3, 4, 5, 6, 7, 8]
     # the earlier answer ends at the corrected slice: the walk stops there, as the earlier one did
     previous, _ = earlier_answer(slice(2, 7), [4, 4, 12, 12])
     (at_end,) = json.loads(dumps(score_body(service, volume_body(phantom, [obj], mask_format=["rle"], previous_mask=[previous]))))

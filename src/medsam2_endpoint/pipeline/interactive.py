@@ -51,6 +51,10 @@ AGREE_DICE = 0.9
 # correction moves an end); from a slice the earlier answer had, it stops there, as the earlier walk did
 # for a reason (on the MR vertebra a correction of its last slice otherwise ran into the next vertebra).
 OVERWRITE_REACH = 1
+# A correction that moves an end walks on past its own slice at most as many slices as it lies beyond the earlier
+# answer (`_reach_past`): next to the end it moves the end to its slice; further out it says the walk stopped that
+# many slices short, and may go that far again. Unbounded, a box on a structure's last labelled slice walked on into
+# look-alike slices (MR iliopsoas 0.437 -> 0.114, CT pancreas 0.416 -> 0.350 in nni_client.py's correction step).
 
 
 @dataclass
@@ -71,6 +75,20 @@ class _Walk:
     bound: int  # first slice it must not yield (exclusive), in its direction
     free_until: int  # stop rules (empty run, agreement) apply only beyond this slice
     step: int  # +1 up, -1 down
+    reach: int | None = None  # slices the earlier answer left empty it may fill beyond free_until (None: no limit)
+
+
+def _reach_past(previous: np.ndarray | None, z: int, step: int) -> int | None:
+    """How many empty slices of the earlier answer a walk from slice z going `step` may fill beyond z: the
+    number of empty slices between z and the earlier answer behind it; None when nothing of it lies behind
+    (a walk towards the earlier answer fills the gap up to it) or there is no earlier answer."""
+    if previous is None:
+        return None
+    behind = range(z - step, -1 if step > 0 else previous.shape[0], -step)
+    for n, b in enumerate(behind):
+        if previous[b].any():
+            return n
+    return None
 
 
 def _consume(steps: Iterator[tuple[int, np.ndarray]], walk: _Walk, options: PropagationOptions,
@@ -80,6 +98,7 @@ def _consume(steps: Iterator[tuple[int, np.ndarray]], walk: _Walk, options: Prop
     empty_run = 0
     count = 0
     overwritten = 0
+    filled = 0  # slices beyond free_until the earlier answer left empty
     last: np.ndarray | None = None  # the walk's mask on the slice before this one
     try:
         for z, step in steps:
@@ -99,6 +118,10 @@ def _consume(steps: Iterator[tuple[int, np.ndarray]], walk: _Walk, options: Prop
                         break  # the earlier mask fits between the corrected slice and the earlier answer beyond better
                 elif overwritten or previous[walk.free_until].any():
                     break  # past the earlier answer's end only from a prompt beyond it (the correction moves the end)
+                else:
+                    filled += 1
+                    if walk.reach is not None and filled > walk.reach:
+                        break  # as far past the prompt as the prompt lies past the earlier answer
             out[z] = logits
             last = foreground
             count += 1
@@ -241,7 +264,8 @@ def segment_prompts(
     if conditioned:
         assert isinstance(engine, PromptedVolumeEngine)  # narrowed above; for mypy
         low, high = merged[0].z, merged[-1].z
-        for reverse, start, walk in ((False, low, _Walk(depth, high, 1)), (True, high, _Walk(-1, low, -1))):
+        for reverse, start, walk in ((False, low, _Walk(depth, high, 1, _reach_past(previous, high, 1))),
+                                     (True, high, _Walk(-1, low, -1, _reach_past(previous, low, -1)))):
             if options.direction in ("both", "down" if reverse else "up"):
                 steps = engine.track_prompts(state, prompts=merged, reverse=reverse, mask_prompt=mask_prompt)
                 walks.append((start, _consume(steps, walk, options, previous, check)))
@@ -249,8 +273,8 @@ def segment_prompts(
         for k, p in enumerate(merged):
             if p.box is None:
                 raise ValueError("anchors need a box on every prompted slice")  # refused in core.volumes before this
-            up = _Walk(merged[k + 1].z if k + 1 < len(merged) else depth, p.z, 1)
-            down = _Walk(merged[k - 1].z if k > 0 else -1, p.z, -1)
+            up = _Walk(merged[k + 1].z if k + 1 < len(merged) else depth, p.z, 1, _reach_past(previous, p.z, 1))
+            down = _Walk(merged[k - 1].z if k > 0 else -1, p.z, -1, _reach_past(previous, p.z, -1))
             ways = [(reverse, walk) for reverse, walk in ((False, up), (True, down))
                     if not ((k == len(merged) - 1 if not reverse else k == 0)
                             and options.direction not in ("both", "down" if reverse else "up"))]
