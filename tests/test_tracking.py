@@ -207,3 +207,30 @@ def test_the_walk_follows_a_tapering_slice_by_its_core(lite, monkeypatch):
 
     assert walk(TrackRule(min_iou=0.0, intensity_z=1.5, intensity_core=0.75))[4].sum() == 400
     assert not walk(TrackRule(min_iou=0.0, intensity_z=1.5))[4].any()
+
+
+def test_a_box_answered_with_nothing_is_answered_again_on_a_zoomed_crop(lite, monkeypatch):
+    """The model answers the 6 x 6 box on the whole 64 x 64 slice with nothing, as LiteMedSAM can for a structure
+    a few pixels across; on the crop around it (upsampled to the model's input) it answers the box. The key
+    slice then carries that answer, mapped back to where the box is."""
+    volume = np.zeros((3, SIDE, SIDE), np.uint8)
+    volume[:, 40:46, 10:16] = 200
+    seen = []
+
+    def slice_logits(state, z, prompt):
+        seen.append(state.volume.shape)
+        if state.volume.shape[1:] == (SIDE, SIDE):
+            return np.full((SIDE, SIDE), -5.0, np.float32), 0.3
+        x0, y0, x1, y1 = (int(round(v)) for v in prompt)
+        logits = np.full(state.volume.shape[1:], -5.0, np.float32)
+        logits[y0:y1, x0:x1] = 5.0
+        return logits, 0.9
+
+    monkeypatch.setattr(lite, "slice_logits", slice_logits)
+    steps = walk_slices(lite, lite.start(volume), key_index=1, box=np.array([10, 40, 16, 46]), reverse=False)
+    z, key = next(steps)
+    expected = np.zeros((SIDE, SIDE), bool)
+    expected[40:46, 10:16] = True
+    overlap = np.logical_and(key > 0, expected).sum() / np.logical_or(key > 0, expected).sum()
+    assert z == 1 and overlap >= 0.8, overlap
+    assert seen == [(3, SIDE, SIDE), (1, 256, 256)]  # the crop (32 px, the smallest) was upsampled to 256

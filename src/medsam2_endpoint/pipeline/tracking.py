@@ -33,6 +33,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from medsam2_endpoint.engines.base import SliceEngine
+from medsam2_endpoint.pipeline.zoom import zoomed_logits
 
 
 @dataclass(frozen=True)
@@ -206,6 +207,8 @@ def walk_slices(engine: SliceEngine, state: object, *, key_index: int, box: np.n
 def _walk(engine: SliceEngine, state: object, key_index: int, box: np.ndarray, step: int, rule: TrackRule,
           margin: int, depth: int) -> Iterator[tuple[int, np.ndarray]]:
     logits, iou = engine.slice_logits(state, key_index, box)
+    if not (logits > 0).any():  # the caller's box answered with nothing: too small for the model whole-slice
+        logits, iou = zoomed_logits(engine, state, key_index, box)
     yield key_index, logits
     mask = logits > 0
     core = rule.intensity_core
