@@ -26,7 +26,14 @@ from medsam2_endpoint.core.service import Service
 from medsam2_endpoint.core.sessions import SessionLimits, SessionStore
 from medsam2_endpoint.engines.base import LITE_NAME
 from medsam2_endpoint.pipeline.propagate import PropagationOptions
-from medsam2_endpoint.pipeline.views import box_in_view, from_view, to_view
+from medsam2_endpoint.pipeline.views import (
+    box_in_view,
+    from_view,
+    shrink_rows,
+    stretch_rows,
+    to_view,
+    view_rows,
+)
 from medsam2_endpoint.pipeline.window import CT_BONE, CT_SOFT_TISSUE, window_to_uint8
 from medsam2_endpoint.testing.metrics import dice
 from medsam2_endpoint.testing.phantoms import ct_phantom
@@ -111,6 +118,22 @@ def test_views_reslice_and_come_back():
     assert (lambda z, b: (z, b.tolist()))(*box_in_view([[0, 2], [1, 2], [1, 3]], 1)) == (1, [1, 0, 3, 2])
     assert (lambda z, b: (z, b.tolist()))(*box_in_view([[1, 2], [0, 3], [3, 4]], 2)) == (3, [0, 1, 3, 2])
     assert to_view(volume, 1)[1][0, 2] == volume[0, 1, 2] and to_view(volume, 2)[3][1, 0] == volume[1, 0, 3]
+
+
+def test_views_of_thick_slices_are_stretched_to_their_physical_aspect_and_answers_come_back():
+    shape = (10, 64, 80)  # 5 mm slices under 1 x 0.5 mm pixels
+    assert view_rows(shape, [5.0, 1.0, 0.5], 0) == 10
+    assert view_rows(shape, [5.0, 1.0, 0.5], 1) == 80  # coronal: k against i (0.5 mm): x10, capped at the width 80
+    assert view_rows(shape, [5.0, 1.0, 0.5], 2) == 50  # sagittal: k against j (1 mm): x5
+    assert view_rows(shape, [1.1, 1.0, 1.0], 1) == 10 and view_rows(shape, None, 1) == 10  # near-isotropic, unknown
+    labels = np.zeros((3, 10, 7), np.uint8)
+    labels[:, 4:7, 2:5] = 1
+    tall = stretch_rows(labels, 50, labels=True)
+    assert tall.shape == (3, 50, 7) and tall[:, 20:35].all(axis=1).any() and not tall[:, :19].any()
+    assert np.array_equal(shrink_rows(tall, 10), labels)  # every row comes back from its centre
+    ramp = np.repeat(np.arange(10, dtype=np.uint8)[None, :, None] * 20, 2, axis=0)
+    smooth = stretch_rows(ramp, 40)[0, :, 0]
+    assert smooth[0] == 0 and smooth[-1] == 180 and np.all(np.diff(smooth.astype(int)) >= 0)  # linear, monotone
 
 
 def test_coronal_box_walks_along_j(session, phantom):

@@ -201,7 +201,7 @@ async def set_image(request: Request, sessions: Sessions) -> Response:
 
     def work(session: SegmentSession) -> dict[str, Any]:
         shape, dtype = peek(buf, "set_image")
-        sessions.check_upload(session, shape, dtype)
+        sessions.check_upload(session, shape, dtype, spacing)
         return sessions.set_image(session, unpack(buf, "set_image", limits.max_voxels), spacing)
 
     return _json(await _in_session(request, sessions, work))

@@ -5,7 +5,8 @@ A session holds the windowed volume (K, J, I) uint8, the window chosen for it, t
 ("pins"), and an undo history (the label map's changed sub-box before each interaction). Every
 interaction answers the sub-box of the label map it changed (`Change`).
 
-- a box flat along k (axial), j (coronal) or i (sagittal): in that view (pipeline/views.py), the first
+- a box flat along k (axial), j (coronal) or i (sagittal): in that view (pipeline/views.py; a coronal or
+  sagittal view at its physical aspect, its rows stretched by the slice spacing, as Slicer shows it), the first
   box walks up and down from its slice (pipeline/propagate.segment_object, the JSON route's single box);
   later ones are corrections of the current label map (pipeline/interactive.segment_prompts with
   `previous`: the view's earlier prompts and this one, a prompt replacing an earlier one on its slice);
@@ -25,7 +26,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -38,7 +39,15 @@ from medsam2_endpoint.core.volumes import volume_key
 from medsam2_endpoint.engines.base import ModelInfo, PromptedVolumeEngine, SlicePrompt, VolumeEngine
 from medsam2_endpoint.pipeline.interactive import segment_prompts
 from medsam2_endpoint.pipeline.propagate import PropagationOptions, segment_object, walk_from_box
-from medsam2_endpoint.pipeline.views import VIEW_NAMES, from_view, to_view
+from medsam2_endpoint.pipeline.views import (
+    VIEW_NAMES,
+    from_view,
+    shrink_rows,
+    stretch_box,
+    stretch_rows,
+    to_view,
+    view_rows,
+)
 from medsam2_endpoint.pipeline.window import (
     CT_BONE,
     CT_SOFT_TISSUE,
@@ -121,11 +130,12 @@ class SegmentSession:
         return sum(int(a.nbytes) for a in held if a is not None) + sum(u.nbytes for u in self.history)
 
     @staticmethod
-    def bytes_for(shape: tuple[int, ...]) -> int:
+    def bytes_for(shape: tuple[int, int, int], spacing: list[float] | None = None) -> int:
         """What a volume of this shape may come to hold, reserved at `set_image`: its windowed voxels, its label
-        map, the coronal and sagittal copies a box in those views makes, and a CT's other window (undo patches
-        come on top)."""
-        return 5 * int(np.prod(shape))
+        map, a CT's other window, and the coronal and sagittal copies a box in those views makes (at their
+        physical aspect, so taller than the volume where its slices are thick); undo patches come on top."""
+        k, j, i = shape
+        return 3 * k * j * i + (view_rows(shape, spacing, 1) + view_rows(shape, spacing, 2)) * j * i
 
     # ------------------------------------------------------------ set-up
 
@@ -222,13 +232,18 @@ class SegmentSession:
         if axis == 0:
             return image
         if axis not in self.views:
-            self.views[axis] = np.ascontiguousarray(to_view(image, axis))
+            self.views[axis] = stretch_rows(np.ascontiguousarray(to_view(image, axis)), self.rows(axis))
         return self.views[axis]
+
+    def rows(self, axis: int) -> int:
+        """The rows (k) of view `axis` as the model sees it: its physical aspect (pipeline/views.view_rows)."""
+        image, _ = self.require_image()
+        return view_rows(image.shape, self.spacing, axis)
 
     def state(self, engine: VolumeEngine, axis: int) -> Any:
         if axis not in self.states:
             # axial: the JSON route's key, so both share the engine's per-slice features of this volume
-            key = self.volume_key if axis == 0 else f"{self.volume_key}:{VIEW_NAMES[axis]}"
+            key = self.volume_key if axis == 0 else f"{self.volume_key}:{VIEW_NAMES[axis]}:{self.rows(axis)}"
             self.states[axis] = engine.start(self.view(axis), key)
         return self.states[axis]
 
@@ -253,9 +268,13 @@ class SegmentSession:
         timed = pacing.wrap(engine)
         undo = self._snapshot()
         view_shape = self.view(axis).shape
+        rows, depth = view_shape[1], labels.shape[0]
+        if axis != 0 and rows != depth:  # the view at its physical aspect: the prompt's rows stretched with it
+            prompt = replace(prompt, box=None if prompt.box is None else stretch_box(prompt.box, rows / depth))
+            lasso = None if lasso is None else stretch_rows(lasso[None], rows, labels=True)[0]
         earlier = [p for p in self.prompts.get(axis, []) if p.z != prompt.z or prompt.box is None or p.box is None]
         started = time.perf_counter()
-        previous = to_view(labels, axis)
+        previous = to_view(labels, axis) if axis == 0 else stretch_rows(to_view(labels, axis), rows, labels=True)
         if not labels.any() and prompt.points is None and prompt.box is not None:
             result = segment_object(timed, self.state(engine, axis), key_index=prompt.z, box=prompt.box, shape=view_shape,
                                     options=options, budget=budget, track=timed.from_mask(lasso) if lasso is not None else None)
@@ -264,7 +283,7 @@ class SegmentSession:
             result = segment_prompts(timed, self.state(engine, axis), prompts=[*earlier, prompt], shape=view_shape,
                                      options=options, budget=budget, previous=previous.astype(bool))
             mask = result.mask
-        new = np.array(from_view(mask, axis), dtype=np.uint8)
+        new = np.array(from_view(mask if axis == 0 else shrink_rows(mask, depth), axis), dtype=np.uint8)
         if z_range is not None:  # a 3D box: its k range is the answer's, the rest stays
             outside = np.ones(new.shape[0], dtype=bool)
             outside[z_range[0]:z_range[1]] = False

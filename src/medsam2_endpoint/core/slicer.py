@@ -76,7 +76,8 @@ class SlicerSessions:
 
     # ------------------------------------------------------------ set-up
 
-    def check_upload(self, session: SegmentSession, shape: tuple[int, ...], dtype: np.dtype[Any]) -> tuple[int, int, int]:
+    def check_upload(self, session: SegmentSession, shape: tuple[int, ...], dtype: np.dtype[Any],
+                     spacing: Any = None) -> tuple[int, int, int]:
         """Refuse an image before it is decompressed: (1, K, J, I) numeric, within the voxel and memory caps."""
         limits = self.service.settings.limits
         if len(shape) != 4 or shape[0] != 1 or min(shape) < 1:
@@ -87,14 +88,13 @@ class SlicerSessions:
         if k * j * i > limits.max_voxels or j * i > limits.max_slice_pixels:
             raise PayloadTooLarge(f"set_image: {k} x {j} x {i} voxels is over the limit of {limits.max_voxels} voxels "
                                   f"({limits.max_slice_pixels} per slice) (MEDSAM2_MAX_VOXELS); crop or resample the volume")
-        self.store.make_room(session, SegmentSession.bytes_for((k, j, i)), field_name="set_image")
+        self.store.make_room(session, SegmentSession.bytes_for((k, j, i), _spacing(spacing)), field_name="set_image")
         return k, j, i
 
     def set_image(self, session: SegmentSession, raw: np.ndarray, spacing: Any) -> dict[str, Any]:
         """The session's new image, windowed; its slices then encoded in the background (the answer says whether)."""
         name, _ = self.engine()
-        sp = [float(v) for v in spacing] if isinstance(spacing, list | tuple) and len(spacing) == 3 else None
-        report = session.set_image(np.ascontiguousarray(raw[0]), sp, name)
+        report = session.set_image(np.ascontiguousarray(raw[0]), _spacing(spacing), name)
         return {"original_image_shape": list(raw.shape), **report, "background_encoding": self._encode_ahead(session)}
 
     def _encode_ahead(self, session: SegmentSession) -> bool:
@@ -192,6 +192,15 @@ class SlicerSessions:
         engine = self.service.registry.get(name)
         with self.service.slots.hold(name):
             return session.walk(engine, axis, prompt, pacing=Pacing(self.prediction_s), budget=budget, **kwargs)
+
+
+def _spacing(spacing: Any) -> list[float] | None:
+    """The image's (k, j, i) spacing as the plugin sends it in `image_properties`, when it is three positive numbers."""
+    try:
+        values = [float(v) for v in spacing]
+    except (TypeError, ValueError):
+        return None
+    return values if len(values) == 3 and all(np.isfinite(v) and v > 0 for v in values) else None
 
 
 def check_box(bbox: Any, shape: tuple[int, ...], field: str) -> Box:

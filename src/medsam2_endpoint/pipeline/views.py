@@ -33,3 +33,51 @@ def box_in_view(bbox: list[list[int]], axis: int) -> tuple[int, np.ndarray]:
     order = _ORDER[axis]
     slab, rows, cols = (bbox[a] for a in order)
     return int(slab[0]), np.array([cols[0], rows[0], cols[1], rows[1]], dtype=np.int64)
+
+
+# A coronal or sagittal slice of a CT or MR with thick slices is squashed: 20 slices of 5 mm under 512 columns of
+# 0.7 mm make a 20 x 512 image of a 100 x 360 mm field, which the model sees at 10 x 256. Slicer shows the view
+# at its physical aspect, and so does the walk: the view's rows (k) are stretched by the slice spacing over the
+# in-plane spacing, at most to the view's width, and the answer is taken back at each slice's centre row.
+MIN_STRETCH = 1.2  # thinner anisotropy than this: the view is used as it is
+
+
+def view_rows(shape: tuple[int, int, int], spacing: list[float] | None, axis: int) -> int:
+    """Rows (k) of the view `axis` at its physical aspect; shape (K, J, I), spacing (k, j, i) in mm."""
+    depth = shape[0]
+    if axis == 0 or spacing is None or min(spacing) <= 0:
+        return depth
+    across = spacing[2] if axis == 1 else spacing[1]  # the columns of a coronal slice are i, of a sagittal one j
+    stretch = spacing[0] / across
+    if stretch < MIN_STRETCH:
+        return depth
+    width = shape[2] if axis == 1 else shape[1]
+    return max(depth, min(round(depth * stretch), width))
+
+
+def stretch_rows(view: np.ndarray, rows: int, *, labels: bool = False) -> np.ndarray:
+    """A (N, K, W) view with each slice's K rows resampled to `rows` (linear; nearest for `labels`)."""
+    if rows == view.shape[1]:
+        return view
+    source = (np.arange(rows) + 0.5) * view.shape[1] / rows - 0.5
+    if labels:
+        return np.ascontiguousarray(view[:, np.clip(np.round(source).astype(np.int64), 0, view.shape[1] - 1)])
+    low = np.clip(np.floor(source).astype(np.int64), 0, view.shape[1] - 1)
+    high = np.clip(low + 1, 0, view.shape[1] - 1)
+    weight = np.clip(source - low, 0.0, 1.0).astype(np.float32)[None, :, None]
+    mixed = view[:, low].astype(np.float32) * (1 - weight) + view[:, high].astype(np.float32) * weight
+    return np.ascontiguousarray(np.round(mixed).astype(view.dtype))
+
+
+def shrink_rows(view: np.ndarray, depth: int) -> np.ndarray:
+    """The inverse of `stretch_rows` for an answer: each of the `depth` rows taken at its centre in the stretched rows."""
+    rows = view.shape[1]
+    if rows == depth:
+        return view
+    return view[:, np.minimum(((np.arange(depth) + 0.5) * rows / depth).astype(np.int64), rows - 1)]
+
+
+def stretch_box(box: np.ndarray, factor: float) -> np.ndarray:
+    """A view's box [x_min, y_min, x_max, y_max] (half-open pixel corners) with its rows in the stretched view's."""
+    x0, y0, x1, y1 = (float(v) for v in box)
+    return np.array([x0, np.floor(y0 * factor), x1, np.ceil(y1 * factor)], dtype=np.int64)
