@@ -234,3 +234,30 @@ def test_a_box_answered_with_nothing_is_answered_again_on_a_zoomed_crop(lite, mo
     overlap = np.logical_and(key > 0, expected).sum() / np.logical_or(key > 0, expected).sum()
     assert z == 1 and overlap >= 0.8, overlap
     assert seen == [(3, SIDE, SIDE), (1, 256, 256)]  # the crop (32 px, the smallest) was upsampled to 256
+
+
+def test_with_key_zoom_the_answer_rated_higher_is_kept_and_the_walk_goes_on_zoomed(lite, monkeypatch):
+    """A coronal or sagittal view's walk (`key_zoom`): the key slice answered whole (rated 0.6) and zoomed (0.9);
+    the zoomed one is kept, and the next slice is answered on its own crop. Without `key_zoom` (the JSON route) a
+    non-empty whole-slice answer is taken as it is and nothing is zoomed."""
+    volume = np.zeros((3, SIDE, SIDE), np.uint8)
+    volume[:, 20:44, 20:44] = 200
+    seen = []
+
+    def slice_logits(state, z, prompt):
+        seen.append(state.volume.shape[1:])
+        x0, y0, x1, y1 = (int(round(v)) for v in prompt)
+        logits = np.full(state.volume.shape[1:], -5.0, np.float32)
+        logits[y0:y1, x0:x1] = 5.0
+        return logits, 0.9 if state.volume.shape[1:] != (SIDE, SIDE) else 0.6
+
+    monkeypatch.setattr(lite, "slice_logits", slice_logits)
+    box = np.array([20, 20, 44, 44])
+    with using_rule(TrackRule(min_iou=0.5, key_zoom=True)):
+        walked = dict(walk_slices(lite, lite.start(volume), key_index=0, box=box, reverse=False))
+    assert sorted(walked) == [0, 1, 2] and all((walked[z] > 0)[30, 30] for z in walked)
+    assert seen[:2] == [(SIDE, SIDE), (256, 256)] and (SIDE, SIDE) not in seen[2:]  # zoomed from the key on
+    seen.clear()
+    with using_rule(TrackRule(min_iou=0.5)):
+        dict(walk_slices(lite, lite.start(volume), key_index=0, box=box, reverse=False))
+    assert set(seen) == {(SIDE, SIDE)}

@@ -39,6 +39,7 @@ from medsam2_endpoint.core.volumes import volume_key
 from medsam2_endpoint.engines.base import ModelInfo, PromptedVolumeEngine, SlicePrompt, VolumeEngine
 from medsam2_endpoint.pipeline.interactive import segment_prompts
 from medsam2_endpoint.pipeline.propagate import PropagationOptions, segment_object, walk_from_box
+from medsam2_endpoint.pipeline.tracking import current_rule, using_rule
 from medsam2_endpoint.pipeline.views import (
     VIEW_NAMES,
     from_view,
@@ -275,14 +276,16 @@ class SegmentSession:
         earlier = [p for p in self.prompts.get(axis, []) if p.z != prompt.z or prompt.box is None or p.box is None]
         started = time.perf_counter()
         previous = to_view(labels, axis) if axis == 0 else stretch_rows(to_view(labels, axis), rows, labels=True)
-        if not labels.any() and prompt.points is None and prompt.box is not None:
-            result = segment_object(timed, self.state(engine, axis), key_index=prompt.z, box=prompt.box, shape=view_shape,
-                                    options=options, budget=budget, track=timed.from_mask(lasso) if lasso is not None else None)
-            mask = result.mask
-        else:
-            result = segment_prompts(timed, self.state(engine, axis), prompts=[*earlier, prompt], shape=view_shape,
-                                     options=options, budget=budget, previous=previous.astype(bool))
-            mask = result.mask
+        # in a coronal or sagittal view the key slice is also answered zoomed (pipeline/tracking.TrackRule.key_zoom)
+        with using_rule(replace(current_rule(), key_zoom=axis != 0)):
+            if not labels.any() and prompt.points is None and prompt.box is not None:
+                result = segment_object(timed, self.state(engine, axis), key_index=prompt.z, box=prompt.box, shape=view_shape,
+                                        options=options, budget=budget,
+                                        track=timed.from_mask(lasso) if lasso is not None else None)
+            else:
+                result = segment_prompts(timed, self.state(engine, axis), prompts=[*earlier, prompt], shape=view_shape,
+                                         options=options, budget=budget, previous=previous.astype(bool))
+        mask = result.mask
         new = np.array(from_view(mask if axis == 0 else shrink_rows(mask, depth), axis), dtype=np.uint8)
         if z_range is not None:  # a 3D box: its k range is the answer's, the rest stays
             outside = np.ones(new.shape[0], dtype=bool)
