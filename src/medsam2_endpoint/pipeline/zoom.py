@@ -18,7 +18,7 @@ from medsam2_endpoint.engines.base import SliceEngine
 # px (mean Dice whole-slice 0.801; on the crop, 2: 0.809, 3: 0.796, 4: 0.797, 6: 0.762) and on the slices the model
 # answered with nothing whole-slice (CT colon 9 and 10: 0.609 and 0.536 at 2, 0.276 and 0.667 at 4). Zooming is no
 # better on average where the model answers, so it is only the fallback for an empty answer.
-CONTEXT = 2
+CONTEXT: float = 2
 MIN_CROP_PX = 32
 INPUT_PX = 256  # LiteMedSAM's input side: the crop is upsampled to it, so the engine does not resize again
 
