@@ -147,6 +147,21 @@ def box_of(mask2d: np.ndarray) -> list[float]:
     return [float(xs.min()), float(ys.min()), float(xs.max() + 1), float(ys.max() + 1)]
 
 
+def largest_in_view(truth: np.ndarray, axis: int) -> int:
+    """The index along `axis` (0 axial, 1 coronal, 2 sagittal) of the label's largest slice in that view."""
+    return int(np.argmax(truth.sum(axis=tuple(a for a in range(3) if a != axis))))
+
+
+def view_box(truth: np.ndarray, axis: int, at: int) -> list[list[int]]:
+    """The label's box on slice `at` of view `axis` as a 3D Slicer box: half-open [[k0, k1], [j0, j1], [i0, i1]],
+    one voxel thick along `axis`."""
+    rows, cols = np.nonzero(np.take(truth, at, axis=axis))
+    box = [[at, at + 1]] * 3
+    first, second = (a for a in range(3) if a != axis)
+    box[first], box[second] = [int(rows.min()), int(rows.max()) + 1], [int(cols.min()), int(cols.max()) + 1]
+    return box
+
+
 def span(mask: np.ndarray) -> str:
     zs = np.flatnonzero(mask.any(axis=(1, 2)))
     return "-" if zs.size == 0 else f"{zs[0]}-{zs[-1]}"

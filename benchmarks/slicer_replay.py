@@ -36,7 +36,7 @@ def main() -> int:
     args = arguments().parse_args()
     import numpy as np
     import SimpleITK as sitk
-    from real_anatomy import STRUCTURES, lesion_structures, read_scans, truth_of
+    from real_anatomy import STRUCTURES, largest_in_view, lesion_structures, read_scans, truth_of, view_box
 
     from medsam2_endpoint.base.budget import Budget
     from medsam2_endpoint.core.slicer import SlicerSessions
@@ -46,17 +46,6 @@ def main() -> int:
     sessions = SlicerSessions(harness.service({"MEDSAM2_NNINTERACTIVE_BACKGROUND_ENCODE": "0",
                                                "MEDSAM2_NNINTERACTIVE_PREDICTION_S": str(args.prediction_s)}))
     scans = read_scans()
-
-    def box_on(truth: np.ndarray, axis: int, at: int) -> list[list[int]]:
-        plane = np.take(truth, at, axis=axis)
-        rows, cols = np.nonzero(plane)
-        box = [[at, at + 1]] * 3
-        first, second = (a for a in range(3) if a != axis)
-        box[first], box[second] = [int(rows.min()), int(rows.max()) + 1], [int(cols.min()), int(cols.max()) + 1]
-        return box
-
-    def largest(truth: np.ndarray, axis: int) -> int:
-        return int(np.argmax(truth.sum(axis=tuple(a for a in range(3) if a != axis))))
 
     table: list[list[Any]] = []
     groups: dict[str, list[list[float]]] = {}
@@ -74,14 +63,14 @@ def main() -> int:
         figures: list[float] = []
         if "correction" in steps:
             started = time.perf_counter()
-            sessions.box(session, box_on(truth, 0, largest(truth, 0)), True, Budget.unlimited())
+            sessions.box(session, view_box(truth, 0, largest_in_view(truth, 0)), True, Budget.unlimited())
             first_s = time.perf_counter() - started
             first = dice(answer > 0, truth)
             zs = [z for z in range(truth.shape[0]) if truth[z].any()]
             worst = min(zs, key=lambda z: dice(answer[z] > 0, truth[z]))
             corrected, where = first, "none"
             if dice(answer[worst] > 0, truth[worst]) < 0.9:
-                sessions.box(session, box_on(truth, 0, worst), True, Budget.unlimited())
+                sessions.box(session, view_box(truth, 0, worst), True, Budget.unlimited())
                 corrected, where = dice(answer > 0, truth), f"k={worst}"
             row += [f"{first:.3f}", f"{corrected:.3f}", f"{corrected - first:+.3f}", where, f"{first_s:.1f}"]
             figures += [first, corrected]
@@ -89,7 +78,7 @@ def main() -> int:
             for axis in (1, 2):
                 session.reset()
                 started = time.perf_counter()
-                sessions.box(session, box_on(truth, axis, largest(truth, axis)), True, Budget.unlimited())
+                sessions.box(session, view_box(truth, axis, largest_in_view(truth, axis)), True, Budget.unlimited())
                 figures.append(dice(answer > 0, truth))
                 row += [f"{figures[-1]:.3f}", f"{time.perf_counter() - started:.1f}"]
             row.append(f"{session.rows(1)} / {session.rows(2)} of {truth.shape[0]}")

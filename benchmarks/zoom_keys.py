@@ -33,7 +33,7 @@ def main() -> int:
     args = arguments().parse_args()
     import numpy as np
     import SimpleITK as sitk
-    from real_anatomy import STRUCTURES, lesion_structures, read_scans, truth_of
+    from real_anatomy import STRUCTURES, largest_in_view, lesion_structures, read_scans, truth_of, view_box
 
     from medsam2_endpoint.core.slicer import SlicerSessions
     from medsam2_endpoint.engines.base import SliceEngine
@@ -67,12 +67,9 @@ def main() -> int:
         session = lease.payload
         sessions.set_image(session, sitk.GetArrayFromImage(image)[None], list(image.GetSpacing())[::-1])
         for axis in (0, 1, 2):
-            at = int(np.argmax(truth.sum(axis=tuple(a for a in range(3) if a != axis))))
+            at = largest_in_view(truth, axis)
             plane = np.take(truth, at, axis=axis)
-            rows, cols = np.nonzero(plane)
-            box = [[at, at + 1]] * 3
-            first, second = (a for a in range(3) if a != axis)
-            box[first], box[second] = [int(rows.min()), int(rows.max()) + 1], [int(cols.min()), int(cols.max()) + 1]
+            box = view_box(truth, axis, at)
             if axis == 0:
                 session.settle_window(tuple(slice(a, b) for a, b in box))  # the object's window, as its first box picks
             state = session.state(engine, axis)
@@ -95,10 +92,10 @@ def main() -> int:
                     row += [dice(back(zoomed(state, z, flat, c)[0]), truth[z]) for c in contexts]
                     small.append(row)
             if "views" in steps:
-                z, view_box = box_in_view(box, axis)
+                z, in_view = box_in_view(box, axis)
                 if axis:
-                    view_box = stretch_box(view_box, session.rows(axis) / depth)
-                flat = view_box.astype(np.float64)
+                    in_view = stretch_box(in_view, session.rows(axis) / depth)
+                flat = in_view.astype(np.float64)
                 whole, whole_iou = engine.slice_logits(state, z, flat)
                 near, near_iou = zoomed(state, z, flat, served_context)
                 d_whole, d_zoom = dice(back(whole), plane), dice(back(near), plane)
