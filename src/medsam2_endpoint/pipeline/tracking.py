@@ -92,8 +92,9 @@ class TrackRule:
     lookahead: int = 0  # slices tried past a rejected one before the walk ends
     # the key slice also answered on a zoomed crop around the caller's box (pipeline/zoom.py), the answer the
     # model rates higher kept: a coronal or sagittal slice of a short volume is a flat image the model sees poorly
-    # whole (on 15 real structures' largest slices, coronal key Dice 0.671 whole, 0.817 so chosen; sagittal 0.686
-    # and 0.758; axial 0.827 and 0.840, where it stays off to keep the JSON route the reference's)
+    # whole (benchmarks/zoom_keys.py, 15 real structures' largest slices, whole against chosen with ZOOM_MARGIN:
+    # coronal 0.671 -> 0.827, sagittal 0.686 -> 0.759; axial 0.827 -> 0.856, where it stays off to keep the JSON
+    # route the reference's)
     key_zoom: bool = False
     # A structure's last slice is partial (partial volume, a tapering tip): its mean drifts towards the
     # neighbour's and the intensity tests reject it. A slice rejected by intensity alone whose mask shrank

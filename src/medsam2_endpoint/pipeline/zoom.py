@@ -14,10 +14,11 @@ import numpy as np
 
 from medsam2_endpoint.engines.base import SliceEngine
 
-# The crop's side in box sides. Measured on the 95 labelled slices of ../shared/data/real whose box is at most 40
-# px (mean Dice whole-slice 0.801; on the crop, 2: 0.809, 3: 0.796, 4: 0.797, 6: 0.762) and on the slices the model
-# answered with nothing whole-slice (CT colon 9 and 10: 0.609 and 0.536 at 2, 0.276 and 0.667 at 4). Zooming is no
-# better on average where the model answers, so it is only the fallback for an empty answer.
+# The crop's side in box sides (benchmarks/zoom_keys.py): on the 95 labelled slices of ../shared/data/real whose box
+# is at most 40 px, mean Dice whole-slice 0.801; on the crop, 1.5: 0.802, 2: 0.809, 3: 0.796, 4: 0.797, 6: 0.762;
+# where the model answered with nothing whole-slice (CT colon slices 9 and 10) 0.609 and 0.536 at 2. So little
+# better on average where the model answers that it is only the fallback for an empty answer (and, in coronal and
+# sagittal views, an alternative: pipeline/tracking.TrackRule.key_zoom).
 CONTEXT: float = 2
 MIN_CROP_PX = 32
 INPUT_PX = 256  # LiteMedSAM's input side: the crop is upsampled to it, so the engine does not resize again
