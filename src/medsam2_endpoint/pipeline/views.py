@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from typing import Literal
 
+import cv2
 import numpy as np
 
 Axis = Literal[0, 1, 2]  # 0 axial (k fixed), 1 coronal (j fixed), 2 sagittal (i fixed)
@@ -56,17 +57,17 @@ def view_rows(shape: tuple[int, int, int], spacing: list[float] | None, axis: in
 
 
 def stretch_rows(view: np.ndarray, rows: int, *, labels: bool = False) -> np.ndarray:
-    """A (N, K, W) view with each slice's K rows resampled to `rows` (linear; nearest for `labels`)."""
+    """A (N, K, W) view with each slice's K rows resampled to `rows` (linear; nearest for `labels`). Slice by slice
+    into one uint8 array: a whole-volume float copy of a 512-wide view would be four times its size, twice over."""
     if rows == view.shape[1]:
         return view
-    source = (np.arange(rows) + 0.5) * view.shape[1] / rows - 0.5
     if labels:
-        return np.ascontiguousarray(view[:, np.clip(np.round(source).astype(np.int64), 0, view.shape[1] - 1)])
-    low = np.clip(np.floor(source).astype(np.int64), 0, view.shape[1] - 1)
-    high = np.clip(low + 1, 0, view.shape[1] - 1)
-    weight = np.clip(source - low, 0.0, 1.0).astype(np.float32)[None, :, None]
-    mixed = view[:, low].astype(np.float32) * (1 - weight) + view[:, high].astype(np.float32) * weight
-    return np.ascontiguousarray(np.round(mixed).astype(view.dtype))
+        source = ((np.arange(rows) + 0.5) * view.shape[1] / rows).astype(np.int64)
+        return np.ascontiguousarray(view[:, np.minimum(source, view.shape[1] - 1)])
+    out = np.empty((view.shape[0], rows, view.shape[2]), dtype=view.dtype)
+    for n in range(view.shape[0]):
+        out[n] = cv2.resize(view[n], (view.shape[2], rows), interpolation=cv2.INTER_LINEAR)
+    return out
 
 
 def shrink_rows(view: np.ndarray, depth: int) -> np.ndarray:
